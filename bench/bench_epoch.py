@@ -1,0 +1,285 @@
+"""Seconds per epoch of the seed's `answer` experiment, measured side by side in one run.
+
+Each contender runs in its own fresh process pinned to one thread (torch, MKL, OpenMP and
+OpenBLAS), one after the other, on the same machine and the same real MNIST files:
+
+1. bnlab:       bnlab.train.train on the `answer` preset (train + eval per epoch);
+2. usual torch: the loop most users write: TensorDataset + DataLoader(batch_size=1000,
+                shuffle=True), `.item()` per batch, eval every epoch; same model and Adam;
+3. chainer:     the seed's Chainer program (one BN per layer, as in the answer) on the CPU,
+                when Chainer is installed;
+4. limit:       the arithmetic limit: the FLOPs of one epoch's matrix products (forward and
+                backward of the three Linear layers over 60,000 samples, plus the evaluation
+                forward over 10,000) divided by the sgemm throughput measured for exactly those
+                shapes and transposes on this machine, one thread.
+
+Then sweep throughput with 1 and 2 worker processes, and the peak RSS of one run.
+Prints each figure and the ratios the performance issue sets as targets.
+
+    python bench/bench_epoch.py [--epochs 6] [--skip-chainer] [--skip-workers] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+WIDTHS = (784, 100, 100, 10)
+
+
+# ----------------------------------------------------------------- the contenders (children)
+
+def _load():
+    from bnlab.data import load_mnist, to_float
+
+    d = load_mnist()
+    return (to_float(d.train_images), d.train_labels.astype("int64"),
+            to_float(d.test_images), d.test_labels.astype("int64"))
+
+
+def run_bnlab(epochs: int) -> list[float]:
+    from bnlab.experiments import apply_overrides, get_preset
+    from bnlab.train import train
+
+    cfg = apply_overrides(get_preset("answer").config, {"epochs": str(epochs), "threads": "1", "device": "cpu"})
+    return [r.seconds for r in train(cfg, echo=None).history]
+
+
+def run_usual_torch(epochs: int) -> list[float]:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.set_num_threads(1)
+    x_train, y_train, x_val, y_val = (torch.from_numpy(a) for a in _load())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 100), nn.BatchNorm1d(100, eps=1e-3, momentum=0.1), nn.ReLU(),
+                          nn.Linear(100, 100), nn.BatchNorm1d(100, eps=1e-3, momentum=0.1), nn.ReLU(),
+                          nn.Linear(100, 10))
+    for m in model:
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    loader = DataLoader(TensorDataset(x_train, y_train), batch_size=1000, shuffle=True)
+    seconds = []
+    for _ in range(epochs):
+        started = time.perf_counter()
+        model.train()
+        losses, accs = [], []
+        for xb, yb in loader:
+            optimizer.zero_grad()
+            out = model(xb)
+            loss = F.cross_entropy(out, yb)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            accs.append((out.argmax(1) == yb).float().mean().item())
+        model.eval()
+        with torch.no_grad():
+            out = model(x_val)
+            val_loss, val_acc = F.cross_entropy(out, y_val).item(), (out.argmax(1) == y_val).float().mean().item()
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def run_chainer(epochs: int) -> list[float]:
+    import chainer
+    import chainer.functions as F
+    import chainer.links as L
+    import numpy as np
+
+    x_train, y_train, x_val, y_val = _load()
+    y_train, y_val = y_train.astype(np.int32), y_val.astype(np.int32)
+
+    class Net(chainer.Chain):  # the answer's model, as the seed writes it in Chainer
+        def __init__(self):
+            super().__init__()
+            he = chainer.initializers.HeNormal()
+            with self.init_scope():
+                self.l1, self.l2, self.l3 = L.Linear(784, 100, initialW=he), L.Linear(100, 100, initialW=he), \
+                    L.Linear(100, 10, initialW=he)
+                self.bn1 = L.BatchNormalization(100, decay=0.9, eps=0.001)
+                self.bn2 = L.BatchNormalization(100, decay=0.9, eps=0.001)
+
+        def forward(self, x):
+            h = F.relu(self.bn1(self.l1(x)))
+            return self.l3(F.relu(self.bn2(self.l2(h))))
+
+    np.random.seed(0)
+    model = Net()
+    optimizer = chainer.optimizers.Adam(alpha=0.01)
+    optimizer.setup(model)
+    seconds = []
+    for _ in range(epochs):
+        started = time.perf_counter()
+        order = np.random.permutation(len(x_train))
+        losses, accs = [], []
+        for i in range(0, len(order), 1000):
+            idx = order[i:i + 1000]
+            out = model(x_train[idx])
+            loss = F.softmax_cross_entropy(out, y_train[idx])
+            accs.append(F.accuracy(out, y_train[idx]).array)
+            losses.append(loss.array)
+            model.cleargrads()
+            loss.backward()
+            optimizer.update()
+        with chainer.using_config("train", False), chainer.using_config("enable_backprop", False):
+            out = model(x_val)
+            F.softmax_cross_entropy(out, y_val), F.accuracy(out, y_val)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def gemm_calls(batch: int, widths=WIDTHS, eval_batch: int | None = None):
+    """(m, k, n, transpose_a, transpose_b) of every matrix product of one training step,
+    as autograd issues them (the input layer needs no input gradient); with eval_batch,
+    the evaluation forward instead."""
+    calls = []
+    layers = list(zip(widths[:-1], widths[1:]))
+    if eval_batch is not None:
+        return [(eval_batch, fin, fout, False, True) for fin, fout in layers]
+    for fin, fout in layers:
+        calls.append((batch, fin, fout, False, True))          # y = x @ W.T
+    for i, (fin, fout) in enumerate(layers):
+        calls.append((fout, batch, fin, True, False))          # dW = dy.T @ x
+        if i > 0:
+            calls.append((batch, fout, fin, False, False))     # dx = dy @ W
+    return calls
+
+
+def run_limit(epochs: int) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+
+    def timed(calls, reps):
+        operands = []
+        for m, k, n, ta, tb in calls:
+            a = torch.randn(k, m).t() if ta else torch.randn(m, k)
+            b = torch.randn(n, k).t() if tb else torch.randn(k, n)
+            operands.append((a, b))
+        for a, b in operands:  # warm-up
+            torch.mm(a, b)
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            for _ in range(reps):
+                for a, b in operands:
+                    torch.mm(a, b)
+            best = min(best, (time.perf_counter() - started) / reps)
+        return best, sum(2 * m * k * n for m, k, n, _, _ in calls)
+
+    step_s, step_flop = timed(gemm_calls(1000), reps=60)
+    eval_s, eval_flop = timed(gemm_calls(1000, eval_batch=10000), reps=6)
+    steps = 60
+    flop = steps * step_flop + eval_flop
+    seconds = steps * step_s + eval_s
+    return {"flop_per_epoch": flop, "gflops": flop / seconds / 1e9, "seconds": seconds}
+
+
+CONTENDERS = {"bnlab": run_bnlab, "usual-torch": run_usual_torch, "chainer": run_chainer}
+
+
+def worker_throughput(workers: int, epochs: int) -> float:
+    """Epochs per second of `workers` simultaneous single-thread bnlab processes."""
+    env = {**os.environ, **SINGLE_THREAD_ENV}
+    started = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, __file__, "--child", "bnlab", "--epochs", str(epochs)],
+                              env=env, stdout=subprocess.PIPE, text=True) for _ in range(workers)]
+    for p in procs:
+        p.communicate()
+        if p.returncode:
+            raise RuntimeError("a worker failed")
+    return workers * epochs / (time.perf_counter() - started)
+
+
+def child(name: str, epochs: int) -> None:
+    import resource
+
+    if name == "limit":
+        result = run_limit(epochs)
+    else:
+        result = {"seconds": CONTENDERS[name](epochs)}
+    result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def measure(name: str, epochs: int) -> dict:
+    env = {**os.environ, **SINGLE_THREAD_ENV}
+    out = subprocess.run([sys.executable, __file__, "--child", name, "--epochs", str(epochs)],
+                         env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{name} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def steady(seconds: list[float]) -> float:
+    """Median epoch time, leaving out the first epoch (warm-up: allocations, caches)."""
+    return statistics.median(seconds[1:] if len(seconds) > 1 else seconds)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=6, help="epochs per contender (the first is left out)")
+    ap.add_argument("--skip-chainer", action="store_true")
+    ap.add_argument("--skip-workers", action="store_true")
+    ap.add_argument("--json", help="also write the figures to this JSON file")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.epochs)
+        return 0
+
+    results: dict = {}
+    limit = measure("limit", args.epochs)
+    results["limit"] = limit
+    print(f"arithmetic limit: {limit['flop_per_epoch'] / 1e9:.1f} GFLOP per epoch at {limit['gflops']:.1f} GFLOP/s "
+          f"(sgemm, these shapes, 1 thread) = {limit['seconds']:.3f} s/epoch")
+    names = ["bnlab", "usual-torch"]
+    if not args.skip_chainer:
+        try:
+            import chainer  # noqa: F401
+            names.append("chainer")
+        except ImportError:
+            print("chainer: not installed, skipped (install the bnlab[chainer] extra: DEVELOPERS.md)")
+    for name in names:
+        r = measure(name, args.epochs)
+        r["per_epoch"] = steady(r["seconds"])
+        results[name] = r
+        print(f"{name:>12}: {r['per_epoch']:.3f} s/epoch (median of epochs 2..{args.epochs}; "
+              f"peak RSS {r['max_rss_mb']:.0f} MB)")
+    bn = results["bnlab"]["per_epoch"]
+    checks = [("bnlab / arithmetic limit", bn / limit["seconds"], "<=", 1.3),
+              ("usual torch loop / bnlab", results["usual-torch"]["per_epoch"] / bn, ">=", 2.0)]
+    if "chainer" in results:
+        checks.append(("seed's chainer program / bnlab", results["chainer"]["per_epoch"] / bn, ">=", 1.7))
+    checks.append(("peak RSS of one bnlab run (MB)", results["bnlab"]["max_rss_mb"], "<=", 600))
+    if not args.skip_workers:
+        one = worker_throughput(1, args.epochs)
+        two = worker_throughput(2, args.epochs)
+        results["workers"] = {"1": one, "2": two}
+        print(f"sweep throughput: 1 worker {one:.2f} epochs/s, 2 workers {two:.2f} epochs/s (1 thread each)")
+        checks.append(("2 workers / 1 worker throughput", two / one, ">=", 1.7))
+    print("\nratio                               value   target")
+    failed = 0
+    for label, value, op, target in checks:
+        ok = value <= target if op == "<=" else value >= target
+        failed += not ok
+        print(f"{label:<34} {value:>7.2f}   {op} {target}   {'ok' if ok else 'MISSED'}")
+    results["checks"] = [{"ratio": c[0], "value": c[1], "op": c[2], "target": c[3]} for c in checks]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""The seed's MLP, with the normalization placements the seed's programs use.
+
+Module names follow the seed's Chainer program (``l1``, ``l2``, ``l3``, ``bn1``, ``bn2``
+or the single shared ``bn``), so state_dict keys read like the code in the question.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORM_PLACEMENTS = ("none", "per-layer", "shared")
+INITS = ("chainer-he-normal", "tf-glorot-uniform", "torch-default")
+RUNNING_VARS = ("unbiased", "biased")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that decides the network's shape and initial weights.
+
+    ``bn_momentum`` is in PyTorch's convention (weight of the NEW batch statistic):
+    use ``bnlab.conventions.to_torch_momentum`` to state Chainer's ``decay`` or Keras'
+    ``momentum``. ``running_var="biased"`` reproduces TF1's non-fused batch norm (and
+    Keras 3), which stores the biased batch variance in its moving average.
+    """
+
+    widths: tuple[int, ...] = (784, 100, 100, 10)
+    norm: str = "per-layer"
+    logits_norm: bool = False
+    init: str = "chainer-he-normal"
+    bn_momentum: float = 0.1
+    bn_eps: float = 1e-3
+    running_var: str = "unbiased"
+
+    def __post_init__(self) -> None:
+        if len(self.widths) < 2 or any(int(w) < 1 for w in self.widths):
+            raise ValueError(f"widths must hold at least two positive sizes, got {self.widths!r}")
+        if self.norm not in NORM_PLACEMENTS:
+            raise ValueError(f"norm must be one of {', '.join(NORM_PLACEMENTS)}; got {self.norm!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}; got {self.init!r}")
+        if self.running_var not in RUNNING_VARS:
+            raise ValueError(f"running_var must be one of {', '.join(RUNNING_VARS)}; got {self.running_var!r}")
+        if not 0.0 <= self.bn_momentum <= 1.0:
+            raise ValueError(f"bn_momentum (PyTorch convention) must lie in [0, 1]; got {self.bn_momentum}")
+        if self.bn_eps <= 0:
+            raise ValueError(f"bn_eps must be positive; got {self.bn_eps}")
+        hidden = set(self.widths[1:-1])
+        if self.norm == "shared" and len(hidden) > 1:
+            raise ValueError("norm='shared' applies one BatchNorm after every hidden layer, "
+                             f"so all hidden widths must be equal; got {self.widths[1:-1]}")
+
+
+class BiasedVarBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose running variance averages the BIASED batch variance.
+
+    That is what TF1's non-fused ``tf.layers.batch_normalization`` (used for 2-D dense
+    inputs) and Keras 3 store; PyTorch and Chainer store the unbiased (n/(n-1)) one.
+    Normalization itself uses the biased variance in every framework.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        # Batch statistics are computed once and used both to normalize and to update
+        # the running averages, so the biased/unbiased choice is explicit here.
+        var, mean = torch.var_mean(x, dim=0, correction=0)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var, self.momentum)
+            self.num_batches_tracked.add_(1)
+        x_hat = (x - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            x_hat = x_hat * self.weight + self.bias
+        return x_hat
+
+
+def _make_bn(width: int, cfg: ModelConfig) -> nn.BatchNorm1d:
+    cls = BiasedVarBatchNorm1d if cfg.running_var == "biased" else nn.BatchNorm1d
+    return cls(width, eps=cfg.bn_eps, momentum=cfg.bn_momentum)
+
+
+class MLP(nn.Module):
+    """Linear -> [BN] -> ReLU for each hidden layer, then a Linear (optionally BN) for logits.
+
+    ``norm="shared"`` registers ONE BatchNorm module named ``bn`` and calls it after every
+    hidden layer: the question's bug, reproduced faithfully rather than simulated.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        widths = cfg.widths
+        self.n_layers = len(widths) - 1
+        for i in range(self.n_layers):
+            self.add_module(f"l{i + 1}", nn.Linear(widths[i], widths[i + 1]))
+        if cfg.norm == "per-layer":
+            for i in range(1, self.n_layers):
+                self.add_module(f"bn{i}", _make_bn(widths[i], cfg))
+        elif cfg.norm == "shared" and self.n_layers > 1:
+            self.bn = _make_bn(widths[1], cfg)
+        if cfg.logits_norm:
+            self.bn_logits = _make_bn(widths[-1], cfg)
+        # Resolved once so forward() does no string lookups per call.
+        self._linears = [getattr(self, f"l{i + 1}") for i in range(self.n_layers)]
+        self._norms = [self._hidden_norm(i) for i in range(1, self.n_layers)]
+        init_weights(self, cfg.init)
+
+    def _hidden_norm(self, i: int) -> nn.Module | None:
+        if self.cfg.norm == "per-layer":
+            return getattr(self, f"bn{i}")
+        if self.cfg.norm == "shared":
+            return self.bn
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for linear, norm in zip(self._linears[:-1], self._norms):
+            h = linear(h)
+            if norm is not None:
+                h = norm(h)
+            h = F.relu(h)
+        logits = self._linears[-1](h)
+        if self.cfg.logits_norm:
+            logits = self.bn_logits(logits)
+        return logits
+
+
+def init_weights(model: MLP, init: str) -> None:
+    """Initialize Linear layers the way the seed's framework does.
+
+    - chainer-he-normal: Chainer's ``HeNormal()`` = Normal(0, sqrt(2 / fan_in)), bias 0.
+    - tf-glorot-uniform: TF1 ``tf.layers.dense`` defaults: U(+-sqrt(6 / (fan_in + fan_out))), bias 0.
+    - torch-default: whatever ``nn.Linear`` did at construction.
+    """
+    if init == "torch-default":
+        return
+    with torch.no_grad():
+        for linear in model._linears:
+            fan_out, fan_in = linear.weight.shape
+            if init == "chainer-he-normal":
+                linear.weight.normal_(0.0, math.sqrt(2.0 / fan_in))
+            else:
+                limit = math.sqrt(6.0 / (fan_in + fan_out))
+                linear.weight.uniform_(-limit, limit)
+            linear.bias.zero_()
+
+
+def build_model(cfg: ModelConfig, seed: int | None = None) -> MLP:
+    """Build the MLP on the CPU; with ``seed`` its initial weights are reproducible."""
+    if seed is None:
+        return MLP(cfg)
+    # A private generator state keeps the caller's global RNG untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MLP(cfg)
+
+
+def batch_norms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """The model's BatchNorm modules by dotted name (a shared module appears once)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
