@@ -309,7 +309,14 @@ def load_data(dataset: str, data_dir: str | os.PathLike | None):
 
 
 def device_tensors(data, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Float32 images / 255 and int64 labels on the device, converted once."""
+    """Training images as uint8 (converted per batch), evaluation images as float32 / 255,
+    labels as int64; all on the device, moved there once.
+
+    Gathering a minibatch of uint8 rows and converting it is faster than gathering float32
+    rows (a quarter of the memory traffic) and gives bit-identical values to the seed's
+    ``astype('float32') / 255``; it also keeps a 188 MB float copy of the training set out
+    of memory.
+    """
     from bnlab.data import to_float
 
     def put(a: np.ndarray) -> torch.Tensor:
@@ -318,8 +325,14 @@ def device_tensors(data, device: torch.device) -> tuple[torch.Tensor, ...]:
     def labels(a: np.ndarray) -> np.ndarray:
         return np.asarray(a, dtype=np.int64)  # a fresh, writable copy
 
-    return (put(to_float(data.train_images)), put(labels(data.train_labels)),
+    train_u8 = np.array(data.train_images, dtype=np.uint8).reshape(len(data.train_images), -1)
+    return (put(train_u8), put(labels(data.train_labels)),
             put(to_float(data.test_images)), put(labels(data.test_labels)))
+
+
+def gather_batch(images_u8: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The minibatch ``idx`` as float32 / 255 (the seed's conversion) and its labels."""
+    return images_u8.index_select(0, idx).to(torch.float32).div_(255), labels.index_select(0, idx)
 
 
 # ---------------------------------------------------------------------------- BN tracing
@@ -453,7 +466,7 @@ def _train_torch(cfg: RunConfig, data, device: torch.device, out_dir, echo, init
             batch_acc = torch.empty(len(batches), device=device)
             for i, idx in enumerate(batches):
                 step += 1
-                xb, yb = x_train.index_select(0, idx), y_train.index_select(0, idx)
+                xb, yb = gather_batch(x_train, y_train, idx)
                 loss, logits = train_step(model, optimizer, xb, yb, step, tc)
                 if trace:
                     trace.end_step()
