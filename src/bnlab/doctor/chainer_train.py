@@ -1,0 +1,80 @@
+"""The doctor's own training steps, on a copy of a Chainer model."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+import chainer
+import chainer.functions as F
+
+from bnlab.doctor.errors import ProbeError, UsageError
+from bnlab.doctor.records import TrainLog
+from bnlab.doctor.batching import cycle
+
+
+def _labels(labels: Any) -> np.ndarray:
+    if hasattr(labels, "detach"):  # a torch tensor
+        labels = labels.detach().cpu().numpy()
+    return np.asarray(labels).astype(np.int32)
+
+
+def _inputs(x: Any) -> Any:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    if isinstance(x, np.ndarray) and x.dtype == np.float64:
+        x = x.astype(np.float32)
+    return x
+
+
+def pseudo_labels(model: chainer.Link, x: Any, seed: int = 0) -> np.ndarray:
+    """Random class labels shaped like the model's output (see torch_train.pseudo_labels)."""
+    with chainer.using_config("train", False), chainer.no_backprop_mode():
+        out = model(x)
+    array = out.array if isinstance(out, chainer.Variable) else np.asarray(out)
+    if array.ndim < 2 or array.shape[1] < 2:
+        raise UsageError("train_steps needs labels when the model's output is not class scores")
+    rng = np.random.RandomState(seed)
+    shape = (array.shape[0],) + array.shape[2:]
+    return rng.randint(0, array.shape[1], size=shape).astype(np.int32)
+
+
+def train(
+    model: chainer.Link,
+    x: Any,
+    labels: Any,
+    steps: int,
+    *,
+    loss_fn: Callable[[Any, Any], Any] | None = None,
+    optimizer_factory: Callable[[], Any] | None = None,
+    batches: Iterable[tuple[Any, Any]] | None = None,
+    lr: float = 0.01,
+) -> TrainLog:
+    """``steps`` updates of ``model`` (already a copy) in train mode.
+
+    ``optimizer_factory()`` returns a Chainer optimizer (default Adam(alpha=lr)) that is
+    set up on the copy here; ``loss_fn(output, labels)`` defaults to softmax cross-entropy.
+    """
+    if batches is None:
+        batches = [(x, pseudo_labels(model, x) if labels is None else labels)]
+    optimizer = optimizer_factory() if optimizer_factory else chainer.optimizers.Adam(alpha=lr)
+    optimizer.setup(model)
+    loss_fn = loss_fn or F.softmax_cross_entropy
+    log = TrainLog(steps=steps)
+    with chainer.using_config("train", True):
+        for step, (bx, by) in zip(range(steps), cycle(batches)):
+            try:
+                loss = loss_fn(model(_inputs(bx)), _labels(by))
+                model.cleargrads()
+                loss.backward()
+                optimizer.update()
+            except Exception as err:  # noqa: BLE001 - reported as a probe failure
+                raise ProbeError(
+                    f"training step {step + 1} failed: {type(err).__name__}: {err}"
+                ) from err
+            value = float(loss.array)
+            if step == 0:
+                log.loss_first = value
+            log.loss_last = value
+    return log

@@ -1,0 +1,241 @@
+"""Findings and reports: plain data, rendered as text or JSON.
+
+A :class:`Report` is what ``bnlab doctor`` returns: the findings plus the context
+needed to read them (which model, which probe, which BN layers were seen).
+Everything stored here is JSON-compatible (numbers are cleaned on construction),
+so ``Report.from_json(report.to_json()) == report`` holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SEVERITIES = ("error", "warning", "info")
+_RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
+
+
+def clean(value: Any) -> Any:
+    """``value`` as plain JSON data: numpy scalars become Python numbers, tuples lists,
+    non-finite floats ``None`` (JSON has no NaN), dict keys strings."""
+    if isinstance(value, dict):
+        return {str(key): clean(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(item) for item in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalar
+        return clean(value.item())
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if hasattr(value, "tolist"):  # small numpy arrays
+        return clean(value.tolist())
+    return str(value)
+
+
+@dataclass
+class Finding:
+    """One problem (or remark) about one place in the model.
+
+    ``check`` is a stable id (``shared-bn``, ``stale-stats``...); ``where`` the dotted
+    module path; ``sites`` the call sites (``"call 1 after l1"``) when they matter;
+    ``evidence`` human-readable lines backed by the numbers in ``data``.
+    """
+
+    check: str
+    severity: str
+    title: str
+    where: str
+    sites: list[str] = field(default_factory=list)
+    evidence: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    consequence: str = ""
+    fix: str = ""
+    fix_code: str = ""
+
+    def __post_init__(self) -> None:
+        if self.severity not in _RANK:
+            raise ValueError(f"severity must be one of {SEVERITIES}, not {self.severity!r}")
+        self.sites = [str(site) for site in self.sites]
+        self.evidence = [str(line) for line in self.evidence]
+        self.data = clean(self.data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Finding:
+        return cls(**data)
+
+
+@dataclass
+class Report:
+    """The doctor's verdict on one model: findings, most severe first."""
+
+    findings: list[Finding] = field(default_factory=list)
+    model: str = ""
+    framework: str = ""
+    probe: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Stable order: severity, then place, so reports diff cleanly between runs.
+        self.findings = sorted(self.findings, key=lambda f: (_RANK[f.severity], f.where, f.check))
+        self.probe = clean(self.probe)
+        self.summary = clean(self.summary)
+        self.notes = [str(note) for note in self.notes]
+
+    # -- queries -------------------------------------------------------------
+    def by_severity(self, severity: str) -> list[Finding]:
+        return [finding for finding in self.findings if finding.severity == severity]
+
+    def by_check(self, check: str) -> list[Finding]:
+        return [finding for finding in self.findings if finding.check == check]
+
+    @property
+    def errors(self) -> list[Finding]:
+        return self.by_severity("error")
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return self.by_severity("warning")
+
+    @property
+    def exit_code(self) -> int:
+        """1 when any finding is an error, else 0 (the CLI's exit status)."""
+        return 1 if self.errors else 0
+
+    # -- JSON ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "framework": self.framework,
+            "probe": self.probe,
+            "summary": self.summary,
+            "notes": list(self.notes),
+            "exit_code": self.exit_code,
+            "findings": [finding.to_dict() for finding in self.findings],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        return cls(
+            findings=[Finding.from_dict(item) for item in data.get("findings", [])],
+            model=data.get("model", ""),
+            framework=data.get("framework", ""),
+            probe=data.get("probe", {}),
+            summary=data.get("summary", {}),
+            notes=data.get("notes", []),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Report:
+        return cls.from_dict(json.loads(text))
+
+    # -- text ----------------------------------------------------------------
+    def to_text(self, width: int = 88) -> str:
+        return render_text(self, width)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _header(report: Report) -> list[str]:
+    probe = report.probe
+    line = f"bnlab doctor: {report.model or 'model'} ({report.framework or '?'})"
+    lines = [line]
+    if probe:
+        shape = "x".join(str(d) for d in probe.get("input_shape", []))
+        source = probe.get("source", "")
+        text = f"probe: {shape} {source}".rstrip()
+        steps = probe.get("train_steps", 0)
+        if steps:
+            where = probe.get("trained_where") or "on a copy of the model"
+            text += f"; checked after {steps} training steps {where}"
+            if probe.get("loss_first") is not None and probe.get("loss_last") is not None:
+                text += f" (loss {probe['loss_first']:.3f} -> {probe['loss_last']:.3f})"
+        lines.append(text)
+    layers = report.summary.get("layers", [])
+    if layers:
+        parts = []
+        for layer in layers:
+            calls = layer.get("calls")
+            parts.append(f"{layer['path']} x{calls}" if calls is not None else layer["path"])
+        lines.append(f"normalization layers: {', '.join(parts)}")
+    agreement = report.summary.get("train_eval")
+    if agreement and agreement.get("differ") is not None:
+        text = (
+            f"train vs eval mode: {agreement['differ']:.1%} of predictions differ"
+        )
+        if agreement.get("acc_train") is not None:
+            text += (
+                f"; accuracy {agreement['acc_train']:.3f} (train mode) vs "
+                f"{agreement['acc_eval']:.3f} (eval mode)"
+            )
+        lines.append(text)
+    counts = [_count(len(report.by_severity(name)), name) for name in SEVERITIES]
+    lines.append(", ".join(counts) + f" -> exit {report.exit_code}")
+    return lines
+
+
+def _wrap(label: str, text: str, width: int) -> list[str]:
+    return textwrap.wrap(
+        text, width=width, initial_indent=f"  {label}: ", subsequent_indent="    "
+    )
+
+
+def _render_finding(finding: Finding, width: int) -> list[str]:
+    lines = [f"{finding.severity.upper()} [{finding.check}] {finding.title}"]
+    where = finding.where
+    if finding.sites:
+        where += " -- " + "; ".join(finding.sites)
+    lines += _wrap("where", where, width)
+    if finding.evidence:
+        lines.append("  evidence:")
+        for item in finding.evidence:
+            lines += textwrap.wrap(
+                item, width=width, initial_indent="    - ", subsequent_indent="      "
+            )
+    if finding.consequence:
+        lines += _wrap("consequence", finding.consequence, width)
+    if finding.fix:
+        lines += _wrap("fix", finding.fix, width)
+    if finding.fix_code:
+        lines += ["      " + code for code in finding.fix_code.splitlines()]
+    return lines
+
+
+def render_text(report: Report, width: int = 88) -> str:
+    """The report as it is printed by ``bnlab doctor``."""
+    lines = [
+        wrapped
+        for line in _header(report)
+        for wrapped in textwrap.wrap(line, width=width, subsequent_indent="  ")
+    ]
+    for finding in report.findings:
+        lines.append("")
+        lines += _render_finding(finding, width)
+    if report.notes:
+        lines.append("")
+        lines.append("notes:")
+        for note in report.notes:
+            lines += textwrap.wrap(
+                note, width=width, initial_indent="  - ", subsequent_indent="    "
+            )
+    if not report.findings:
+        lines.append("")
+        lines.append("no batch-normalization problems found.")
+    return "\n".join(lines) + "\n"

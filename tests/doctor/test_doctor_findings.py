@@ -1,0 +1,69 @@
+"""Reports as data: JSON round trip, text rendering, exit codes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from doctor_zoo import SharedBN
+
+import bnlab.doctor as doctor
+from bnlab.doctor import Finding, Report
+
+
+@pytest.fixture(scope="module")
+def shared_report() -> Report:
+    torch.manual_seed(0)
+    return doctor.check(SharedBN(), torch.randn(64, 20), labels=torch.randint(0, 4, (64,)),
+                        train_steps=20)
+
+
+def test_json_round_trip(shared_report: Report) -> None:
+    text = shared_report.to_json()
+    data = json.loads(text)
+    assert data["exit_code"] == 1
+    assert data["findings"][0]["severity"] == "error"
+    again = Report.from_json(text)
+    assert again == shared_report
+    assert again.to_json() == text
+    assert Report.from_dict(shared_report.to_dict()) == shared_report
+
+
+def test_text_has_the_parts_of_a_finding(shared_report: Report) -> None:
+    text = str(shared_report)
+    assert text == shared_report.to_text()
+    assert "ERROR [shared-bn]" in text
+    parts = ("where: bn -- call 1 after l1; call 2 after l2", "evidence:", "consequence:", "fix:")
+    for part in parts:
+        assert part in text
+    assert "-> exit 1" in text
+
+
+def test_findings_sorted_by_severity(shared_report: Report) -> None:
+    order = [f.severity for f in shared_report.findings]
+    assert order == sorted(order, key=["error", "warning", "info"].index)
+
+
+def test_exit_code_follows_errors_only() -> None:
+    info = Finding(check="x", severity="info", title="t", where="a")
+    warning = Finding(check="y", severity="warning", title="t", where="b")
+    error = Finding(check="z", severity="error", title="t", where="c")
+    assert Report([info, warning]).exit_code == 0
+    assert Report([info, error]).exit_code == 1
+    assert "no batch-normalization problems found" in Report([]).to_text()
+
+
+def test_numbers_are_cleaned_for_json() -> None:
+    finding = Finding(check="x", severity="info", title="t", where="a",
+                      data={"a": np.float32(1.5), "b": float("nan"), "c": (1, np.int64(2)), 3: "k"})
+    assert finding.data == {"a": 1.5, "b": None, "c": [1, 2], "3": "k"}
+    assert json.loads(Report([finding]).to_json())["findings"][0]["data"]["b"] is None
+    assert not math.isnan(Report([finding]).findings[0].data["a"])
+
+
+def test_bad_severity_rejected() -> None:
+    with pytest.raises(ValueError):
+        Finding(check="x", severity="fatal", title="t", where="a")

@@ -1,0 +1,61 @@
+"""The distances behind checks 1 and 2."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnlab.doctor.stats import channel_stats, distance, site_distance, sites_alike
+
+channels = st.integers(min_value=1, max_value=16)
+
+
+@settings(max_examples=40, deadline=None)
+@given(channels, st.integers(0, 2**31 - 1))
+def test_identical_statistics_are_zero_distance(c: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    mean, var = rng.normal(size=c), rng.uniform(0.01, 5, size=c)
+    d = distance(mean, var, mean, var, eps=1e-5)
+    assert d.mean_shift == 0 and d.max_mean_shift == 0
+    assert np.isclose(d.var_ratio, 1.0) and not d.is_off()
+
+
+@settings(max_examples=40, deadline=None)
+@given(channels, st.integers(0, 2**31 - 1), st.floats(0.1, 100))
+def test_distance_is_scale_free(c: int, seed: int, scale: float) -> None:
+    rng = np.random.default_rng(seed)
+    m1, m2 = rng.normal(size=c), rng.normal(size=c)
+    v1, v2 = rng.uniform(0.5, 2, size=c), rng.uniform(0.5, 2, size=c)
+    a = distance(m1, v1, m2, v2, eps=0.0)
+    b = distance(m1 * scale, v1 * scale**2, m2 * scale, v2 * scale**2, eps=0.0)
+    assert np.isclose(a.mean_shift, b.mean_shift) and np.isclose(a.var_ratio, b.var_ratio)
+
+
+@settings(max_examples=40, deadline=None)
+@given(channels, st.integers(0, 2**31 - 1))
+def test_site_distance_is_symmetric(c: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    m1, m2 = rng.normal(size=c), rng.normal(size=c)
+    v1, v2 = rng.uniform(0.1, 3, size=c), rng.uniform(0.1, 3, size=c)
+    ab, ba = site_distance(m1, v1, m2, v2, 1e-5), site_distance(m2, v2, m1, v1, 1e-5)
+    assert np.isclose(ab.mean_shift, ba.mean_shift) and np.isclose(ab.var_ratio, ba.var_ratio)
+    assert ab.var_ratio >= 1.0
+
+
+def test_thresholds() -> None:
+    ones, zeros = np.ones(4), np.zeros(4)
+    assert distance(zeros + 0.6, ones, zeros, ones, 0.0).is_off()  # mean 0.6 SD away
+    assert not distance(zeros + 0.4, ones, zeros, ones, 0.0).is_off()
+    assert distance(zeros, ones * 2.5, zeros, ones, 0.0).is_off()  # variance x2.5
+    assert distance(zeros, ones * 0.4, zeros, ones, 0.0).is_off()
+    assert sites_alike(site_distance(zeros, ones, zeros + 0.1, ones * 1.1, 0.0))
+    assert not sites_alike(site_distance(zeros, ones, zeros + 1.0, ones, 0.0))
+
+
+def test_channel_stats_unbiased() -> None:
+    values = np.array([[1.0, 3.0], [2.0, 2.0]])
+    mean, var = channel_stats(values)
+    assert mean.tolist() == [2.0, 2.0] and var.tolist() == [2.0, 0.0]
+    mean, var = channel_stats(np.array([[5.0]]))
+    assert var.tolist() == [0.0]
