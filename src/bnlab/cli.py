@@ -230,11 +230,121 @@ def add_convert_parser(sub) -> None:
     p.set_defaults(func=cmd_convert)
 
 
+# ------------------------------------------------------------------------- compare, repro
+
+def add_sweep_options(p: argparse.ArgumentParser, *, out_default: str, seeds_default: str = "0-4") -> None:
+    """Options of the commands that train many (preset, seed) runs in parallel."""
+    p.add_argument("--seeds", default=seeds_default, help=f"seeds, e.g. 0-4 or 0,3,7-9 (default {seeds_default})")
+    p.add_argument("--workers", type=_positive_int,
+                   help="parallel worker processes (default: one per CPU core; measured fastest with 1 thread each)")
+    p.add_argument("--out", type=Path, default=Path(out_default),
+                   help="sweep directory: runs go to OUT/runs/PRESET/seedN, the report to OUT/report "
+                        f"(default {out_default})")
+    add_run_options(p)
+
+
+def _run_sweep(args: argparse.Namespace, presets: list[str], on_done: Callable | None = None):
+    """Plan, train (resuming) and report one sweep; returns (outcomes, report)."""
+    from bnlab.data import load_dataset
+    from bnlab.experiments import (DEFAULT_THREADS_PER_WORKER, LocalProcessExecutor, SweepProgress,
+                                   finished_outcome, parse_seeds, plan_sweep, run_sweep)
+    from bnlab.report import build_report
+
+    seeds = parse_seeds(args.seeds)
+    overrides = run_overrides(args)
+    threads = args.threads if args.threads is not None else DEFAULT_THREADS_PER_WORKER
+    overrides["threads"] = str(threads)
+    specs = plan_sweep(presets, seeds, args.out, overrides, dataset=args.dataset, data_dir=args.data_dir)
+    if any(finished_outcome(s) is None for s in specs):
+        load_dataset(args.dataset, args.data_dir)  # find, verify or download once, before any worker starts
+    progress = SweepProgress(specs)
+
+    def on_event(event) -> None:
+        progress(event)
+        if event.kind == "done" and on_done is not None:
+            on_done(event.outcome)
+
+    try:
+        outcomes = run_sweep(specs, LocalProcessExecutor(args.workers, threads), on_event)
+    finally:
+        progress.close()
+    return outcomes, build_report([s.run_dir for s in specs], args.out / "report")
+
+
+def _failures(outcomes) -> list[str]:
+    return [f"{o.preset} seed {o.seed} {o.status}: {o.message}" for o in outcomes if o.status != "complete"]
+
+
+def _finish_sweep(outcomes, report) -> int:
+    print(f"\n{report.verdict_table()}\n\nreport: {report.html}")
+    for line in _failures(outcomes):
+        print(f"bnlab: {line}", file=sys.stderr)
+    return EXIT_FAILED if _failures(outcomes) else EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from bnlab.experiments import SweepProgress, parse_presets
+    from bnlab.report import STAT_COLUMNS, markdown_table, stats_rows
+
+    def on_done(o) -> None:
+        acc = f"final val acc {o.history[-1].val_acc:.4f}" if o.history else "no epoch finished"
+        when = "finished earlier" if o.cached else f"{o.seconds:.1f} s"
+        SweepProgress.write(f"{o.preset} seed {o.seed}: {o.status}, {acc} ({when})")
+
+    outcomes, report = _run_sweep(args, parse_presets(args.presets), on_done)
+    print("\n" + markdown_table(STAT_COLUMNS, stats_rows(report.summaries)))
+    return _finish_sweep(outcomes, report)
+
+
+def add_compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="train presets x seeds in parallel and report statistics",
+                       description="Train every (preset, seed) run in parallel worker processes with one progress "
+                       "bar, resuming: runs already complete in OUT are not trained again, interrupted ones restart "
+                       "from scratch. Ends with per-preset statistics (mean, sd, 95% CI) and OUT/report/report.html. "
+                       "Exit 0 when every run completed, 1 if one diverged or failed.")
+    p.add_argument("--presets", required=True, help="comma-separated preset names, or all (see `bnlab presets`)")
+    add_sweep_options(p, out_default="runs/compare")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_repro(args: argparse.Namespace) -> int:
+    from bnlab.experiments import InOrder, SweepProgress, get_preset, parse_presets, parse_seeds
+    from bnlab.train import format_table
+
+    presets, seeds = parse_presets(args.presets), parse_seeds(args.seeds)
+
+    def emit(o) -> None:
+        note = "" if o.status == "complete" else f"\n{o.status}: {o.message}"
+        SweepProgress.write(f"== {o.preset} seed {o.seed} ==\n{format_table(o.history)}{note}\n")
+
+    # Runs finish in any order; their tables print in (preset, seed) order.
+    in_order = InOrder([(p, s) for p in presets for s in seeds], emit)
+    outcomes, report = _run_sweep(args, presets, lambda o: in_order.add((o.preset, o.seed), o))
+    for v in report.verdicts:
+        measured = "no complete run" if v.value is None else f"final val acc {v.value:.4f} (mean of {v.n} seed(s))"
+        differ = " (these runs' settings differ from the seed's program)" if v.deviations else ""
+        print(f"{v.preset}: {measured}; the seed says \"{get_preset(v.preset).seed_claim}\"; {v.label}{differ}")
+    return _finish_sweep(outcomes, report)
+
+
+def add_repro_parser(sub) -> None:
+    p = sub.add_parser("repro", help="reproduce the seed's story: every preset, 5 seeds, verdicts and a report",
+                       description="Train every preset of the seed (question, question-first-snippet, answer, no-bn, "
+                       "tensorflow, tensorflow-no-bn) for each seed, print each run's per-epoch table in the seed's "
+                       "format, then each preset's mean final val acc against the seed's claim, the verdict table "
+                       "and the report path. Resumable like `bnlab compare`. Exit 0 when every run completed "
+                       "(verdicts are data, not errors), 1 if a run diverged or failed.")
+    p.add_argument("--presets", default="all", help="comma-separated preset names (default all)")
+    add_sweep_options(p, out_default="runs/repro")
+    p.set_defaults(func=cmd_repro)
+
+
 # ------------------------------------------------------------------------------- assembly
 
 # Each builder adds one subcommand; order is the order of `bnlab --help`.
 PARSER_BUILDERS: list[Callable] = [add_train_parser, add_presets_parser, add_doctor_parser]
 PARSER_BUILDERS.extend([add_conventions_parser, add_convert_parser])
+PARSER_BUILDERS.extend([add_compare_parser, add_repro_parser])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -217,10 +217,13 @@ def parse_presets(text: str) -> list[str]:
 # hands the rest to an Executor, which reports progress as SweepEvents and returns one
 # RunOutcome per spec. bnlab.report turns the run directories into statistics and pictures.
 
-# Measured on the 2-core development machine (4 runs of 10 epochs, full-size presets):
-# 2 workers x 1 thread finished the batch in 29 s, 1 worker x 2 threads in 48 s. The network
-# is small (784-100-100-10, batch 1000), so a second thread inside one run buys little, while
-# a second process doubles the work in flight. Hence: one worker per core, one thread each.
+# Measured on the 2-core development machine (shared with other jobs), training time of
+# run_sweep over question and answer x seeds 0-1 at 20 epochs (4 full-size runs), two
+# alternating rounds: 2 workers x 1 thread 25.4 s and 23.2 s, 1 worker x 2 threads 28.1 s
+# and 33.0 s (9.5-10.4 against 7.3-8.5 runs a minute). The whole `bnlab compare` of the same
+# runs at 10 epochs took 25.7 s against 41.2 s. The matrices are small (784-100-100-10, batch
+# 1000), so a second thread inside a run buys little and suffers most when cores are busy,
+# while a second process doubles the work in flight: one worker per core, one thread each.
 DEFAULT_THREADS_PER_WORKER = 1
 TRACE_CHANNELS = 4
 
@@ -670,8 +673,12 @@ class SweepProgress:
         running = ", ".join(self._running[:4]) + (" ..." if len(self._running) > 4 else "")
         self.bar.set_postfix_str(f"{self._done}/{self._runs} runs" + (f"; now: {running}" if running else ""))
 
-    def write(self, text: str) -> None:
-        self.bar.write(text, file=sys.stdout)
+    @staticmethod
+    def write(text: str) -> None:
+        """Print ``text`` to stdout above any open bar (tqdm clears and redraws them)."""
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stdout)
 
     def close(self) -> None:
         self.bar.close()
