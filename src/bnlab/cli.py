@@ -7,6 +7,7 @@ one-paragraph message and an exit code (0 ok, 1 a failed check or run, 2 bad usa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,34 +26,25 @@ def _kv(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
+def _number(kind: type, minimum: float, *, strict: bool = False) -> Callable[[str], float]:
+    """An argparse type: a ``kind`` number >= ``minimum`` (> when ``strict``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            noun = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if value < minimum or (strict and value == minimum) or value != value:
+            bound = f"> {minimum}" if strict else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {value}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
-    return value
+_positive_int = _number(int, 1)
+_non_negative_int = _number(int, 0)
+_positive_float = _number(float, 0.0, strict=True)
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -95,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         overrides["seed"] = str(args.seed)
     cfg = apply_overrides(preset.config, overrides)
-    cfg = cfg.__class__(cfg.preset, cfg.model, cfg.train, args.dataset)
+    cfg = dataclasses.replace(cfg, dataset=args.dataset)
     out = args.out if args.out is not None else Path("runs") / f"{cfg.preset}-seed{cfg.train.seed}"
     echo = None if args.quiet else print
     if echo:
@@ -122,8 +114,6 @@ def add_train_parser(sub) -> None:
 # -------------------------------------------------------------------------------- presets
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from bnlab.experiments import MODEL_FIELDS, PRESETS, TRAIN_FIELDS
 
     if args.fields:
