@@ -457,6 +457,10 @@ def _band_line(ax, curves: np.ndarray, label: str, color: str, style: str = "-")
     n = curves.shape[0]
     ax.plot(epochs, mean, style, color=color, lw=1.4, label=f"{label} (n={n})")
     if n > 1:
+        # A t-interval can leave the possible range (a negative loss on a log axis, an
+        # accuracy above 1) when seeds disagree wildly; the band is drawn clipped to the
+        # range the seeds actually reached.
+        lo, hi = np.maximum(lo, curves.min(axis=0)), np.minimum(hi, curves.max(axis=0))
         ax.fill_between(epochs, lo, hi, color=color, alpha=0.2, lw=0)
 
 
@@ -475,8 +479,8 @@ def plot_val_curves(runs: Sequence[RunData], out_dir: Path) -> SavedFigure | Non
         color = f"C{i % 10}"
         _band_line(ax_acc, _curves(group, "val_acc"), preset, color)
         _band_line(ax_loss, _curves(group, "val_loss"), preset, color)
-    ax_acc.set(xlabel="epoch", ylabel="validation accuracy", title="val acc (mean over seeds, 95% CI band)")
-    ax_loss.set(xlabel="epoch", ylabel="validation loss (log scale)", title="val loss (mean over seeds, 95% CI band)")
+    ax_acc.set(xlabel="epoch", ylabel="validation accuracy", title="val acc (mean over seeds, 95% CI band, clipped to the seeds' range)")
+    ax_loss.set(xlabel="epoch", ylabel="validation loss (log scale)", title="val loss (mean over seeds, 95% CI band, clipped to the seeds' range)")
     _log_y(ax_loss)  # the shared-BN runs' loss spikes would flatten every other curve
     ax_acc.grid(alpha=0.3)
     ax_loss.grid(alpha=0.3)
