@@ -653,8 +653,12 @@ class SweepProgress:
         self._seen: dict[Path, int] = {}
         self._running: list[str] = []
         self._runs, self._done = len(specs), 0
+        stream = file or sys.stderr
+        # On a terminal the bar redraws often; into a log file a line every 30 s is enough.
+        interactive = hasattr(stream, "isatty") and stream.isatty()
         self.bar = tqdm(total=sum(self._planned.values()), unit="epoch", desc="training",
-                        file=file or sys.stderr, disable=disable, dynamic_ncols=True, smoothing=0.1)
+                        file=stream, disable=disable, dynamic_ncols=True, smoothing=0.1,
+                        mininterval=0.1 if interactive else 30.0)
 
     def __call__(self, event: SweepEvent) -> None:
         key = event.spec.run_dir
@@ -671,7 +675,9 @@ class SweepProgress:
             # so the ETA counts only work that is really left.
             self.bar.total -= self._planned.get(key, 0) - self._seen.get(key, 0)
         running = ", ".join(self._running[:4]) + (" ..." if len(self._running) > 4 else "")
-        self.bar.set_postfix_str(f"{self._done}/{self._runs} runs" + (f"; now: {running}" if running else ""))
+        # refresh=False: the bar redraws at its own pace (mininterval), not at every event.
+        self.bar.set_postfix_str(f"{self._done}/{self._runs} runs" + (f"; now: {running}" if running else ""),
+                                 refresh=False)
 
     @staticmethod
     def write(text: str) -> None:
