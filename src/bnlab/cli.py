@@ -311,7 +311,8 @@ def cmd_repro(args: argparse.Namespace) -> int:
     in_order = InOrder([(p, s) for p in presets for s in seeds], emit)
     outcomes, report = _run_sweep(args, presets, lambda o: in_order.add((o.preset, o.seed), o))
     for v in report.verdicts:
-        measured = "no complete run" if v.value is None else f"final val acc {v.value:.4f} (mean of {v.n} seed(s))"
+        measured = ("no complete run" if v.value is None else
+                    f"final val acc {v.value:.4f} (mean of {v.n} seed(s); {v.seeds_in_band} of {v.n} in the band)")
         differ = " (these runs' settings differ from the seed's program)" if v.deviations else ""
         print(f"{v.preset}: {measured}; the seed says \"{get_preset(v.preset).seed_claim}\"; {v.label}{differ}")
     return _finish_sweep(outcomes, report)
