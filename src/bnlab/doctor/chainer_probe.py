@@ -19,7 +19,7 @@ import chainer.links as L
 from chainer.backends import cuda
 
 from bnlab.doctor import chainer_train
-from bnlab.doctor.errors import ProbeError
+from bnlab.doctor.errors import forward_failed
 from bnlab.doctor.records import CallRecord, LayerInfo, ProbeResult, TrainLog
 from bnlab.doctor.stats import channel_stats
 
@@ -302,9 +302,7 @@ def _forward(model: chainer.Link, x: Any) -> Any:
     try:
         return model(x)
     except Exception as err:  # noqa: BLE001 - reported to the user as a probe failure
-        raise ProbeError(
-            f"the model's forward pass failed on the probe input: {type(err).__name__}: {err}"
-        ) from err
+        raise forward_failed(err) from err
 
 
 def probe(

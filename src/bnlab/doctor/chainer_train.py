@@ -9,7 +9,7 @@ import numpy as np
 import chainer
 import chainer.functions as F
 
-from bnlab.doctor.errors import ProbeError, UsageError
+from bnlab.doctor.errors import UsageError, training_step_failed
 from bnlab.doctor.records import TrainLog
 from bnlab.doctor.batching import cycle
 
@@ -70,11 +70,6 @@ def train(
                 loss.backward()
                 optimizer.update()
             except Exception as err:  # noqa: BLE001 - reported as a probe failure
-                raise ProbeError(
-                    f"training step {step + 1} failed: {type(err).__name__}: {err}"
-                ) from err
-            value = float(loss.array)
-            if step == 0:
-                log.loss_first = value
-            log.loss_last = value
+                raise training_step_failed(step, err) from err
+            log.add_loss(step, float(loss.array))
     return log

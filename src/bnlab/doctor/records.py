@@ -77,6 +77,12 @@ class TrainLog:
     loss_last: float | None = None
     eval_mode_steps: dict[str, int] = field(default_factory=dict)  # layer -> steps in eval
 
+    def add_loss(self, step: int, value: float) -> None:
+        """Note the loss of training step ``step`` (counted from 0): first and latest."""
+        if step == 0:
+            self.loss_first = value
+        self.loss_last = value
+
 
 @dataclass
 class ParallelInfo:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnlab.doctor import torch_train
-from bnlab.doctor.errors import ProbeError
+from bnlab.doctor.errors import ProbeError, forward_failed
 from bnlab.doctor.records import (
     CallRecord,
     LayerInfo,
@@ -321,9 +321,7 @@ def _forward(model: nn.Module, args: tuple, notes: list[str], what: str) -> Any:
             return None
         raise ProbeError(f"the model's forward pass failed on the probe input: {err}") from err
     except Exception as err:  # noqa: BLE001 - reported to the user as a probe failure
-        raise ProbeError(
-            f"the model's forward pass failed on the probe input: {type(err).__name__}: {err}"
-        ) from err
+        raise forward_failed(err) from err
 
 
 def _set_bn_only_train(model: nn.Module) -> None:

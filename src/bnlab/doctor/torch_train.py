@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlab.doctor.batching import cycle
-from bnlab.doctor.errors import ProbeError, UsageError
+from bnlab.doctor.errors import UsageError, training_step_failed
 from bnlab.doctor.records import TrainLog
 from bnlab.doctor.torch_common import as_args, classes, first_tensor, is_norm, model_device
 
@@ -92,13 +92,8 @@ def train(
                 loss.backward()
                 optimizer.step()
             except Exception as err:  # noqa: BLE001 - reported as a probe failure
-                raise ProbeError(
-                    f"training step {step + 1} failed: {type(err).__name__}: {err}"
-                ) from err
-            value = float(loss.detach())
-            if step == 0:
-                log.loss_first = value
-            log.loss_last = value
+                raise training_step_failed(step, err) from err
+            log.add_loss(step, float(loss.detach()))
     finally:
         for handle in handles:
             handle.remove()
