@@ -128,3 +128,40 @@ def test_chainer_style_eps_reproduces_chainer_adam_exactly():
         plain.grad = torch.from_numpy(g.copy())
         opt.step()
     assert np.abs(plain.detach().numpy() - p_ref).max() > 1e-6
+
+
+def test_adam_step_is_bit_identical_to_optimizer_step():
+    from bnlab.models import ModelConfig
+    from bnlab.train import adam_step, make_optimizer
+    from bnlab.train import TrainConfig
+
+    torch.manual_seed(0)
+    fast, slow = build_model(ModelConfig(widths=(20, 8, 8, 3)), seed=1), build_model(ModelConfig(widths=(20, 8, 8, 3)), seed=1)
+    tc = TrainConfig()
+    opt_fast, opt_slow = make_optimizer(fast, tc, torch.device("cpu")), make_optimizer(slow, tc, torch.device("cpu"))
+    for step in range(1, 8):
+        x, y = torch.randn(16, 20), torch.randint(0, 3, (16,))
+        for model, opt in ((fast, opt_fast), (slow, opt_slow)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        eps = chainer_style_eps(1e-8, 0.999, step)
+        adam_step(opt_fast, eps)
+        opt_slow.param_groups[0]["eps"] = eps
+        opt_slow.step()
+        for a, b in zip(fast.parameters(), slow.parameters()):
+            assert torch.equal(a, b)
+    for pa, pb in zip(fast.parameters(), slow.parameters()):
+        sa, sb = opt_fast.state[pa], opt_slow.state[pb]
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"]) and torch.equal(sa["step"], sb["step"])
+    assert opt_fast.state_dict()["state"].keys() == opt_slow.state_dict()["state"].keys()
+
+
+def test_adam_step_falls_back_to_optimizer_step_for_other_optimizers():
+    from bnlab.train import adam_step
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.5)
+    opt.param_groups[0]["eps"] = 0.0  # adam_step records eps on the group whatever the optimizer
+    w.grad = torch.ones(3)
+    adam_step(opt, 1e-8)
+    assert torch.equal(w.detach(), torch.full((3,), 0.5))
