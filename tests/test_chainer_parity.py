@@ -83,7 +83,7 @@ def lockstep(cfg: RunConfig, arrays, steps: int = STEPS, *, dtype: type = np.flo
     chain = ce.build_chainer_model(cfg.model, state_dict=initial, dtype=dtype)
     copt = ce.make_chainer_optimizer(chain, cfg.train)
     tc = (torch_cfg or cfg).train
-    topt = make_optimizer(model, tc, torch.device("cpu"))
+    topt = make_optimizer(model, tc)
     if twin:
         twin_model = build_model(cfg.model, seed=cfg.train.seed).to(tdtype)
         twin_model.load_state_dict(initial)

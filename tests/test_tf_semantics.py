@@ -153,7 +153,7 @@ def _adam_run(mode: str, eps: float, mnist, steps: int = 5):
 
     tc = dataclasses.replace(TF.train, adam_eps=eps, adam_eps_mode=mode)
     model = build_model(TF.model, seed=0).double().train()
-    optimizer = make_optimizer(model, tc, torch.device("cpu"))
+    optimizer = make_optimizer(model, tc)
     params = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
     state = {n: (np.zeros_like(p), np.zeros_like(p)) for n, p in params.items()}
     x = to_float(mnist.train_images[: 200 * steps]).astype(np.float64)
@@ -189,7 +189,7 @@ def test_train_metrics_are_inference_mode_after_the_step(mnist):
     with torch.no_grad():  # what the Chainer program would report: the training forward's loss
         training_forward = torch.nn.functional.cross_entropy(build_model(TF.model, seed=0).double()(xb), yb).item()
     model = build_model(TF.model, seed=0).double().train()
-    optimizer = make_optimizer(model, TF.train, torch.device("cpu"))
+    optimizer = make_optimizer(model, TF.train)
     loss, logits = train_step(model, optimizer, xb, yb, 1, TF.train)
     assert model.training  # back in training mode for the next step
     graph = TFGraph(model)  # the weights and moving averages AFTER the step

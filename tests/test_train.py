@@ -138,7 +138,7 @@ def test_adam_step_is_bit_identical_to_optimizer_step():
     torch.manual_seed(0)
     fast, slow = build_model(ModelConfig(widths=(20, 8, 8, 3)), seed=1), build_model(ModelConfig(widths=(20, 8, 8, 3)), seed=1)
     tc = TrainConfig()
-    opt_fast, opt_slow = make_optimizer(fast, tc, torch.device("cpu")), make_optimizer(slow, tc, torch.device("cpu"))
+    opt_fast, opt_slow = make_optimizer(fast, tc), make_optimizer(slow, tc)
     for step in range(1, 8):
         x, y = torch.randn(16, 20), torch.randint(0, 3, (16,))
         for model, opt in ((fast, opt_fast), (slow, opt_slow)):

@@ -83,7 +83,6 @@ FRAMEWORKS: tuple[str, ...] = tuple(CONVENTIONS)
 
 # Frameworks whose running-average parameter weights the old running value.
 _WEIGHTS_OLD = {k for k, c in CONVENTIONS.items() if c.weights == OLD}
-_WEIGHTS_NEW = {k for k, c in CONVENTIONS.items() if c.weights == NEW}
 
 
 def _check_framework(framework: str) -> None:

@@ -405,7 +405,7 @@ class RunResult:
     bn_trace: dict[str, np.ndarray] | None = None
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # fused Adam runs one kernel for all parameters on CPU and CUDA alike.
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             eps=cfg.adam_eps, fused=True)
@@ -492,7 +492,7 @@ def _train_torch(cfg: RunConfig, data, device: torch.device, out_dir, echo, init
     if initial_state is not None:
         model.load_state_dict(initial_state)
     model.to(device).train()
-    optimizer = make_optimizer(model, tc, device)
+    optimizer = make_optimizer(model, tc)
     x_train, y_train, x_val, y_val = device_tensors(data, device)
     trace = BNTrace(model, tc.trace_bn_channels) if tc.trace_bn_channels else None
 
@@ -550,26 +550,24 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, xb: tor
     eps = chainer_style_eps(tc.adam_eps, tc.adam_beta2, step) if tc.adam_eps_mode == "chainer" else tc.adam_eps
     adam_step(optimizer, eps)
     if tc.train_metrics == "eval-after-step":
-        return _eval_batch(model, xb, yb)
+        return _eval_forward(model, xb, yb)
     return loss.detach(), logits.detach()
 
 
-def _eval_batch(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    model.eval()
-    with torch.no_grad():
-        logits = model(xb)
-        loss = F.cross_entropy(logits, yb)
-    model.train()
-    return loss, logits
-
-
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode (running statistics) loss and accuracy over the whole set, as device tensors."""
+def _eval_forward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode (running statistics) loss and logits; the model's mode is restored after."""
     was_training = model.training
     model.eval()
     with torch.inference_mode():
         logits = model(x)
         loss = F.cross_entropy(logits, y)
-        acc = (logits.argmax(1) == y).float().mean()
     model.train(was_training)
+    return loss, logits
+
+
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode (running statistics) loss and accuracy over the whole set, as device tensors."""
+    loss, logits = _eval_forward(model, x, y)
+    with torch.inference_mode():
+        acc = (logits.argmax(1) == y).float().mean()
     return loss, acc
