@@ -45,6 +45,18 @@ def test_same_seed_same_history_and_other_seed_differs(mnist):
     assert history(4) != first
 
 
+def test_tracing_bn_does_not_change_the_history(mnist):
+    def history(trace):
+        cfg = quick("question", epochs=1, widths="784,64,64,10", trace_bn_channels=trace)
+        result = train(cfg, mnist, echo=None)
+        return [(r.train_loss, r.val_loss, r.train_acc, r.val_acc) for r in result.history], result.bn_trace
+
+    plain, no_trace = history(0)
+    traced, trace = history(4)
+    assert traced == plain and no_trace is None
+    assert trace["values"].shape == (120, 4, 4)  # 60 steps x 2 call sites of the shared BN
+
+
 def test_run_directory_is_complete_and_checkpoint_loads_safely(mnist, tmp_path):
     out = tmp_path / "run"
     result = train(quick("tensorflow", epochs=1, widths="784,32,32,10", trace_bn_channels=3), mnist,
@@ -165,3 +177,58 @@ def test_adam_step_falls_back_to_optimizer_step_for_other_optimizers():
     w.grad = torch.ones(3)
     adam_step(opt, 1e-8)
     assert torch.equal(w.detach(), torch.full((3,), 0.5))
+
+
+def test_chunked_evaluation_gives_the_whole_set_logits_bit_for_bit(mnist):
+    from bnlab.train import _eval_forward
+
+    result = train(quick("answer", epochs=1), mnist, echo=None)
+    x = torch.from_numpy(mnist.test_images.reshape(len(mnist.test_images), -1).astype(np.float32) / 255)
+    y = torch.from_numpy(mnist.test_labels.astype(np.int64))
+    model = result.model
+    loss, logits = _eval_forward(model, x, y)
+    assert model.training  # _eval_forward restores the caller's mode
+    model.eval()
+    with torch.inference_mode():
+        whole = model(x)  # all 10,000 rows in one product
+    assert torch.equal(logits, whole)
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(whole, y).item(), rel=1e-6)
+
+
+def test_host_reads_happen_per_epoch_not_per_step(mnist, monkeypatch):
+    """On CUDA every read of a tensor's value by the host waits for the device. The loop
+    reads a fixed handful per epoch, however many steps the epoch has (checked here on
+    the CPU by counting the calls that would synchronise)."""
+    reads = []
+    for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def reads_for(batch_size, epochs):
+        reads.clear()
+        train(quick("answer", epochs=epochs, batch_size=batch_size, widths="784,16,16,10"), mnist, echo=None)
+        return len(reads)
+
+    per_epoch = reads_for(1000, 1)
+    assert 0 < per_epoch <= 10
+    assert reads_for(500, 1) == per_epoch  # twice the steps, the same reads
+    assert reads_for(1000, 2) == 2 * per_epoch
+
+
+@pytest.mark.parametrize("engine", ["torch", "chainer"])
+def test_a_one_sample_minibatch_is_refused_before_training(mnist, tmp_path, engine):
+    if engine == "chainer":
+        pytest.importorskip("chainer")
+    cfg = quick("answer", epochs=1, batch_size=59999, engine=engine)  # 60,000 = 59,999 + 1
+    with pytest.raises(ValueError, match="minibatch of 1 sample out of 60000.*array-split"):
+        train(cfg, mnist, out_dir=tmp_path / "run", echo=None)
+    assert not (tmp_path / "run").exists()
+    # Without BN, or split into near-equal parts, the same size trains.
+    for overrides in ({"norm": "none"}, {"batching": "array-split"}):
+        ok = apply_overrides(cfg, {"epochs": "1", **overrides, "widths": "784,8,8,10"})
+        assert len(train(ok, mnist, echo=None).history) == 1

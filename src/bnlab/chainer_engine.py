@@ -44,6 +44,7 @@ from bnlab.train import (
     RunResult,
     TrainConfig,
     TrainingDiverged,
+    check_minibatches,
     environment,
     epoch_orders,
     load_data,
@@ -404,6 +405,7 @@ def _train_loop(cfg: RunConfig, data, out_dir, echo, initial_state, chainer: Mod
     tc = cfg.train
     chain = build_chainer_model(cfg.model, seed=tc.seed, state_dict=initial_state)
     optimizer = make_chainer_optimizer(chain, tc)
+    check_minibatches(cfg, len(data.train_labels))
     x_train, y_train, x_val, y_val = _arrays(data)
     trace = None
     if tc.trace_bn_channels:

@@ -66,17 +66,18 @@ class BiasedVarBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
-        # Batch statistics are computed once and used both to normalize and to update
-        # the running averages, so the biased/unbiased choice is explicit here.
+        self.update_running_stats(x)
+        # Normalization uses the biased batch variance, as in every framework, with
+        # PyTorch's own kernel (running statistics None: they are kept above instead).
+        return F.batch_norm(x, None, None, self.weight, self.bias, training=True, momentum=0.0, eps=self.eps)
+
+    @torch.no_grad()
+    def update_running_stats(self, x: torch.Tensor) -> None:
+        """Move the running averages towards the batch mean and BIASED batch variance."""
         var, mean = torch.var_mean(x, dim=0, correction=0)
-        with torch.no_grad():
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var, self.momentum)
-            self.num_batches_tracked.add_(1)
-        x_hat = (x - mean) * torch.rsqrt(var + self.eps)
-        if self.affine:
-            x_hat = x_hat * self.weight + self.bias
-        return x_hat
+        self.running_mean.lerp_(mean, self.momentum)
+        self.running_var.lerp_(var, self.momentum)
+        self.num_batches_tracked.add_(1)
 
 
 def _make_bn(width: int, cfg: ModelConfig) -> nn.BatchNorm1d:
