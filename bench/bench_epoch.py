@@ -120,22 +120,26 @@ def run_chainer(epochs: int) -> list[float]:
     optimizer = chainer.optimizers.Adam(alpha=0.01)
     optimizer.setup(model)
     seconds = []
-    for _ in range(epochs):
+    for _ in range(epochs):  # the seed's loop as it is written, less its cp.asarray (GPU) calls
         started = time.perf_counter()
-        order = np.random.permutation(len(x_train))
-        losses, accs = [], []
+        order = np.random.permutation(range(len(x_train)))
+        loss_list, accuracy_list = [], []
         for i in range(0, len(order), 1000):
-            idx = order[i:i + 1000]
-            out = model(x_train[idx])
-            loss = F.softmax_cross_entropy(out, y_train[idx])
-            accs.append(F.accuracy(out, y_train[idx]).array)
-            losses.append(loss.array)
+            index = order[i:i + 1000]
+            x_batch, y_batch = x_train[index, :], y_train[index]
+            output = model(x_batch)
+            loss = F.softmax_cross_entropy(output, y_batch)
+            accuracy = F.accuracy(output, y_batch)
+            loss_list.append(chainer.cuda.to_cpu(loss.array))
+            accuracy_list.append(chainer.cuda.to_cpu(accuracy.array))
             model.cleargrads()
             loss.backward()
             optimizer.update()
+        np.mean(loss_list), np.mean(accuracy_list)
         with chainer.using_config("train", False), chainer.using_config("enable_backprop", False):
-            out = model(x_val)
-            F.softmax_cross_entropy(out, y_val), F.accuracy(out, y_val)
+            output = model(x_val)
+        chainer.cuda.to_cpu(F.softmax_cross_entropy(output, y_val).array)
+        chainer.cuda.to_cpu(F.accuracy(output, y_val).array)
         seconds.append(time.perf_counter() - started)
     return seconds
 
