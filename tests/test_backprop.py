@@ -98,3 +98,18 @@ def test_softmax_cross_entropy_passes_gradcheck_and_propagates_nan():
     bad = torch.zeros(3, 4)
     bad[1, 2] = float("nan")
     assert torch.isnan(softmax_cross_entropy(bad, torch.tensor([0, 1, 2])))
+
+
+@pytest.mark.parametrize("cfg", [ModelConfig(), ModelConfig(norm="shared"),
+                                 ModelConfig(logits_norm=True, running_var="biased")],
+                         ids=["per-layer", "shared", "tf-logits-biased"])
+def test_the_step_uses_only_device_generic_operations(cfg):
+    """No GPU here: running the step on PyTorch's shape-only "meta" device at least shows it
+    calls nothing CPU-specific and every gradient lands on the model's device, as on CUDA."""
+    model = build_model(cfg, seed=0).to("meta")
+    x = torch.empty(1000, 784, device="meta")
+    labels = torch.empty(1000, dtype=torch.long, device="meta")
+    loss, logits = loss_and_gradients(model, x, labels)
+    assert loss.shape == () and logits.shape == (1000, 10)
+    for p in model.parameters():
+        assert p.grad.device.type == "meta" and p.grad.shape == p.shape
