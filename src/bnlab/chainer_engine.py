@@ -38,6 +38,7 @@ import torch
 from bnlab.conventions import convert
 from bnlab.models import ModelConfig, build_model
 from bnlab.train import (
+    BNCallLog,
     EpochRecord,
     RunConfig,
     RunRecorder,
@@ -297,34 +298,23 @@ def chainer_evaluate(chain: Any, x: np.ndarray, y: np.ndarray) -> tuple[float, f
 
 # ------------------------------------------------------------------------------ tracing
 
-class ChainerBNTrace:
+class ChainerBNTrace(BNCallLog):
     """The torch engine's BN trace, recorded from the Chainer model (same output format)."""
 
     def __init__(self, names: list[str], channels: int) -> None:
-        self.names = names
+        super().__init__(names)
         self.channels = channels
         self._rows: list[np.ndarray] = []
-        self._module_ids: list[int] = []
-        self._site_ids: list[int] = []
-        self._calls_this_step: dict[int, int] = {}
 
     def record(self, name: str, x: np.ndarray, link: Any) -> None:
         k = min(self.channels, x.shape[1])
         xs = x[:, :k]
-        idx = self.names.index(name)
         self._rows.append(np.stack([xs.mean(0), xs.var(0), link.avg_mean[:k], link.avg_var[:k]]).astype(np.float32))
-        site = self._calls_this_step.get(idx, 0)
-        self._calls_this_step[idx] = site + 1
-        self._module_ids.append(idx)
-        self._site_ids.append(site)
-
-    def end_step(self) -> None:
-        self._calls_this_step.clear()
+        self._log_call(self.names.index(name))
 
     def close(self) -> dict[str, np.ndarray]:
         values = np.stack(self._rows) if self._rows else np.zeros((0, 4, self.channels), np.float32)
-        return {"values": values, "module": np.asarray(self._module_ids, dtype=np.int32),
-                "site": np.asarray(self._site_ids, dtype=np.int32), "module_names": np.asarray(self.names)}
+        return {"values": values, **self._call_arrays()}
 
 
 # ------------------------------------------------------------------------------ threads

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from bnlab import __version__
-from bnlab.backprop import NormObserver, check_supported, loss_and_gradients, softmax_cross_entropy
+from bnlab.backprop import NormObserver, check_supported, cross_entropy_and_grad, loss_and_gradients
 from bnlab.models import MLP, ModelConfig, batch_norms, build_model
 
 ENGINES = ("torch", "chainer")
@@ -358,7 +358,32 @@ def gather_batch(images_u8: torch.Tensor, labels: torch.Tensor, idx: torch.Tenso
 
 # ---------------------------------------------------------------------------- BN tracing
 
-class BNTrace:
+class BNCallLog:
+    """Which BN module each recorded call went to, and which call of that module within its
+    step it was (site 0 after l1, site 1 after l2 for a shared BN). Both engines' traces
+    keep their rows in this order."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self._module_ids: list[int] = []
+        self._site_ids: list[int] = []
+        self._calls_this_step: dict[int, int] = {}
+
+    def _log_call(self, idx: int) -> None:
+        site = self._calls_this_step.get(idx, 0)
+        self._calls_this_step[idx] = site + 1
+        self._module_ids.append(idx)
+        self._site_ids.append(site)
+
+    def end_step(self) -> None:
+        self._calls_this_step.clear()
+
+    def _call_arrays(self) -> dict[str, np.ndarray]:
+        return {"module": np.asarray(self._module_ids, dtype=np.int32),
+                "site": np.asarray(self._site_ids, dtype=np.int32), "module_names": np.asarray(self.names)}
+
+
+class BNTrace(BNCallLog):
     """Records, at every training call of every BN module, the batch mean/var of its
     input and its running mean/var right after the call, for the first few channels.
 
@@ -368,29 +393,19 @@ class BNTrace:
     """
 
     def __init__(self, model: torch.nn.Module, channels: int) -> None:
-        self.channels = channels
         norms = batch_norms(model)
-        self.names: list[str] = list(norms)
+        super().__init__(list(norms))
+        self.channels = channels
         self._index = {id(module): idx for idx, module in enumerate(norms.values())}
         self._rows: list[torch.Tensor] = []
-        self._module_ids: list[int] = []
-        self._site_ids: list[int] = []
         self._epoch_rows: list[np.ndarray] = []
-        self._calls_this_step: dict[int, int] = {}
 
     def record(self, module: torch.nn.Module, x: torch.Tensor) -> None:
-        idx = self._index[id(module)]
         x = x[:, : self.channels]
         var, mean = torch.var_mean(x, dim=0, correction=0)
         k = x.shape[1]
         self._rows.append(torch.stack([mean, var, module.running_mean[:k], module.running_var[:k]]))
-        site = self._calls_this_step.get(idx, 0)
-        self._calls_this_step[idx] = site + 1
-        self._module_ids.append(idx)
-        self._site_ids.append(site)
-
-    def end_step(self) -> None:
-        self._calls_this_step.clear()
+        self._log_call(self._index[id(module)])
 
     def end_epoch(self) -> None:
         if self._rows:
@@ -400,12 +415,8 @@ class BNTrace:
     def close(self) -> dict[str, np.ndarray]:
         self.end_epoch()
         values = np.concatenate(self._epoch_rows) if self._epoch_rows else np.zeros((0, 4, self.channels))
-        return {
-            "values": values.astype(np.float32),  # (calls, [batch_mean, batch_var, run_mean, run_var], channels)
-            "module": np.asarray(self._module_ids, dtype=np.int32),
-            "site": np.asarray(self._site_ids, dtype=np.int32),
-            "module_names": np.asarray(self.names),
-        }
+        # values: (calls, [batch_mean, batch_var, run_mean, run_var], channels)
+        return {"values": values.astype(np.float32), **self._call_arrays()}
 
 
 # ------------------------------------------------------------------------------ training
@@ -581,7 +592,7 @@ def _eval_forward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> t
     with torch.inference_mode():
         rows = CPU_EVAL_ROWS if x.device.type == "cpu" else len(x)
         logits = torch.cat([model(chunk) for chunk in x.split(rows)])
-        loss = softmax_cross_entropy(logits, y)
+        loss, _ = cross_entropy_and_grad(logits, y, with_grad=False)
     model.train(was_training)
     return loss, logits
 
