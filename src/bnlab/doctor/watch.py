@@ -19,15 +19,15 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from bnlab.doctor import checks, fixes, thresholds
 from bnlab.doctor.findings import Finding, Report
 from bnlab.doctor.frameworks import detect
 from bnlab.doctor.records import CallRecord, ProbeResult, TrainLog
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass
@@ -50,6 +50,8 @@ def _torch_fingerprint(model: nn.Module) -> tuple:
     Version counters catch in-place updates (every torch.optim optimizer); the sums
     also catch updates through ``.data``, which bypass the counters.
     """
+    import torch
+
     with torch.no_grad():
         params = list(model.parameters())
         versions = tuple(p._version for p in params)
@@ -96,7 +98,8 @@ class _ChainerBackend:
 
 def _is_array(value: Any) -> bool:
     shape = getattr(value, "shape", None)
-    return isinstance(shape, tuple) or isinstance(value, torch.Tensor)
+    # A torch tensor's shape is a torch.Size, a tuple: no torch import needed to tell.
+    return isinstance(shape, tuple)
 
 
 def _batch(inputs: tuple | None) -> int:
