@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from doctor_zoo import MLP, SharedBN
 
-import bnlab.doctor as doctor
+from bnlab import doctor
 
 
 def data(n: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,9 +121,8 @@ def test_batch_of_one_crashes_the_loop_but_the_report_explains() -> None:
 
 def test_report_only_after_the_block() -> None:
     model = MLP()
-    with doctor.watch(model) as w:
-        with pytest.raises(RuntimeError, match="once the"):
-            w.report()
+    with doctor.watch(model) as w, pytest.raises(RuntimeError, match="once the"):
+        w.report()
 
 
 def test_watch_rejects_non_torch_models() -> None:
