@@ -10,6 +10,11 @@ from bnlab.doctor.findings import Report
 from bnlab.doctor.records import ProbeResult
 
 
+def _setting(value: float | None) -> float | None:
+    """A setting to 12 significant digits: ``1 - 0.9`` is reported as 0.1."""
+    return None if value is None else float(f"{value:.12g}")
+
+
 def summary(probe: ProbeResult) -> dict[str, Any]:
     """Per-layer facts (calls, settings, distance of each call site from the running
     statistics) and the train/eval agreement: the numbers behind a clean report too."""
@@ -23,7 +28,7 @@ def summary(probe: ProbeResult) -> dict[str, Any]:
                           **(dist.as_dict() if dist else {})})
         layers.append({"path": path, "kind": layer.kind,
                        "calls": len(calls) or probe.eval_calls.get(path, 0),
-                       layer.rate_name: layer.rate, "eps": layer.eps,
+                       layer.rate_name: _setting(layer.rate), "eps": _setting(layer.eps),
                        "tracks_running_stats": layer.tracks_running_stats,
                        "at_init": layer.at_init, "sites": sites})
     result: dict[str, Any] = {"layers": layers}

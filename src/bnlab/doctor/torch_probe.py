@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 from bnlab.doctor import torch_train
-from bnlab.doctor.errors import ProbeError, forward_failed
+from bnlab.doctor.errors import ProbeError, UnsupportedModel, forward_failed
 from bnlab.doctor.records import (
     CallRecord,
     LayerInfo,
@@ -97,6 +98,19 @@ def layer_infos(model: nn.Module, modes: dict[str, bool]) -> dict[str, LayerInfo
 # -- keeping the user's model untouched ---------------------------------------
 
 
+def _lazy_memo(model: nn.Module) -> dict[int, Any]:
+    """A deepcopy memo giving each uninitialized (Lazy) tensor a fresh uninitialized
+    copy: deepcopy refuses to touch them otherwise."""
+    memo: dict[int, Any] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if is_lazy(tensor):
+            memo[id(tensor)] = (
+                UninitializedParameter(requires_grad=tensor.requires_grad)
+                if isinstance(tensor, nn.Parameter) else UninitializedBuffer()
+            )
+    return memo
+
+
 @contextlib.contextmanager
 def borrowed(model: nn.Module) -> Iterator[nn.Module]:
     """A copy of ``model`` to run freely; the original if it can't be deep-copied.
@@ -105,9 +119,15 @@ def borrowed(model: nn.Module) -> Iterator[nn.Module]:
     every norm's ``momentum`` is put back on exit, in place.
     """
     try:
-        work = copy.deepcopy(model)
+        work = copy.deepcopy(model, _lazy_memo(model))
     except Exception:  # noqa: BLE001 - any failure to copy means: fall back to restoring
         work = None
+    if work is None and _lazy_memo(model):
+        raise UnsupportedModel(
+            "the model has Lazy modules (LazyLinear, LazyBatchNorm...) whose shapes are not "
+            "known yet, and it cannot be copied; bnlab doctor never runs your own model. Run "
+            "one forward pass on a batch first (that fixes the shapes), then check it."
+        )
     if work is not None:
         yield work
         return
@@ -442,7 +462,8 @@ def observe(
         labels=None if labels is None else np.asarray(_labels_numpy(labels)).reshape(-1),
         output_diff=None if train_pred is not None else _relative_diff(train_out, eval_out),
         output_finite=None if None in finite or not finite else all(finite),
-        output_note=f"the doctor reads output{where} of the model's output" if where else "",
+        output_note=(f"the model returns a {type(outputs[0]).__name__}; the doctor reads "
+                     f"output{where}") if where else "",
     )
 
 
