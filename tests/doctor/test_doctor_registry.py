@@ -30,7 +30,7 @@ def test_docs_list_exactly_the_registered_checks() -> None:
     text = DOC.read_text()
     block = text.split("<!-- checks:begin -->")[1].split("<!-- checks:end -->")[0]
     assert block.strip() == registry.markdown_table()
-    documented = set(re.findall(r"^\| `([a-z-]+)` \|", block, flags=re.M))
+    documented = set(re.findall(r"^\| `([a-z-]+)` \|", block, flags=re.MULTILINE))
     assert documented == set(registry.check_ids())
 
 
