@@ -16,6 +16,7 @@ Arrays are numpy (float32 inputs, int64 labels); both backends accept them.
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,8 +213,8 @@ def _checked_batch(item: Any, index: int, where: str, sample_shape: tuple | None
     """One ``(inputs, labels)`` batch as float32 / int64 arrays, or an InputError."""
     fix = f"{where} must give (inputs, labels) pairs: float inputs (N, ...), integer labels (N,)."
     if not isinstance(item, (tuple, list)) or len(item) != 2:
-        raise InputError(f"batch {index + 1} of {where} is a {type(item).__name__}, not an "
-                         f"(inputs, labels) pair. {fix}")
+        raise InputError(f"batch {index + 1} of {where} is of type {type(item).__name__}, not "
+                         f"an (inputs, labels) pair. {fix}")
     x, y = (_as_numpy(part) for part in item)
     if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
         raise InputError(f"batch {index + 1} of {where} holds {type(x).__name__} and "
@@ -245,8 +246,10 @@ def _iterable_of(spec: str) -> tuple[Iterable[Any], str]:
     except LoadError as err:
         raise InputError(f"--data {spec}: {err}") from err
     if not hasattr(module, name):
-        public = [n for n in vars(module) if not n.startswith("_")
-                  and getattr(vars(module)[n], "__module__", module.__name__) == module.__name__]
+        public = [n for n, v in vars(module).items() if not n.startswith("_")
+                  and not inspect.ismodule(v)
+                  and not ((inspect.isclass(v) or inspect.isfunction(v))
+                           and v.__module__ != module.__name__)]
         raise InputError(f"--data {spec}: {path} has no attribute {name!r}. NAME must be a "
                          "function with no arguments returning (inputs, labels) batches, or such "
                          f"an iterable (a DataLoader). Names defined there: "
@@ -262,7 +265,7 @@ def _iterable_of(spec: str) -> tuple[Iterable[Any], str]:
     else:
         where = spec
     if isinstance(obj, (str, bytes)) or not hasattr(obj, "__iter__"):
-        raise InputError(f"{where} is a {type(obj).__name__}, not an iterable of "
+        raise InputError(f"{where} is of type {type(obj).__name__}, not an iterable of "
                          "(inputs, labels) batches (a list, a generator or a DataLoader).")
     return obj, where
 
