@@ -16,7 +16,7 @@ import chainer
 import chainer.functions as F
 from chainer.backends import cuda
 
-from bnlab.doctor.chainer_probe import bn_links, frozen_statistics
+from bnlab.doctor.chainer_probe import Recorder, bn_links, frozen_statistics
 from bnlab.doctor.repair_torch import RepairError
 
 
@@ -37,19 +37,6 @@ class PerCallBatchNormalization(chainer.ChainList):
         return link(x, **kwargs)
 
 
-class _Counter(chainer.LinkHook):
-    name = "bnlab_repair_counter"
-
-    def __init__(self, paths: dict[int, str]) -> None:
-        self.paths = paths
-        self.counts: Counter[str] = Counter()
-
-    def forward_preprocess(self, args: Any) -> None:
-        path = self.paths.get(id(args.link))
-        if path is not None:
-            self.counts[path] += 1
-
-
 class _CumulativeDecay(chainer.LinkHook):
     """Before the k-th call of a BN link, decay = 1 - 1/k: the average of all calls."""
 
@@ -64,16 +51,17 @@ class _CumulativeDecay(chainer.LinkHook):
         link.decay = 1.0 - 1.0 / self.counts[id(link)]
 
 
-def call_counts(model: chainer.Link, x: Any) -> dict[str, int]:
-    """Calls per BN link in one eval-mode forward pass of a copy on ``x``."""
+def call_sites(model: chainer.Link, x: Any) -> dict[str, list[str]]:
+    """Per BN link: the call sites of one eval-mode forward pass of a copy on ``x``,
+    named as the doctor names them ("after l1")."""
     work = copy.deepcopy(model)
-    links = bn_links(work)
-    hook = _Counter({id(link): path for path, link in links.items()})
-    for link in links.values():
-        link.add_hook(hook)
-    with chainer.using_config("train", False), chainer.no_backprop_mode():
+    with chainer.using_config("train", False), chainer.no_backprop_mode(), \
+            Recorder(work, stats=False) as recorder:
         work(x)
-    return dict(hook.counts)
+    sites: dict[str, list[str]] = {}
+    for call in recorder.calls:
+        sites.setdefault(call.path, []).append(f"call {call.index} {call.site}")
+    return sites
 
 
 def _replace_everywhere(model: chainer.Link, old: chainer.Link, new: chainer.Link) -> None:
@@ -136,8 +124,8 @@ def repair(
 
     if not batches:
         raise RepairError("repair needs at least one batch of training inputs.")
-    calls = call_counts(model, batches[0][0])
-    shared = {path: n for path, n in calls.items() if n > 1}
+    sites = call_sites(model, batches[0][0])
+    shared = {path: len(s) for path, s in sites.items() if len(s) > 1}
     wanted = set(shared) if split is None else set(split)
     if wanted - set(shared):
         raise RepairError(f"cannot split {', '.join(sorted(wanted - set(shared)))}: not a "
@@ -149,7 +137,7 @@ def repair(
     for path in sorted(wanted):
         into = [f"{path}.{i}" for i in range(shared[path])]
         changes.append({"change": "split", "where": path, "calls": shared[path],
-                        "sites": [f"call {i + 1}" for i in range(shared[path])], "into": into,
+                        "sites": sites[path], "into": into,
                         "layout": "PerCallBatchNormalization"})
         origin.update({name: path for name in into})
     count = reestimate(new, batches)
@@ -157,7 +145,7 @@ def repair(
         (old_mean, old_var), eps = before[origin.get(path, path)]
         mean, var = _stats(link)
         changes.append({"change": "re-estimated", "where": path, "from": origin.get(path, path),
-                        "batches": count, "method": "decay 1 - 1/k per call (cumulative average)",
+                        "batches": count, "method": "decay 1 - 1/k at the k-th call",
                         "old_vs_new": distance(old_mean, old_var, mean, var, eps).as_dict()})
     return new, changes
 
