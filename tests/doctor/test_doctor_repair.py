@@ -17,14 +17,13 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from trained_runs import train_preset
 
 from bnlab.doctor import repair as repair_api
 from bnlab.doctor import repair_torch, sources
 from bnlab.doctor.command import main
 from bnlab.doctor.repair import repair_report
 from bnlab.models import MLP, ModelConfig, build_model
-
-from trained_runs import train_preset
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

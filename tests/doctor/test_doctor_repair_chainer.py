@@ -14,9 +14,9 @@ import pytest
 
 chainer = pytest.importorskip("chainer")
 
-from bnlab.doctor import repair as repair_api  # noqa: E402
-from bnlab.doctor import repair_chainer, sources  # noqa: E402
-from bnlab.doctor.command import main  # noqa: E402
+from bnlab.doctor import repair as repair_api
+from bnlab.doctor import repair_chainer, sources
+from bnlab.doctor.command import main
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -58,7 +58,7 @@ def test_chainer_repair_splits_the_link(trained_question, mnist_source) -> None:
     assert np.array_equal(model.bn.avg_mean, saved[0]) and np.array_equal(model.bn.avg_var, saved[1])
     assert isinstance(model.bn, chainer.links.BatchNormalization)
     assert isinstance(fixed.model.bn, repair_chainer.PerCallBatchNormalization)
-    split = [c for c in fixed.changes if c["change"] == "split"][0]
+    split = next(c for c in fixed.changes if c["change"] == "split")
     assert split["sites"] == ["call 1 after l1", "call 2 after l2"]
     assert split["into"] == ["bn.0", "bn.1"]
     assert fixed.after["val_acc"] > fixed.before["val_acc"]

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from trained_runs import train_preset
 
 from bnlab.doctor.command import main
-
-from trained_runs import train_preset
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 QUESTION = f"{EXAMPLES / 'seed_question_torch.py'}:MyModel"

@@ -33,7 +33,7 @@ def read_state_file(path: Path) -> Any:
         raise InputError(f"{path}: no such checkpoint file.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - anything a corrupt or hostile file causes
+    except Exception as err:
         name = _unsafe_global(str(err))
         if name is not None:
             raise InputError(
@@ -118,7 +118,7 @@ def load_chainer_checkpoint(model: Any, path: Path) -> None:
     try:
         with np.load(path, allow_pickle=False) as npz:
             chainer.serializers.NpzDeserializer(npz, strict=True).load(model)
-    except Exception as err:  # noqa: BLE001 - corrupt files, missing or misshapen arrays
+    except Exception as err:
         raise InputError(
             f"{path} does not load into {type(model).__name__} ({type(err).__name__}: "
             f"{str(err)[:200]}). Give a file written by chainer.serializers.save_npz from this "

@@ -188,7 +188,8 @@ def _fix(args: argparse.Namespace, target: Target, src: sources.Source, report: 
                            evaluated_on=src.uses.get("evaluation (--fix)", ""))
     result.changes += kept
     config = getattr(result.model, "cfg", None)
-    mlp_config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None
+    mlp_config = (dataclasses.asdict(config)
+                  if dataclasses.is_dataclass(config) and not isinstance(config, type) else None)
     written = fix_output.write(result, Path(args.fix), target=args.target,
                                report=report.to_dict(), overwrite=args.overwrite,
                                mlp_config=mlp_config)

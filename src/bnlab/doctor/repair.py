@@ -18,9 +18,10 @@ The weights are not touched: no gradient step is taken.
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any
 
 from bnlab.doctor.errors import UsageError
 from bnlab.doctor.frameworks import detect
@@ -41,9 +42,10 @@ def _backend(model: Any, framework: str) -> ModuleType:
 
 def _batches(batches: Iterable[Any]) -> list[tuple[Any, Any]]:
     """``(inputs, labels)`` pairs, or bare inputs (labels are not needed to re-estimate)."""
-    out = []
+    out: list[tuple[Any, Any]] = []
     for item in batches:
-        out.append(item if isinstance(item, (tuple, list)) and len(item) == 2 else (item, None))
+        out.append((item[0], item[1]) if isinstance(item, (tuple, list)) and len(item) == 2
+                   else (item, None))
     return out
 
 

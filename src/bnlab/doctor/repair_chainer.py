@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from typing import Any, Iterable
-
-import numpy as np
+from collections.abc import Iterable
+from typing import Any
 
 import chainer
 import chainer.functions as F
+import numpy as np
 from chainer.backends import cuda
 
 from bnlab.doctor.chainer_probe import Recorder, bn_links, frozen_statistics

@@ -12,7 +12,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections import Counter
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from bnlab.doctor.errors import UsageError
-from bnlab.doctor.torch_common import as_args, classes, first_tensor, is_stateful_norm, model_device
+from bnlab.doctor.torch_common import (
+    as_args,
+    classes,
+    first_tensor,
+    is_stateful_norm,
+    model_device,
+)
 
 
 class RepairError(UsageError):
@@ -114,7 +121,7 @@ def _is_shared_mlp(model: nn.Module) -> bool:
     return isinstance(model, MLP) and model.cfg.norm == "shared" and model.n_layers > 2
 
 
-def _per_layer_mlp(model: nn.Module) -> nn.Module:
+def _per_layer_mlp(model: Any) -> nn.Module:
     """bnlab's shared-BN MLP as the per-layer MLP: ``bn`` copied into bn1..bnK."""
     from bnlab.models import build_model
 
@@ -131,7 +138,7 @@ def _per_layer_mlp(model: nn.Module) -> nn.Module:
 # -- re-estimating running statistics -------------------------------------------------------
 
 
-def _stateful_norms(model: nn.Module) -> dict[str, nn.Module]:
+def _stateful_norms(model: nn.Module) -> dict[str, Any]:
     return {name: m for name, m in model.named_modules() if name and is_stateful_norm(m)}
 
 
@@ -143,13 +150,13 @@ def _update_bn_fits(norms: dict[str, nn.Module], single_input: bool) -> bool:
     )
 
 
-def _cumulative_by_hooks(model: nn.Module, norms: list[nn.Module], inputs: list[tuple]) -> None:
+def _cumulative_by_hooks(model: nn.Module, norms: list[Any], inputs: list[tuple]) -> None:
     """The cumulative average for norms update_bn can't drive (its ``momentum=None``):
     before the k-th call a norm's momentum is set to 1/k, which averages all calls."""
     counts: Counter[int] = Counter()
     saved = {m: m.momentum for m in norms}
 
-    def pre(module: nn.Module, _args: tuple) -> None:
+    def pre(module: Any, _args: tuple) -> None:
         counts[id(module)] += 1
         module.momentum = 1.0 / counts[id(module)]
 
@@ -194,7 +201,7 @@ def reestimate(model: nn.Module, batches: Iterable[Any]) -> dict[str, Any]:
 # -- the repair ----------------------------------------------------------------------------
 
 
-def _stats(module: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+def _stats(module: Any) -> tuple[np.ndarray, np.ndarray]:
     return (module.running_mean.detach().double().cpu().numpy().copy(),
             module.running_var.detach().double().cpu().numpy().copy())
 
@@ -216,7 +223,7 @@ def repair(
     before = {name: _stats(m) for name, m in _stateful_norms(model).items()}
     if wanted and _is_shared_mlp(model):
         new = _per_layer_mlp(model)
-        new_names = [f"bn{i}" for i in range(1, model.n_layers)]
+        new_names = [name for name in _stateful_norms(new) if name != "bn_logits"]
         changes.append({"change": "split", "where": "bn", "calls": len(shared["bn"]),
                         "sites": shared["bn"], "into": new_names, "layout": "per-layer MLP"})
         origin = {name: "bn" for name in new_names}

@@ -18,9 +18,10 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -85,7 +86,7 @@ def class_count(model: Any, framework: str, x: np.ndarray) -> int:
     """Number of classes in the model's output (N, C, ...); UsageError if it has none."""
     try:
         out = _run_eval(model, framework, x[:2])
-    except Exception as err:  # noqa: BLE001 - reported as the usual shape hint
+    except Exception as err:
         raise InputError(
             f"the model does not run on inputs of shape {tuple(x.shape)} "
             f"({type(err).__name__}: {err}); give the shape it expects with --input-shape."
@@ -137,7 +138,7 @@ def _load_builtin(name: str, data_dir: str | None) -> Any:
 
     try:
         return load_dataset(name, data_dir)
-    except Exception as err:  # noqa: BLE001 - missing files, bad checksum, no network...
+    except Exception as err:
         raise InputError(
             f"could not load {BUILTIN[name]} ({type(err).__name__}: {err}); "
             "point --data-dir at the folder with its four IDX .gz files."
@@ -259,7 +260,7 @@ def _iterable_of(spec: str) -> tuple[Iterable[Any], str]:
         where = f"{spec}()"
         try:
             obj = obj()
-        except Exception as err:  # noqa: BLE001 - the user's function
+        except Exception as err:
             raise InputError(f"calling {where} raised {type(err).__name__}: {err}. NAME must be "
                              "callable with no arguments.") from err
     else:
@@ -282,7 +283,7 @@ def file_source(spec: str, batch_size: int | None, max_batches: int) -> Source:
             batches.append(batch)
     except InputError:
         raise
-    except Exception as err:  # noqa: BLE001 - the user's iterator
+    except Exception as err:
         raise InputError(f"iterating over {where} raised {type(err).__name__}: {err} "
                          f"(after {len(batches)} batches).") from err
     if len(batches) < 2:
