@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from trained_runs import train_preset
 
-from bnlab.doctor import repair as repair_api
+import bnlab.doctor
 from bnlab.doctor import repair_torch, sources
 from bnlab.doctor.command import main
-from bnlab.doctor.repair import repair_report
+from bnlab.doctor.repair import repair_report, split_shared
 from bnlab.models import MLP, ModelConfig, build_model
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -75,7 +75,7 @@ def test_repair_splits_the_shared_bn_and_restores_eval_accuracy(question, mnist_
 
 def test_repair_returns_only_the_model(question, mnist_source) -> None:
     model = question[0].model
-    fixed = repair_api.repair(model, mnist_source.fit_batches())
+    fixed = bnlab.doctor.repair(model, mnist_source.fit_batches())
     assert isinstance(fixed, MLP) and fixed is not model and hasattr(fixed, "bn2")
 
 
@@ -153,7 +153,7 @@ def test_arbitrary_model_gets_one_bn_per_call_site(mnist_source) -> None:
     first, second = fixed.model.bn.per_call
     assert not torch.allclose(first.running_mean, second.running_mean)
     # the architecture rebuilt from the user's class loads the saved weights exactly
-    rebuilt = repair_api.split_shared(type(model)(), fixed.splits)
+    rebuilt = split_shared(type(model)(), fixed.splits)
     rebuilt.load_state_dict(torch.load(_saved(fixed.model), weights_only=True))
     x = torch.from_numpy(mnist_source.probe_x)
     with torch.no_grad():

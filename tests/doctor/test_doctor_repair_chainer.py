@@ -14,9 +14,9 @@ import pytest
 
 chainer = pytest.importorskip("chainer")
 
-from bnlab.doctor import repair as repair_api
 from bnlab.doctor import repair_chainer, sources
 from bnlab.doctor.command import main
+from bnlab.doctor.repair import repair, repair_report, split_shared
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -54,7 +54,7 @@ def trained_question(mnist_source):
 def test_chainer_repair_splits_the_link(trained_question, mnist_source) -> None:
     model = trained_question
     saved = copy.deepcopy(model.bn.avg_mean), copy.deepcopy(model.bn.avg_var)
-    fixed = repair_api.repair_report(model, mnist_source.fit_batches(), mnist_source.held_out[:3])
+    fixed = repair_report(model, mnist_source.fit_batches(), mnist_source.held_out[:3])
     assert np.array_equal(model.bn.avg_mean, saved[0]) and np.array_equal(model.bn.avg_var, saved[1])
     assert isinstance(model.bn, chainer.links.BatchNormalization)
     assert isinstance(fixed.model.bn, repair_chainer.PerCallBatchNormalization)
@@ -72,11 +72,11 @@ def test_chainer_repair_splits_the_link(trained_question, mnist_source) -> None:
 
 def test_chainer_repaired_weights_load_into_the_rebuilt_model(trained_question,
                                                               mnist_source) -> None:
-    fixed = repair_api.repair(trained_question, list(mnist_source.fit_batches())[:5])
+    fixed = repair(trained_question, list(mnist_source.fit_batches())[:5])
     buffer = io.BytesIO()
     chainer.serializers.save_npz(buffer, fixed)
     buffer.seek(0)
-    rebuilt = repair_api.split_shared(_example("seed_question_chainer").MyModel(), {"bn": 2})
+    rebuilt = split_shared(_example("seed_question_chainer").MyModel(), {"bn": 2})
     chainer.serializers.load_npz(buffer, rebuilt)
     x = mnist_source.probe_x[:50]
     with chainer.using_config("train", False), chainer.no_backprop_mode():

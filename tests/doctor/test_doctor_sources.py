@@ -200,14 +200,14 @@ def test_run_directory_target(question_run: Path, capsys) -> None:
 
 def _copy_run(run: Path, to: Path) -> Path:
     to.mkdir()
-    for name in ("config.json", "checkpoint.pt"):
+    for name in ("config.json", "history.json", "checkpoint.pt"):
         (to / name).write_bytes((run / name).read_bytes())
     return to
 
 
 @pytest.mark.parametrize("damage, words", [
     ("config-json", "is not valid JSON"),
-    ("config-field", "holds an invalid configuration"),
+    ("config-field", "norm must be one of"),
     ("config-missing", "a folder without config.json"),
     ("checkpoint-missing", "no such checkpoint file"),
     ("checkpoint-other-model", "was saved from another model"),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from bnlab.experiments import get_preset
-from bnlab.train import RunResult, train
+from bnlab.engines import RunResult, train
+from bnlab.presets import get_preset
 
 
 def train_preset(preset: str, epochs: int, out_dir: Path, seed: int = 0) -> RunResult:

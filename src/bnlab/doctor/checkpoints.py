@@ -7,7 +7,6 @@ validated field by field, and every failure is one paragraph naming the file and
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -141,29 +140,20 @@ def is_run_dir(target: str) -> bool:
 
 
 def _run_config(run_dir: Path) -> Any:
-    from bnlab.train import RunConfig
+    """The run's RunConfig, read and validated by :func:`bnlab.rundir.read_run`."""
+    from bnlab.rundir import read_run
 
-    path = run_dir / "config.json"
-    if not path.is_file():
+    if not (run_dir / "config.json").is_file():
         raise InputError(f"{run_dir} is a folder without config.json: give a bnlab run directory "
                          "(written by bnlab train) or FILE.py:NAME.")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise InputError(f"{path} is not valid JSON ({err}); the run directory is damaged, "
-                         "train it again with bnlab train.") from err
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict) \
-            or not isinstance(data.get("train"), dict):
-        raise InputError(f"{path} has no 'model' and 'train' sections; it was not written by "
-                         "bnlab train.")
-    try:
-        cfg = RunConfig.from_dict(data)
-    except (KeyError, TypeError, ValueError) as err:
-        raise InputError(f"{path} holds an invalid configuration ({type(err).__name__}: {err}); "
-                         "train the run again with bnlab train.") from err
-    if cfg.train.engine != "torch" and cfg.train.engine != "chainer":
-        raise InputError(f"{path}: unknown engine {cfg.train.engine!r}.")
-    return cfg
+    run = read_run(run_dir)  # InputError for a damaged file
+    if run is None:
+        raise InputError(f"{run_dir} has no history.json: the run never started, or this is not "
+                         "a bnlab run directory; train it with bnlab train.")
+    if not isinstance(run.config.get("model"), dict) or not isinstance(run.config.get("train"), dict):
+        raise InputError(f"{run_dir / 'config.json'} has no 'model' and 'train' sections; it was "
+                         "not written by bnlab train.")
+    return run.run_config()
 
 
 def load_run_dir(target: str) -> tuple[Any, Any]:
@@ -172,8 +162,9 @@ def load_run_dir(target: str) -> tuple[Any, Any]:
     The model is built from config.json and must match checkpoint.pt, which is read with
     ``weights_only=True``.
     """
+    from bnlab.config import RunConfig
     from bnlab.models import build_model
-    from bnlab.train import RunConfig, load_checkpoint
+    from bnlab.rundir import load_checkpoint
 
     run_dir = Path(target)
     cfg = _run_config(run_dir)

@@ -19,6 +19,7 @@ from bnlab.doctor import inputs as probe_inputs
 from bnlab.doctor.errors import ProbeError, UsageError
 from bnlab.doctor.findings import Report, clean
 from bnlab.doctor.loader import LoadError, load_model
+from bnlab.errors import BnlabError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 
@@ -242,6 +243,9 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"{err}. {err.hint}".rstrip() if err.hint else str(err))
     except UsageError as err:  # e.g. training without labels on a non-classifier
         return _fail(str(err))
+    except BnlabError as err:  # bnlab's own readers and writers: run directories, OUT
+        _fail(str(err))
+        return err.exit_code
     if args.json:
         print(json.dumps({**report.to_dict(), **clean(extra)}, indent=2, allow_nan=False))
     else:

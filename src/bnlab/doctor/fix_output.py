@@ -68,14 +68,14 @@ def _how_to(result: RepairResult, out_dir: Path, target: str, mlp_config: Any) -
     splits = result.splits
     build = f"model = ...  # your model, built as for {target}\n"
     if splits:
-        build += (f"    model = bnlab.doctor.repair.split_shared(model, {splits!r})"
+        build += (f"    model = split_shared(model, {splits!r})"
                   "  # one BN per call site\n")
     if result.framework == "chainer":
         load = f"chainer.serializers.load_npz({str(weights)!r}, model)\n"
-        head = "    import chainer\n    import bnlab.doctor.repair\n"
+        head = "    import chainer\n    from bnlab.doctor.repair import split_shared\n"
     else:
         load = f"model.load_state_dict(torch.load({str(weights)!r}, weights_only=True))\n"
-        head = "    import torch\n    import bnlab.doctor.repair\n"
+        head = "    import torch\n    from bnlab.doctor.repair import split_shared\n"
     note = ("Each shared BN is now one BN per call site (chosen by call order within a forward "
             "pass); give your own model class one BN per call site to drop the wrapper.\n\n"
             if splits else "")
@@ -87,7 +87,7 @@ def write(
     overwrite: bool = False, mlp_config: Any = None,
 ) -> list[Path]:
     """Write OUT's three files; returns their paths."""
-    from bnlab.train import atomic_write_bytes, atomic_write_text
+    from bnlab.rundir import atomic_write_bytes, atomic_write_text
 
     check_writable(out_dir, result.framework, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)

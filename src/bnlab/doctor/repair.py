@@ -23,12 +23,16 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+from bnlab.doctor.backends import detect
 from bnlab.doctor.errors import UsageError
-from bnlab.doctor.frameworks import detect
+
+
+def _framework(model: Any, framework: str) -> str:
+    return detect(model, framework).NAME
 
 
 def _backend(model: Any, framework: str) -> ModuleType:
-    kind = detect(model) if framework == "auto" else framework
+    kind = _framework(model, framework)
     if kind == "torch":
         from bnlab.doctor import repair_torch
 
@@ -105,7 +109,7 @@ def repair_report(
     """:func:`repair`, plus eval-mode accuracy, loss and train/eval agreement before and
     after on the labelled ``held_out`` batches (when given)."""
     backend = _backend(model, framework)
-    kind = detect(model) if framework == "auto" else framework
+    kind = _framework(model, framework)
     new, changes = backend.repair(model, _batches(batches), split=split)
     result = RepairResult(new, kind, changes, evaluated_on=evaluated_on)
     if held_out is not None:
