@@ -196,6 +196,7 @@ def test_run_directory_target(question_run: Path, capsys) -> None:
     assert "preset question, seed 0" in report["model"]
     assert report["probe"]["source"] == "(MNIST test images)"
     assert report["probe"]["train_steps"] == 0
+    assert "training steps" not in report["data"]  # none were taken
 
 
 def _copy_run(run: Path, to: Path) -> Path:

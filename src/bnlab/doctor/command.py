@@ -216,6 +216,8 @@ def _check(args: argparse.Namespace) -> tuple[Report, dict[str, Any], str]:
                    source=src.description)
     if target.name:
         report.model = target.name
+    if steps == 0:  # no training steps were taken: don't list their batches
+        src.uses.pop("training steps", None)
     report.notes.append(_data_note(src))
     extra: dict[str, Any] = {"data": src.uses}
     text = ""
