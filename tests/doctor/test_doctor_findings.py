@@ -10,7 +10,7 @@ import pytest
 import torch
 from doctor_zoo import SharedBN
 
-import bnlab.doctor as doctor
+from bnlab import doctor
 from bnlab.doctor import Finding, Report
 
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
-
-import numpy as np
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import chainer
 import chainer.functions as F
+import numpy as np
 
+from bnlab.doctor.batching import cycle
 from bnlab.doctor.errors import UsageError, training_step_failed
 from bnlab.doctor.records import TrainLog
-from bnlab.doctor.batching import cycle
 
 
 def _labels(labels: Any) -> np.ndarray:

@@ -18,6 +18,24 @@ SEVERITIES = ("error", "warning", "info")
 _RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
 
 
+def number(value: float | None) -> str:
+    """A setting as people write it: ``0.1``, not ``0.09999999999999998`` (``1 - 0.9``).
+
+    Rounded to 12 significant digits, then Python's shortest repr (``1e-05``, ``0.9``).
+    """
+    if value is None:
+        return "None"
+    if isinstance(value, bool) or isinstance(value, int):
+        return str(value)
+    value = float(value)
+    if not math.isfinite(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    rounded = float(f"{value:.12g}")
+    return str(int(rounded)) if rounded.is_integer() and abs(rounded) < 1e15 else repr(rounded)
+
+
 def clean(value: Any) -> Any:
     """``value`` as plain JSON data: numpy scalars become Python numbers, tuples lists,
     non-finite floats ``None`` (JSON has no NaN), dict keys strings."""
