@@ -17,6 +17,7 @@ from torch import nn
 
 from bnlab import doctor
 
+
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)  # weights; the inputs have their own generators
