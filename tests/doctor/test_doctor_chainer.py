@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 chainer = pytest.importorskip("chainer")
-import chainer.functions as F
-import chainer.links as L
+import chainer.functions as F  # noqa: E402
+import chainer.links as L  # noqa: E402
 
-from bnlab import doctor
+from bnlab import doctor  # noqa: E402
 
 
 class MLP(chainer.Chain):
