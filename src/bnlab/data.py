@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from bnlab import __version__
+from bnlab.errors import InputError
 
 __all__ = [
     "DATASETS",
@@ -122,7 +123,7 @@ _MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
 _CHUNK = 1 << 20
 
 # IDX type codes (third byte of the magic number); payloads are big-endian.
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(">u1"),
     0x09: np.dtype(">i1"),
     0x0B: np.dtype(">i2"),
@@ -133,8 +134,8 @@ _IDX_DTYPES = {
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-class DataError(Exception):
-    """A dataset file is missing, corrupt, inconsistent or could not be downloaded."""
+class DataError(InputError):
+    """A dataset file is missing, corrupt, inconsistent or could not be downloaded (exit 2)."""
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing arrays with == is ambiguous
@@ -489,6 +490,7 @@ def _fetch(name: str, url: str, dest: Path, timeout: float) -> None:
         expected = SHA256[name][dest.name]
         if digest != expected:
             raise _FetchFailed(f"sha256 mismatch: got {digest} for {size} bytes, expected {expected}")
+        assert tmp is not None
         os.replace(tmp, dest)
         tmp = None
         _remember_hash(dest, digest)
@@ -603,7 +605,7 @@ def load_mnist(data_dir: str | os.PathLike | None = None, **kw) -> Dataset:
 def to_float(images: np.ndarray) -> np.ndarray:
     """uint8 images, (n, 28, 28) or (n, 784), to float32 (n, 784) in [0, 1].
 
-    Same arithmetic as the seed (``x.reshape(n, 784).astype('float32') / 255``), so
+    Same arithmetic as the question's program (``x.reshape(n, 784).astype('float32') / 255``), so
     results are bit-identical to it.
     """
     x = np.asarray(images)

@@ -16,7 +16,8 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def is_stateful_norm(module: nn.Module) -> bool:
-    return is_norm(module) and module.track_running_stats and module.running_mean is not None
+    return bool(is_norm(module) and module.track_running_stats
+                and module.running_mean is not None)
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:

@@ -56,7 +56,7 @@ def _to_numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
 
 
 def layer_info(
-    path: str, module: nn.Module, training: bool | None = None, aliases: list[str] | None = None
+    path: str, module: Any, training: bool | None = None, aliases: list[str] | None = None
 ) -> LayerInfo:
     """A norm layer's settings and statistics, copied out of the module."""
     tracked = module.num_batches_tracked if module.track_running_stats else None
@@ -152,7 +152,7 @@ def borrowed(model: nn.Module) -> Iterator[nn.Module]:
 @contextlib.contextmanager
 def frozen_buffers(model: nn.Module) -> Iterator[None]:
     """Run forward passes in train mode without moving any running statistics."""
-    rates = {m: m.momentum for m in model.modules() if is_norm(m)}
+    rates: dict[Any, Any] = {m: m.momentum for m in model.modules() if is_norm(m)}
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     for module in rates:
         module.momentum = 0.0  # running = 1 * running + 0 * batch: unchanged

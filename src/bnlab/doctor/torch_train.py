@@ -92,6 +92,8 @@ def train(
             target = torch.as_tensor(y).to(device)
             try:
                 output, _ = output_tensor(model(*xs))
+                if output is None:
+                    raise TypeError("the model's output holds no tensor")
                 loss = loss_fn(output, target)
                 optimizer.zero_grad()
                 loss.backward()

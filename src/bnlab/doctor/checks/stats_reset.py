@@ -45,7 +45,8 @@ def _finding(given: ProbeResult, layers: list[LayerInfo]) -> Finding:
             "running mean all 0 and variance all 1 (initial values)"
         )
         calls = given.calls_of(layer.path)
-        if calls and calls[0].mean.size and layer.running_mean is not None:
+        if (calls and calls[0].mean.size and layer.running_mean is not None
+                and layer.running_var is not None):
             dist = distance(calls[0].mean, calls[0].var, layer.running_mean,
                             layer.running_var, layer.eps)
             if dist.is_off():
