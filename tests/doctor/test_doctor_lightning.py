@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 lightning = pytest.importorskip("lightning")
 
-from bnlab.doctor.lightning import BNDoctorCallback, BNDoctorFailed
+from bnlab.doctor.lightning import BNDoctorCallback, BNDoctorFailed  # noqa: E402
 
 
 class MNISTClassifier(lightning.LightningModule):

@@ -121,7 +121,7 @@ def calibrate(model: nn.Module, images: torch.Tensor, batch: int = 32) -> nn.Mod
     with torch.no_grad():
         for start in range(0, len(images), batch):
             model(images[start:start + batch])
-    for m, momentum in zip(norms, momenta):
+    for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
     return model
 
