@@ -351,10 +351,9 @@ def test_cli_shared_encoder_on_two_views_is_a_warning_with_training_steps(
     assert len(shared) == 20 and all(f["severity"] == "warning" for f in shared)
 
 
-@pytest.mark.xfail(strict=True, reason="sites compared on 8 values per channel (layer4 at "
-                   "8x3x32x32): sampling noise reads as 'different activations' (zoo.md)")
 def test_cli_shared_encoder_on_two_views_with_few_values_per_channel(
     model_file: str, capsys
 ) -> None:
+    # layer4 sees 8 values per channel here: the sites' comparison allows for sampling noise.
     code, shared = two_views(model_file, "8,3,32,32", capsys)
-    assert code == 0 and all(f["severity"] == "warning" for f in shared)
+    assert code == 0 and shared and all(f["severity"] == "warning" for f in shared)
