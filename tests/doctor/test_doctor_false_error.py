@@ -8,6 +8,7 @@ split (``--data``) and the probe is held out.
 
 from __future__ import annotations
 
+import itertools
 import json
 import textwrap
 from pathlib import Path
@@ -92,7 +93,7 @@ def test_random_training_batches_are_never_the_probe() -> None:
     model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
     src = sources.random_source(model, "torch", (8, 6), seed=3, train_steps=4)
     assert src.train_batches is not None
-    batches = [batch for _, batch in zip(range(4), src.train_batches)]
+    batches = list(itertools.islice(src.train_batches, 4))
     for x, y in batches:
         assert x.shape == (8, 6) and y.shape == (8,) and set(y) <= {0, 1, 2}
         assert not np.array_equal(x, src.probe_x)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -132,7 +133,7 @@ def _question_torch_trained(mnist_source, steps: int = 40) -> nn.Module:
     torch.manual_seed(0)
     model = seed_question_torch.MyModel()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _, (x, y) in zip(range(steps), mnist_source.train_batches):
+    for x, y in itertools.islice(mnist_source.train_batches, steps):
         loss = nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
         optimizer.zero_grad()
         loss.backward()

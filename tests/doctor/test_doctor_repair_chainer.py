@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -14,9 +15,9 @@ import pytest
 
 chainer = pytest.importorskip("chainer")
 
-from bnlab.doctor import repair_chainer, sources
-from bnlab.doctor.command import main
-from bnlab.doctor.repair import repair, repair_report, split_shared
+from bnlab.doctor import repair_chainer, sources  # noqa: E402
+from bnlab.doctor.command import main  # noqa: E402
+from bnlab.doctor.repair import repair, repair_report, split_shared  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -43,7 +44,7 @@ def trained_question(mnist_source):
     optimizer = chainer.optimizers.Adam(alpha=0.01)
     optimizer.setup(model)
     with chainer.using_config("train", True):
-        for _, (x, y) in zip(range(40), mnist_source.train_batches):
+        for x, y in itertools.islice(mnist_source.train_batches, 40):
             loss = chainer.functions.softmax_cross_entropy(model(x), y.astype(np.int32))
             model.cleargrads()
             loss.backward()
