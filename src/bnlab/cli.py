@@ -55,7 +55,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default auto: CUDA when present)")
     p.add_argument("--threads", type=_non_negative_int,
                    help="torch threads per run (default 1: on small matrices one thread per process is fastest; 0 = torch's default)")
-    p.add_argument("--engine", choices=["torch", "chainer"], help="training engine (chainer needs the bnlab[chainer] extra)")
+    p.add_argument("--engine", choices=["torch", "chainer", "tensorflow"],
+                   help="training engine (chainer and tensorflow need the bnlab[chainer] / bnlab[tensorflow] extras)")
     p.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist", help="data set (default mnist)")
     p.add_argument("--data-dir", type=Path, help="folder holding the four IDX .gz files (default: BNLAB_DATA_DIR, the "
                    "repository's data/, the cache, then a download)")

@@ -30,7 +30,7 @@ from bnlab import __version__
 from bnlab.backprop import NormObserver, check_supported, cross_entropy_and_grad, loss_and_gradients
 from bnlab.models import MLP, ModelConfig, batch_norms, build_model
 
-ENGINES = ("torch", "chainer")
+ENGINES = ("torch", "chainer", "tensorflow")
 ADAM_EPS_MODES = ("chainer", "torch")
 TRAIN_METRICS = ("train-forward", "eval-after-step")
 BATCHINGS = ("slices", "array-split")
@@ -499,6 +499,12 @@ def train(cfg: RunConfig, data=None, *, data_dir: str | os.PathLike | None = Non
 
         return train_chainer(cfg, data, data_dir=data_dir, out_dir=out_dir, echo=echo,
                              initial_state=initial_state)
+    if cfg.train.engine == "tensorflow":
+        from bnlab.engines import tensorflow as tf_engine
+
+        tf_engine.check_config(cfg)
+        data = data if data is not None else load_data(cfg.dataset, data_dir)
+        return tf_engine.run(cfg, data, out_dir=out_dir, echo=echo, initial_state=initial_state)
     tc = cfg.train
     device = resolve_device(tc.device)
     data = data if data is not None else load_data(cfg.dataset, data_dir)
