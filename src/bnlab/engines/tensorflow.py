@@ -129,8 +129,8 @@ def check_config(cfg: RunConfig) -> None:
          f"train.adam_eps_mode={t.adam_eps_mode!r}: tf.train.AdamOptimizer adds eps to sqrt(v) before "
          "the bias correction, which is adam_eps_mode='chainer'; --set adam_eps_mode=chainer or " + fix),
         (t.device not in ("auto", "cpu"),
-         f"train.device={t.device!r}: the tensorflow engine runs on the CPU (tensorflow-cpu); use "
-         "--device cpu (or auto), or --engine torch for a GPU"),
+         (f"train.device={t.device!r}: the tensorflow engine runs on the CPU (tensorflow-cpu); use "
+          "--device cpu (or auto), or --engine torch for a GPU")),
     ]
     messages = [msg for bad, msg in problems if bad]
     if messages:
