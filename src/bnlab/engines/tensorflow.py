@@ -21,7 +21,8 @@ How bnlab's settings map onto TF1:
 * ``train_metrics="eval-after-step"`` is the program's ``loss.eval`` / ``accuracy.eval``
   after the step (``training`` left at its default False: moving statistics);
   ``"train-forward"`` fetches loss and accuracy of the training forward in the step's run.
-* ``init="tf-glorot-uniform"`` is ``tf.layers.dense``'s default kernel initializer;
+* ``init="tf-glorot-uniform"`` is TF 1.x's default kernel initializer of ``tf.layers.dense``
+  (``glorot_uniform_initializer``, zero bias);
   ``"chainer-he-normal"`` is ``variance_scaling_initializer(2.0, "fan_in", untruncated
   normal)``, Chainer's ``HeNormal``. Both draw from the graph seed ``train.seed``.
 * ``adam_eps_mode="chainer"`` is the only placement TF1's Adam has (eps added to sqrt(v)
@@ -97,7 +98,7 @@ def import_tensorflow() -> ModuleType:
         os.environ["TF_USE_LEGACY_KERAS"] = "1"
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no C++ banner on every run
     try:
-        import tensorflow as tf
+        import tensorflow as tf  # type: ignore[import-untyped]
     except ImportError as err:
         raise TensorFlowMissing(MISSING_TENSORFLOW.format(err=err)) from err
     try:
@@ -198,7 +199,10 @@ def _quiet_deprecations(tf: ModuleType) -> Iterator[None]:
 def _initializer(tf1: ModuleType, init: str) -> Any:
     if init == "chainer-he-normal":
         return tf1.variance_scaling_initializer(scale=2.0, mode="fan_in", distribution="untruncated_normal")
-    return None  # tf.layers.dense's default: glorot_uniform_initializer, zero bias
+    # TF 1.x's default for tf.layers.dense (a variable scope's glorot_uniform_initializer),
+    # named explicitly: tf_keras's own default draws from a seed outside the graph's, so
+    # the same seed would not give the same weights.
+    return tf1.glorot_uniform_initializer()
 
 
 def build_program(model_cfg: ModelConfig, train_cfg: TrainConfig, *, dtype: type = np.float32,
@@ -457,7 +461,7 @@ def _arrays(data: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _environment(cfg: RunConfig, data: Any, tf: ModuleType) -> dict[str, Any]:
-    import tf_keras
+    import tf_keras  # type: ignore[import-untyped]
 
     extra = {"engine": "tensorflow", "tensorflow": tf.__version__, "tf_keras": tf_keras.__version__,
              "tf_threads": {"intra_op": cfg.train.threads, "inter_op": cfg.train.threads}}
