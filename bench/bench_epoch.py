@@ -3,7 +3,7 @@
 Each contender runs in its own fresh process pinned to one thread (torch, MKL, OpenMP and
 OpenBLAS), one after the other, on the same machine and the same real MNIST files:
 
-1. bnlab:       bnlab.train.train on the `answer` preset (train + eval per epoch);
+1. bnlab:       bnlab.engines.train on the `answer` preset (train + eval per epoch);
 2. usual torch: the loop most users write: TensorDataset + DataLoader(batch_size=1000,
                 shuffle=True), `.item()` per batch, eval every epoch; same model and Adam;
 3. chainer:     the seed's Chainer program (one BN per layer, as in the answer) on the CPU,
@@ -46,8 +46,9 @@ def _load():
 
 
 def run_bnlab(epochs: int) -> list[float]:
-    from bnlab.experiments import apply_overrides, get_preset
-    from bnlab.train import train
+    from bnlab.config import apply_overrides
+    from bnlab.presets import get_preset
+    from bnlab.engines import train
 
     cfg = apply_overrides(get_preset("answer").config, {"epochs": str(epochs), "threads": "1", "device": "cpu"})
     return [r.seconds for r in train(cfg, echo=None).history]
@@ -302,7 +303,7 @@ def main() -> int:
         print(f"{label:<34} {value:>7.2f}   {op} {target}   {'ok' if ok else 'MISSED'}")
     results["checks"] = [{"ratio": c[0], "value": c[1], "op": c[2], "target": c[3]} for c in checks]
     if args.json:
-        from bnlab.train import atomic_write_json
+        from bnlab.rundir import atomic_write_json
 
         atomic_write_json(Path(args.json), results)
     return 1 if failed else 0

@@ -2,7 +2,7 @@
 
 The performance issue's GPU target: 100 epochs (train + eval each epoch) in under 5 s on
 an H100. One warm-up run of 2 epochs first (CUDA context, cuBLAS handles, kernel
-caches), then the timed run through ``bnlab.train.train``, exactly as `bnlab train`
+caches), then the timed run through ``bnlab.engines.train``, exactly as `bnlab train`
 runs it, with the data moved to the device inside the timed call.
 
     python bench/bench_gpu.py [--epochs 100] [--device cuda] [--json out.json]
@@ -30,8 +30,10 @@ def main() -> int:
     import torch
 
     from bnlab.data import load_mnist
-    from bnlab.experiments import apply_overrides, get_preset
-    from bnlab.train import atomic_write_json, train
+    from bnlab.config import apply_overrides
+    from bnlab.presets import get_preset
+    from bnlab.rundir import atomic_write_json
+    from bnlab.engines import train
 
     if not torch.cuda.is_available():
         print("bench_gpu: this machine has no CUDA device PyTorch can use; run it where one is.", file=sys.stderr)

@@ -15,8 +15,9 @@ def golden_cases() -> list[tuple[str, str]]:
 
 def run_case(engine: str, preset: str, data) -> list[list[float]]:
     """The (train_loss, val_loss, train_acc, val_acc) rows of one 3-epoch run, seed 0."""
-    from bnlab.experiments import apply_overrides, get_preset
-    from bnlab.train import train
+    from bnlab.config import apply_overrides
+    from bnlab.presets import get_preset
+    from bnlab.engines import train
 
     cfg = apply_overrides(get_preset(preset).config,
                           {"epochs": str(EPOCHS), "engine": engine, "seed": "0", "threads": "1"})

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bnlab.backprop import check_supported, loss_and_gradients, softmax_cross_entropy
+from bnlab.engines.torch_step import check_supported, loss_and_gradients, softmax_cross_entropy
 from bnlab.models import MLP, ModelConfig, batch_norms, build_model
 
 VARIANTS = [

@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from bnlab.experiments import PRESETS, apply_overrides
+from bnlab.presets import PRESETS
+from bnlab.config import apply_overrides
 from bnlab.models import ModelConfig, build_model
 
 CHAINER_PRESETS = ["question", "question-first-snippet", "answer", "no-bn"]
 
 
 def test_missing_chainer_is_a_clear_import_error(monkeypatch):
-    from bnlab import chainer_engine
+    from bnlab.engines import chainer as chainer_engine
 
     monkeypatch.setitem(sys.modules, "chainer", None)  # makes `import chainer` raise ImportError
     with pytest.raises(ImportError, match=r"Install the extra: see DEVELOPERS\.md"):
@@ -38,7 +39,7 @@ def test_missing_chainer_on_the_command_line_is_one_paragraph_and_exit_2(monkeyp
     ("tensorflow-no-bn", ["model.init", "train.train_metrics"]),
 ])
 def test_tensorflow_presets_are_refused_naming_each_field(preset, fields):
-    from bnlab.chainer_engine import check_chainer_config
+    from bnlab.engines.chainer import check_config as check_chainer_config
 
     cfg = apply_overrides(PRESETS[preset].config, {"engine": "chainer"})
     with pytest.raises(ValueError) as err:
@@ -57,7 +58,7 @@ def test_tensorflow_presets_are_refused_naming_each_field(preset, fields):
     ({"device": "cuda"}, "train.device"),
 ])
 def test_one_unsupported_field_is_named_with_its_fix(override, field):
-    from bnlab.chainer_engine import check_chainer_config
+    from bnlab.engines.chainer import check_config as check_chainer_config
 
     cfg = apply_overrides(PRESETS["answer"].config, override)
     with pytest.raises(ValueError, match=rf"{field}=.*--set|{field}=.*--device cpu"):
@@ -66,7 +67,7 @@ def test_one_unsupported_field_is_named_with_its_fix(override, field):
 
 @pytest.mark.parametrize("preset", CHAINER_PRESETS)
 def test_chainer_presets_are_accepted(preset):
-    from bnlab.chainer_engine import check_chainer_config
+    from bnlab.engines.chainer import check_config as check_chainer_config
 
     check_chainer_config(apply_overrides(PRESETS[preset].config, {"engine": "chainer"}))
 
@@ -76,7 +77,7 @@ def test_chainer_presets_are_accepted(preset):
 @pytest.fixture
 def ce():
     pytest.importorskip("chainer")
-    from bnlab import chainer_engine
+    from bnlab.engines import chainer as chainer_engine
 
     return chainer_engine
 
@@ -158,7 +159,8 @@ def test_cli_refuses_the_tensorflow_preset_with_exit_2(ce, capsys, monkeypatch, 
 def test_diverging_chainer_run_raises_and_marks_the_directory(ce, mnist, tmp_path):
     import json
 
-    from bnlab.train import TrainingDiverged, train
+    from bnlab.errors import TrainingDiverged
+    from bnlab.engines import train
 
     cfg = PRESETS["no-bn"].config
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1, engine="chainer"))

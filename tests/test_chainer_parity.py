@@ -31,11 +31,14 @@ import torch
 
 chainer = pytest.importorskip("chainer")
 
-from bnlab import chainer_engine as ce  # noqa: E402 - after the importorskip on purpose
-from bnlab.experiments import PRESETS  # noqa: E402
+from bnlab.engines import chainer as ce  # noqa: E402 - after the importorskip on purpose
+from bnlab.presets import PRESETS
 from bnlab.models import BiasedVarBatchNorm1d, build_model  # noqa: E402
-from bnlab.train import (RunConfig, epoch_orders, evaluate, load_checkpoint, make_optimizer,  # noqa: E402
-                         split_batches, train, train_step)
+from bnlab.config import RunConfig
+from bnlab.engines.common import epoch_orders, split_batches
+from bnlab.engines.torch_step import evaluate, make_optimizer, train_step
+from bnlab.rundir import load_checkpoint
+from bnlab.engines import train
 
 CHAINER_PRESETS = ["question", "question-first-snippet", "answer", "no-bn"]
 STEPS = 50

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from bnlab.cli import main
-from bnlab.train import TABLE_HEADER
+from bnlab.table import TABLE_HEADER
 
 
 def test_train_prints_the_table_and_writes_the_run(tmp_path, capsys):
@@ -16,7 +16,7 @@ def test_train_prints_the_table_and_writes_the_run(tmp_path, capsys):
                  "--set", "widths=784,32,32,10"])
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
-    assert TABLE_HEADER in lines
+    assert any(line.startswith(TABLE_HEADER) for line in lines)
     history = json.loads((out / "history.json").read_text())
     assert history["status"] == "complete" and history["seed"] == 2
     config = json.loads((out / "config.json").read_text())
@@ -35,7 +35,7 @@ def test_presets_lists_every_preset_with_its_claim(capsys):
     text = capsys.readouterr().out
     for name in ("question", "question-first-snippet", "answer", "no-bn", "tensorflow", "tensorflow-no-bn"):
         assert f"\n{name}\n" in f"\n{text}"
-    assert "seed says:" in text
+    assert "the question/answer says:" in text
 
 
 @pytest.mark.parametrize("argv", [
@@ -47,10 +47,15 @@ def test_presets_lists_every_preset_with_its_claim(capsys):
     ["nonsense-command"],
 ])
 def test_bad_flags_exit_2(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    assert "error" in capsys.readouterr().err
+    # argparse rejects what it can parse (exit 2 via SystemExit); the config rejects values.
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error" in err or err.startswith("bnlab: ")
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("argv, message", [

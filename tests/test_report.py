@@ -21,9 +21,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as scipy_stats
 
-from bnlab import report
-from bnlab.experiments import PRESETS, InlineExecutor, plan_sweep, run_sweep
-from bnlab.train import EpochRecord
+from bnlab import figures, report
+from bnlab.presets import PRESETS
+from bnlab.sweep import InlineExecutor, plan_sweep, run_sweep
+from bnlab.config import EpochRecord
+from bnlab.rundir import RunData, read_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = {"epochs": "2", "widths": "784,16,16,10"}
@@ -73,7 +75,7 @@ def test_describe_agrees_with_independent_formulas(values):
 
 def test_curve_band_is_describe_per_epoch():
     curves = np.random.default_rng(0).uniform(0.8, 1.0, size=(4, 6))
-    mean, low, high = report.curve_band(curves)
+    mean, low, high = figures.curve_band(curves)
     for e in range(curves.shape[1]):
         s = report.describe(curves[:, e])
         assert (mean[e], low[e], high[e]) == (pytest.approx(s.mean), pytest.approx(s.ci_low), pytest.approx(s.ci_high))
@@ -81,17 +83,17 @@ def test_curve_band_is_describe_per_epoch():
 
 # ------------------------------------------------------------------------------ verdicts
 
-def fake_run(preset: str, seed: int, final_acc: float, status: str = "complete", **train_changes) -> report.RunData:
+def fake_run(preset: str, seed: int, final_acc: float, status: str = "complete", **train_changes) -> RunData:
     """A run as if read from disk, with the preset's own settings unless changed."""
     cfg = PRESETS[preset].config
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, **train_changes))
     history = [EpochRecord(e, 0.1, 0.2, 0.97, acc, 1.0) for e, acc in enumerate([0.5, 0.6, final_acc])]
-    return report.RunData(preset, seed, Path(f"/nowhere/{preset}/seed{seed}"), status,
+    return RunData(preset, seed, Path(f"/nowhere/{preset}/seed{seed}"), status,
                           history if status == "complete" else history[:1], config=cfg.to_dict())
 
 
 def verdicts_for(runs):
-    return {v.preset: v for v in report.judge(report.summarize(runs), runs)}
+    return {v.preset: v for v in report.verdicts_of(report.summarize(runs), runs)}
 
 
 def test_question_is_reproduced_inside_its_band_and_far_below_answer():
@@ -123,8 +125,9 @@ def test_other_settings_are_reported_and_diverged_runs_left_out():
     summary = report.summarize(runs)["no-bn"]
     assert summary.stats["final_val_acc"].n == 1 and summary.not_complete == ["seed 1: diverged"]
     v = verdicts_for(runs)["no-bn"]
-    assert v.reproduced is True and v.value == pytest.approx(0.975)
-    assert v.deviations == ["train.epochs=12 (seed's program: 100)"]
+    # The claim is about the original program's 100 epochs: these runs are measured, not judged.
+    assert v.reproduced is None and v.label == "not judged" and v.value == pytest.approx(0.975)
+    assert v.deviations == ["train.epochs=12 (original program: 100)"]
     assert any("seed 1: diverged" in r for r in v.reasons)
 
 
@@ -200,18 +203,18 @@ def test_csv_and_json_hold_the_statistics_of_the_saved_histories(built, real_run
 
 def test_markdown_has_the_verdict_and_statistics_tables(built, real_runs):
     text = built.markdown.read_text()
-    assert "| preset | final val acc | seed's claim | accepted band | verdict |" in text
+    assert "| preset | final val acc | the question's claim | accepted band | verdict |" in text
     assert "| preset | runs | final val acc (mean ± sd) | 95% CI |" in text
     mean = statistics.fmean(saved_finals(real_runs[:2]))
     assert re.search(rf"\| question \| 2 \| {mean:.4f} ± ", text)
     # Two-epoch runs are not the seed's program, and the tables say so.
-    assert "settings differ" in text and "train.epochs=2 (seed's program: 100)" in text
+    assert "settings differ" in text and "train.epochs=2 (original program: 100)" in text
 
 
 def test_single_run_statistics_are_null_not_nan_in_json(real_runs):
-    runs = [report.load_run(real_runs[0])]
+    runs = [read_run(real_runs[0])]
     summaries = report.summarize(runs)
-    text = json.dumps(report.summary_json(summaries, report.judge(summaries, runs)), allow_nan=False)
+    text = json.dumps(report.summary_json(summaries, report.verdicts_of(summaries, runs)), allow_nan=False)
     metrics = json.loads(text)["presets"]["question"]["metrics"]["final_val_acc"]
     assert metrics["n"] == 1 and metrics["std"] is None and metrics["ci_low"] is None
     assert next(csv.DictReader(io.StringIO(report.summary_csv(summaries))))["final_val_acc_std"] == ""
@@ -235,12 +238,12 @@ def test_html_is_self_contained_and_tells_the_story(built, real_runs):
     for digest in env["data_sha256"].values():
         assert digest in text
     assert "Why one shared BatchNormalization fails" in text
-    assert PRESETS["question"].seed_claim in text and "torch" in text
+    assert PRESETS["question"].claim in text and "torch" in text
 
 
 def test_real_trace_shows_one_running_stat_for_both_sites_of_the_shared_module(real_runs):
-    question = report.trace_series(report.load_run(real_runs[0]).bn_trace())
-    answer = report.trace_series(report.load_run(real_runs[2]).bn_trace())
+    question = report.trace_series(read_run(real_runs[0]).bn_trace())
+    answer = report.trace_series(read_run(real_runs[2]).bn_trace())
     assert [s.module for s in question] == ["bn", "bn"] and all(s.shared for s in question)
     np.testing.assert_array_equal(question[0].run_mean, question[1].run_mean)
     assert [s.module for s in answer] == ["bn1", "bn2"] and not any(s.shared for s in answer)
@@ -248,6 +251,5 @@ def test_real_trace_shows_one_running_stat_for_both_sites_of_the_shared_module(r
     assert all(len(s.batch_mean) == steps and s.batch_mean.shape[1] == 4 for s in question + answer)
 
 
-def test_load_run_refuses_a_directory_without_history(tmp_path):
-    with pytest.raises(ValueError, match="not a bnlab run directory"):
-        report.load_run(tmp_path)
+def test_read_run_of_a_directory_without_history_is_none(tmp_path):
+    assert read_run(tmp_path) is None

@@ -11,17 +11,20 @@ import numpy as np
 import pytest
 import torch
 
+from bnlab.config import apply_overrides
 from bnlab.engines import tensorflow as tfe
-from bnlab.experiments import PRESETS, apply_overrides
+from bnlab.engines import train
+from bnlab.errors import MissingExtra, UsageError
 from bnlab.models import build_model
-from bnlab.train import load_checkpoint, train
+from bnlab.presets import PRESETS
+from bnlab.rundir import load_checkpoint
 
 RUNNABLE_PRESETS = ["tensorflow", "tensorflow-no-bn", "question", "question-first-snippet", "answer", "no-bn"]
 
 
 def test_bnlab_and_its_help_do_not_import_tensorflow():
     code = ("import sys, contextlib, io\n"
-            "import bnlab, bnlab.cli, bnlab.train, bnlab.engines.tensorflow\n"
+            "import bnlab, bnlab.cli, bnlab.engines, bnlab.engines.tensorflow\n"
             "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
             "    bnlab.cli.main(['--help'])\n"
             "print('tensorflow' in sys.modules, 'tf_keras' in sys.modules)\n")
@@ -29,14 +32,18 @@ def test_bnlab_and_its_help_do_not_import_tensorflow():
     assert out.split() == ["False", "False"]
 
 
-def test_missing_tensorflow_names_both_install_commands(monkeypatch):
+@pytest.mark.parametrize("where", ["import", "check_config"])
+def test_missing_tensorflow_names_both_install_commands(monkeypatch, where):
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # makes `import tensorflow` raise ImportError
     with pytest.raises(tfe.TensorFlowMissing) as err:
-        tfe.import_tensorflow()
+        if where == "import":
+            tfe.import_tensorflow()
+        else:
+            tfe.check_config(apply_overrides(PRESETS["tensorflow"].config, {"engine": "tensorflow"}))
     message = str(err.value)
     assert 'pip install "tensorflow-cpu==2.21.0"' in message
     assert "pip install --no-deps tf_keras==2.21.0" in message
-    assert isinstance(err.value, ValueError)  # the CLI's one-paragraph usage error, exit 2
+    assert isinstance(err.value, MissingExtra) and err.value.exit_code == 2
 
 
 def test_missing_tensorflow_on_the_command_line_is_one_paragraph_and_exit_2(monkeypatch, capsys, tmp_path):
@@ -63,9 +70,10 @@ def test_every_seed_program_preset_is_accepted(preset):
 ])
 def test_what_tf1_cannot_express_is_refused_naming_the_field_and_fix(override, field):
     cfg = apply_overrides(PRESETS["tensorflow"].config, {"engine": "tensorflow", **override})
-    with pytest.raises(ValueError, match="cannot run with --engine tensorflow") as err:
+    with pytest.raises(UsageError, match="cannot run with --engine tensorflow") as err:
         tfe.check_config(cfg)
-    assert field in str(err.value) and "--set" in str(err.value) or "--device" in str(err.value)
+    message = str(err.value)
+    assert field in message and ("--set" in message or "--device cpu" in message)
 
 
 @pytest.fixture(scope="module")

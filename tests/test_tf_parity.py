@@ -23,10 +23,12 @@ import numpy as np
 import pytest
 import torch
 
+from bnlab.config import RunConfig
 from bnlab.engines import tensorflow as tfe
-from bnlab.experiments import PRESETS
+from bnlab.engines.common import epoch_orders, split_batches
+from bnlab.engines.torch_step import make_optimizer, train_step
 from bnlab.models import build_model
-from bnlab.train import RunConfig, epoch_orders, make_optimizer, split_batches, train_step
+from bnlab.presets import PRESETS
 
 try:
     tf = tfe.import_tensorflow()  # sets TF_USE_LEGACY_KERAS=1 first, as the engine does

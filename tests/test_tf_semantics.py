@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from bnlab.conventions import convert
-from bnlab.experiments import PRESETS
+from bnlab.presets import PRESETS
 from bnlab.models import BiasedVarBatchNorm1d, build_model
-from bnlab.train import make_optimizer, split_batches, train_step
+from bnlab.engines.torch_step import make_optimizer, train_step
+from bnlab.engines.common import split_batches
 
 TF = PRESETS["tensorflow"].config
 TF_MOMENTUM, TF_EPS = 0.9, 1e-3

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bnlab.errors import UsageError
+
 OLD, NEW = "old", "new"
 BIASED, UNBIASED = "biased", "unbiased"
 
@@ -74,7 +76,7 @@ CONVENTIONS: dict[str, BNConvention] = {c.framework: c for c in [
         checked_in="tensorflow/python/layers/normalization.py and keras/layers/normalization.py (TF 1.x); "
                    "one update step of tf.compat.v1.layers (TF 2.21 with tf_keras, 2-D and 4-D input) in "
                    "tests/test_conventions_frameworks.py",
-        note="biased for 2-D input (non-fused path, the seed's case); the fused kernel used for "
+        note="biased for 2-D input (non-fused path, the question's case); the fused kernel used for "
              "4-D input stores the Bessel-corrected variance"),
     BNConvention(
         framework="flax", name="Flax (linen)", layer="flax.linen.BatchNorm",
@@ -93,15 +95,15 @@ _WEIGHTS_OLD = {k for k, c in CONVENTIONS.items() if c.weights == OLD}
 def _check_framework(framework: str) -> None:
     if framework not in CONVENTIONS:
         known = ", ".join(sorted(CONVENTIONS))
-        raise ValueError(f"unknown framework {framework!r}; known frameworks: {known}")
+        raise UsageError(f"unknown framework {framework!r}; known frameworks: {known}")
 
 
 def _check_rate(value: float, framework: str) -> None:
     # A running-average weight outside [0, 1] extrapolates instead of averaging.
     if not 0.0 <= value <= 1.0:
         c = CONVENTIONS[framework]
-        raise ValueError(f"{c.name}'s {c.parameter} is a running-average weight and must lie in [0, 1]; "
-                         f"got {value}")
+        raise UsageError(f"{c.name}'s {c.parameter} is a running-average weight and must lie in [0, 1]; "
+                         f"got {value}.")
 
 
 def parameter_name(framework: str) -> str:

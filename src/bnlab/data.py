@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from bnlab import __version__
+from bnlab.errors import InputError
 
 __all__ = [
     "DATASETS",
@@ -133,8 +134,8 @@ _IDX_DTYPES = {
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-class DataError(Exception):
-    """A dataset file is missing, corrupt, inconsistent or could not be downloaded."""
+class DataError(InputError):
+    """A dataset file is missing, corrupt, inconsistent or could not be downloaded (exit 2)."""
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing arrays with == is ambiguous
@@ -603,7 +604,7 @@ def load_mnist(data_dir: str | os.PathLike | None = None, **kw) -> Dataset:
 def to_float(images: np.ndarray) -> np.ndarray:
     """uint8 images, (n, 28, 28) or (n, 784), to float32 (n, 784) in [0, 1].
 
-    Same arithmetic as the seed (``x.reshape(n, 784).astype('float32') / 255``), so
+    Same arithmetic as the question's program (``x.reshape(n, 784).astype('float32') / 255``), so
     results are bit-identical to it.
     """
     x = np.asarray(images)

@@ -1,59 +1,20 @@
-"""The seed's MLP, with the normalization placements the seed's programs use.
+"""The question's MLP in PyTorch, with the normalization placements its programs use.
 
-Module names follow the seed's Chainer program (``l1``, ``l2``, ``l3``, ``bn1``, ``bn2``
+Module names follow the question's Chainer program (``l1``, ``l2``, ``l3``, ``bn1``, ``bn2``
 or the single shared ``bn``), so state_dict keys read like the code in the question.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-NORM_PLACEMENTS = ("none", "per-layer", "shared")
-INITS = ("chainer-he-normal", "tf-glorot-uniform", "torch-default")
-RUNNING_VARS = ("unbiased", "biased")
+from bnlab.config import ModelConfig
 
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything that decides the network's shape and initial weights.
-
-    ``bn_momentum`` is in PyTorch's convention (weight of the NEW batch statistic):
-    use ``bnlab.conventions.to_torch_momentum`` to state Chainer's ``decay`` or Keras'
-    ``momentum``. ``running_var="biased"`` reproduces TF1's non-fused batch norm (and
-    Keras 3), which stores the biased batch variance in its moving average.
-    """
-
-    widths: tuple[int, ...] = (784, 100, 100, 10)
-    norm: str = "per-layer"
-    logits_norm: bool = False
-    init: str = "chainer-he-normal"
-    bn_momentum: float = 0.1
-    bn_eps: float = 1e-3
-    running_var: str = "unbiased"
-
-    def __post_init__(self) -> None:
-        if len(self.widths) < 2 or any(int(w) < 1 for w in self.widths):
-            raise ValueError(f"widths must hold at least two positive sizes, got {self.widths!r}")
-        if self.norm not in NORM_PLACEMENTS:
-            raise ValueError(f"norm must be one of {', '.join(NORM_PLACEMENTS)}; got {self.norm!r}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {', '.join(INITS)}; got {self.init!r}")
-        if self.running_var not in RUNNING_VARS:
-            raise ValueError(f"running_var must be one of {', '.join(RUNNING_VARS)}; got {self.running_var!r}")
-        if not 0.0 <= self.bn_momentum <= 1.0:
-            raise ValueError(f"bn_momentum (PyTorch convention) must lie in [0, 1]; got {self.bn_momentum}")
-        if self.bn_eps <= 0:
-            raise ValueError(f"bn_eps must be positive; got {self.bn_eps}")
-        hidden = set(self.widths[1:-1])
-        if self.norm == "shared" and len(hidden) > 1:
-            raise ValueError("norm='shared' applies one BatchNorm after every hidden layer, "
-                             f"so all hidden widths must be equal; got {self.widths[1:-1]}")
-
+__all__ = ["MLP", "BiasedVarBatchNorm1d", "ModelConfig", "batch_norms", "build_model", "init_weights"]
 
 class BiasedVarBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose running variance averages the BIASED batch variance.
@@ -132,7 +93,7 @@ class MLP(nn.Module):
 
 
 def init_weights(model: MLP, init: str) -> None:
-    """Initialize Linear layers the way the seed's framework does.
+    """Initialize Linear layers the way the original program's framework does.
 
     - chainer-he-normal: Chainer's ``HeNormal()`` = Normal(0, sqrt(2 / fan_in)), bias 0.
     - tf-glorot-uniform: TF1 ``tf.layers.dense`` defaults: U(+-sqrt(6 / (fan_in + fan_out))), bias 0.

@@ -6,13 +6,12 @@ expected to be silent at error level -- and, for healthy models, at warning leve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 # -- healthy models ----------------------------------------------------------------
 
@@ -358,6 +357,119 @@ class TinySpatialBN(nn.Module):
         return self.fc(self.bn(self.pool(self.conv(x))).flatten(1))
 
 
+def _trained(model: nn.Module, d_in: int = 20, steps: int = 60) -> nn.Module:
+    """``model`` after ``steps`` Adam steps on one fixed random batch (mode: train)."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(64, d_in, generator=generator)
+    y = torch.randint(0, 4, (64,), generator=generator)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def trained_mlp() -> nn.Module:
+    return _trained(MLP())
+
+
+def reset_stats_model() -> nn.Module:
+    """Trained, then ``reset_running_stats()`` (or a checkpoint loaded without BN buffers)."""
+    model = _trained(MLP())
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm1d):
+            module.reset_running_stats()
+    return model
+
+
+class ZeroInitGamma(MLP):
+    """Untrained, bn2's gamma set to 0 (torchvision's zero_init_residual): not a reset."""
+
+    def __init__(self):
+        super().__init__()
+        nn.init.zeros_(self.bn2.weight)
+
+
+def nan_output_model() -> nn.Module:
+    model = MLP()
+    with torch.no_grad():
+        model.out.weight[0, 0] = float("nan")
+    return model
+
+
+class DoubleBN(nn.Module):
+    """``bn(bn(x))``: one BN called twice in sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(20, 32, bias=False)
+        self.bn = nn.BatchNorm1d(32)
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.out(F.relu(self.bn(self.bn(self.l1(x)))))
+
+
+class CheckpointedBN(nn.Module):
+    """BN inside an activation-checkpointed block: recomputed (and updated) in backward."""
+
+    def __init__(self, bn_inside=True):
+        super().__init__()
+        self.bn_inside = bn_inside
+        self.l1 = nn.Linear(20, 32, bias=False)
+        self.bn = nn.BatchNorm1d(32)
+        self.out = nn.Linear(32, 4)
+
+    def block(self, x):
+        h = self.l1(x)
+        return self.bn(h) if self.bn_inside else h
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = checkpoint(self.block, x, use_reentrant=False) if torch.is_grad_enabled() \
+            else self.block(x)
+        if not self.bn_inside:
+            h = self.bn(h)
+        return self.out(F.relu(h))
+
+
+class CheckpointedNoBN(CheckpointedBN):
+    def __init__(self):
+        super().__init__(bn_inside=False)
+
+
+class FunctionalBN(nn.Module):
+    """``self.bn``'s buffers updated by F.batch_norm; the module itself is never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(20, 32, bias=False)
+        self.bn = nn.BatchNorm1d(32)
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, x):
+        bn = self.bn
+        h = F.batch_norm(self.l1(x), bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                         self.training, 0.1, bn.eps)
+        return self.out(F.relu(h))
+
+
+def sgd_with_decay(params):
+    return torch.optim.SGD(params, lr=0.05, weight_decay=1e-4)
+
+
+def sgd_without_norm_decay(model):
+    """The usual recipe: weight decay on everything but the norm layers."""
+    norm = [p for m in model.modules() if isinstance(m, nn.BatchNorm1d) for p in m.parameters()]
+    ids = {id(p) for p in norm}
+    other = [p for p in model.parameters() if id(p) not in ids]
+    return lambda params: torch.optim.SGD(
+        [{"params": other, "weight_decay": 1e-4}, {"params": norm, "weight_decay": 0.0}], lr=0.05)
+
+
 # -- the cases -----------------------------------------------------------------------
 
 
@@ -381,6 +493,7 @@ class Case:
     expect: dict[str, str] = field(default_factory=dict)  # check id -> severity
     train_steps: int = 60
     healthy: bool = False  # then: no warning either
+    options: Callable[[nn.Module], dict] | None = None  # more check() arguments, per model
 
 
 CASES = [
@@ -411,11 +524,31 @@ CASES = [
     Case("dropout-before-bn", DropoutBeforeBN, vec(), {"dropout-before-bn": "info"}),
     Case("frozen-bn-train-mode", FrozenBN, vec(), {"frozen-bn-train-mode": "info"}),
     Case("bn-eval-during-training", EvalBNDuringTraining, vec(), {"stats-never-updated": "error"}),
-    Case("stale-stats", stale_stats_model, vec(),
-         {"stale-stats": "warning", "train-eval-divergence": "warning"}, train_steps=0),
+    Case("stale-stats", stale_stats_model, vec(), {"stale-stats": "warning"}, train_steps=0),
     Case("untrained", MLP, vec(), {"untrained-stats": "info"}, train_steps=0),
     Case("dataparallel-small-batch", parallel_model, vec(n=16), {"dataparallel-bn": "info"}),
     Case("small-batch", MLP, vec(n=4), {"small-batch": "warning"}, train_steps=0),
     Case("one-value-per-channel", TinySpatialBN, img(n=1), {"small-batch": "error"}, train_steps=0),
     Case("bias-before-bn", SharedNoRunningStats, vec(), {"bias-before-bn": "info"}, train_steps=0),
+    # the doctor's own 5 steps must not be blamed on the model (stale-stats, divergence)
+    Case("resnet-5-steps", ResNet, img(), {"train-eval-divergence": "info"}, healthy=True,
+         train_steps=5),
+    Case("convnet-5-steps", ConvNet, img(), healthy=True, train_steps=5),
+    Case("trained-mlp", trained_mlp, vec(), healthy=True, train_steps=0),
+    Case("stats-reset", reset_stats_model, vec(), {"stats-reset": "error"}, train_steps=0),
+    Case("stats-reset-then-5-steps", reset_stats_model, vec(), {"stats-reset": "error"},
+         train_steps=5),
+    Case("zero-init-gamma-untrained", ZeroInitGamma, vec(), {"untrained-stats": "info"},
+         train_steps=0),
+    Case("nan-output", nan_output_model, vec(), {"non-finite": "error"}, train_steps=0),
+    Case("bn-of-bn-untrained", DoubleBN, vec(), {"shared-bn": "error"}, train_steps=0),
+    Case("checkpointed-bn", CheckpointedBN, vec(), {"extra-stat-updates": "warning"}),
+    Case("checkpointed-block-bn-outside", CheckpointedNoBN, vec(), healthy=True),
+    Case("functional-bn-elsewhere", FunctionalBN, vec(), {"stats-updated-outside": "warning"}),
+    Case("weight-decay-on-bn", MLP, vec(), {"bn-weight-decay": "info"},
+         options=lambda m: {"optimizer_factory": sgd_with_decay}),
+    Case("weight-decay-not-on-bn", MLP, vec(), healthy=True,
+         options=lambda m: {"optimizer_factory": sgd_without_norm_decay(m)}),
+    Case("conv-bn-two-images", ConvNet, img(n=2, size=31), {"small-batch": "warning"},
+         train_steps=0),
 ]

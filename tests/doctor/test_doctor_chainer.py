@@ -9,7 +9,7 @@ chainer = pytest.importorskip("chainer")
 import chainer.functions as F  # noqa: E402
 import chainer.links as L  # noqa: E402
 
-import bnlab.doctor as doctor  # noqa: E402
+from bnlab import doctor  # noqa: E402
 
 
 class MLP(chainer.Chain):

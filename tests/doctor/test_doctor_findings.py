@@ -10,7 +10,7 @@ import pytest
 import torch
 from doctor_zoo import SharedBN
 
-import bnlab.doctor as doctor
+from bnlab import doctor
 from bnlab.doctor import Finding, Report
 
 
@@ -67,3 +67,33 @@ def test_numbers_are_cleaned_for_json() -> None:
 def test_bad_severity_rejected() -> None:
     with pytest.raises(ValueError):
         Finding(check="x", severity="fatal", title="t", where="a")
+
+
+def test_report_renders_as_html_in_a_notebook(shared_report: Report) -> None:
+    from html.parser import HTMLParser
+
+    page = shared_report._repr_html_()
+    assert "ERROR" in page and "[shared-bn]" in page and "<pre" in page
+    assert "self.bn_l1 = nn.BatchNorm1d(32" in page
+    assert "<script" not in page
+
+    class Balanced(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.open: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            self.open.append(tag)
+
+        def handle_endtag(self, tag):
+            assert self.open.pop() == tag
+
+    parser = Balanced()
+    parser.feed(page)
+    assert parser.open == []
+
+
+def test_html_escapes_what_came_from_the_model() -> None:
+    finding = Finding(check="x", severity="warning", title="<b>bad</b> & co", where="a<b")
+    page = Report([finding], model="<script>alert(1)</script>")._repr_html_()
+    assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;b&gt;bad" in page

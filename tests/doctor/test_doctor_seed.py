@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import bnlab.doctor as doctor
+from bnlab import doctor
 
 
 def batches(train_x, train_y, seed=0, size=1000):

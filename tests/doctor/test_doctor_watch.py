@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from doctor_zoo import MLP, SharedBN
 
-import bnlab.doctor as doctor
+from bnlab import doctor
 
 
 def data(n: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,11 +121,110 @@ def test_batch_of_one_crashes_the_loop_but_the_report_explains() -> None:
 
 def test_report_only_after_the_block() -> None:
     model = MLP()
-    with doctor.watch(model) as w:
-        with pytest.raises(RuntimeError, match="once the"):
-            w.report()
+    with doctor.watch(model) as w, pytest.raises(RuntimeError, match="once the"):
+        w.report()
 
 
 def test_watch_rejects_non_torch_models() -> None:
     with pytest.raises(TypeError):
         doctor.watch(object())
+
+
+def test_checkpoint_recomputation_updates_counted_per_step() -> None:
+    from doctor_zoo import CheckpointedBN, CheckpointedNoBN
+
+    x, y = data()
+    for model_class, expect in ((CheckpointedBN, True), (CheckpointedNoBN, False)):
+        torch.manual_seed(0)
+        model = model_class()
+        with doctor.watch(model) as w:
+            train(model, x, y, epochs=15)  # 60 steps
+        assert w.steps == 60
+        assert int(model.bn.num_batches_tracked) == (120 if expect else 60)
+        found = w.report().by_check("extra-stat-updates")
+        assert bool(found) == expect, w.report()
+        if expect:
+            assert found[0].data["updates"] == 120 and found[0].data["forward_calls"] == 60
+
+
+def test_functional_batch_norm_from_elsewhere_is_seen() -> None:
+    from doctor_zoo import FunctionalBN
+
+    torch.manual_seed(0)
+    model, (x, y) = FunctionalBN(), data()
+    with doctor.watch(model) as w:
+        train(model, x, y)
+    report = w.report()
+    (finding,) = report.by_check("stats-updated-outside")
+    assert finding.where == "bn"
+    assert not report.by_check("unused-bn")
+
+
+def test_unused_bn_is_not_updated_from_elsewhere() -> None:
+    from doctor_zoo import QuestionWithSpareBN
+
+    torch.manual_seed(0)
+    model, (x, y) = QuestionWithSpareBN(), data()
+    with doctor.watch(model) as w:
+        train(model, x, y)
+    assert not w.report().by_check("stats-updated-outside")
+
+
+def test_weight_decay_on_bn_with_the_optimizer() -> None:
+    torch.manual_seed(0)
+    model, (x, y) = MLP(), data()
+    decayed = torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=1e-4)
+    with doctor.watch(model, optimizer=decayed) as w:
+        for start in range(0, 200, 50):
+            loss = F.cross_entropy(model(x[start:start + 50]), y[start:start + 50])
+            decayed.zero_grad()
+            loss.backward()
+            decayed.step()
+    (finding,) = w.report().by_check("bn-weight-decay")
+    assert finding.data["weight_decay"] == {"bn1": 1e-4, "bn2": 1e-4}
+    assert finding.data["optimizer"] == "SGD"
+
+    norm = [p for m in (model.bn1, model.bn2) for p in m.parameters()]
+    other = [p for p in model.parameters() if all(p is not q for q in norm)]
+    clean = torch.optim.SGD([{"params": other, "weight_decay": 1e-4},
+                             {"params": norm, "weight_decay": 0.0}], lr=0.05)
+    with doctor.watch(model) as w:  # found without optimizer=: it steps the model
+        for start in range(0, 200, 50):
+            loss = F.cross_entropy(model(x[start:start + 50]), y[start:start + 50])
+            clean.zero_grad()
+            loss.backward()
+            clean.step()
+    assert w.steps == 4
+    assert not w.report().by_check("bn-weight-decay")
+
+
+def test_steps_counted_without_a_checksum_of_the_parameters() -> None:
+    """Hand-written updates under no_grad bump the version counters: still steps."""
+    torch.manual_seed(0)
+    model, (x, y) = MLP(), data()
+    with doctor.watch(model) as w:
+        for start in range(0, 200, 50):
+            loss = F.cross_entropy(model(x[start:start + 50]), y[start:start + 50])
+            model.zero_grad()
+            loss.backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.05 * p.grad
+    assert w.steps == 4 and w.passes == 4
+
+
+def test_conv_bn_on_two_images_warns() -> None:
+    from doctor_zoo import ConvNet
+
+    torch.manual_seed(0)
+    model = ConvNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with doctor.watch(model) as w:
+        for _ in range(3):
+            loss = F.cross_entropy(model(torch.randn(2, 3, 31, 31)), torch.tensor([0, 1]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    found = w.report().by_check("small-batch")
+    assert found and all(f.severity == "warning" for f in found)
+    assert found[0].data["batch_size"] == 2 and found[0].data["values_per_channel"] > 100

@@ -18,4 +18,4 @@ from bnlab.doctor.api import check
 from bnlab.doctor.findings import Finding, Report
 from bnlab.doctor.watch import watch
 
-__all__ = ["check", "watch", "Report", "Finding"]
+__all__ = ["Finding", "Report", "check", "watch"]

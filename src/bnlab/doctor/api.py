@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from bnlab.doctor.checks import run_checks
+from bnlab.doctor.backends import detect
+from bnlab.doctor.diagnose import run_checks
 from bnlab.doctor.errors import UsageError
 from bnlab.doctor.findings import Report
-from bnlab.doctor.frameworks import detect
 
 
 def check(
@@ -31,22 +32,19 @@ def check(
     - ``train_steps``: optimizer steps to run on the copy before probing (a shared BN
       shows its full effect only after training). Batches come from ``train_batches``
       (an iterable of ``(x, y)``, cycled) or else repeat ``(inputs, labels)``; without
-      labels, random labels over the model's classes stand in.
+      labels, random labels over the model's classes stand in. Staleness and train/eval
+      agreement are judged on the model as handed over, not on the briefly trained copy.
     - ``loss_fn(output, labels)``: defaults to cross-entropy.
     - ``optimizer_factory``: PyTorch: ``factory(params) -> Optimizer``, e.g.
       ``functools.partial(torch.optim.SGD, lr=0.1)``; Chainer: ``factory() -> Optimizer``
       (set up on the copy by the doctor). Defaults to Adam with learning rate ``lr``.
+      Its weight decay on norm parameters is checked.
+    - ``framework``: ``"auto"`` (detected) or a backend name (``"torch"``, ``"chainer"``).
     - ``source``: a few words on where ``inputs`` came from, shown in the report.
     """
     if train_steps < 0:
         raise UsageError("train_steps must be >= 0")
-    kind = detect(model) if framework == "auto" else framework
-    if kind == "torch":
-        from bnlab.doctor import torch_probe as backend
-    elif kind == "chainer":
-        from bnlab.doctor import chainer_probe as backend
-    else:
-        raise UsageError(f"framework must be 'auto', 'torch' or 'chainer', not {framework!r}")
+    backend = detect(model, framework)
     probe = backend.probe(
         model,
         inputs,

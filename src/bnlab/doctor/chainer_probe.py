@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections import Counter
-from typing import Any, Callable, Iterable, Iterator
-
-import numpy as np
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import chainer
 import chainer.links as L
+import numpy as np
 from chainer.backends import cuda
 
 from bnlab.doctor import chainer_train
@@ -84,6 +84,8 @@ def layer_info(path: str, link: chainer.Link) -> LayerInfo:
         training=bool(chainer.config.train),
         affine=link.gamma is not None or link.beta is not None,
         params_frozen=_params_frozen(link),
+        weight=_numpy(getattr(link, "gamma", None)),
+        bias=_numpy(getattr(link, "beta", None)),
     )
 
 
@@ -117,7 +119,7 @@ def borrowed(model: chainer.Link) -> Iterator[chainer.Link]:
     finally:
         for param, array in params:
             if array is not None:
-                param.array[...] = array
+                param.array[...] = array  # type: ignore[index]
         for link, name, value in persistents:
             setattr(link, name, value)
         for link, decay in decays.items():
@@ -289,11 +291,16 @@ def as_array(inputs: Any) -> Any:
     return inputs
 
 
-def classes(output: Any) -> np.ndarray | None:
-    if isinstance(output, (tuple, list)):
+def _first(output: Any) -> Any:
+    """The first element of a tuple/list output (what the probe reads)."""
+    while isinstance(output, (tuple, list)):
         output = output[0] if output else None
-    array = _numpy(output)
-    if array is None or array.ndim < 2 or array.shape[1] < 2:
+    return output
+
+
+def classes(output: Any) -> np.ndarray | None:
+    array = _numpy(_first(output))
+    if array is None or array.ndim < 2 or array.shape[1] < 2 or not np.all(np.isfinite(array)):
         return None
     return array.argmax(axis=1).reshape(-1)
 
@@ -301,8 +308,54 @@ def classes(output: Any) -> np.ndarray | None:
 def _forward(model: chainer.Link, x: Any) -> Any:
     try:
         return model(x)
-    except Exception as err:  # noqa: BLE001 - reported to the user as a probe failure
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - a probe failure, for the user
         raise forward_failed(err) from err
+
+
+def observe(
+    work: chainer.Link, x: Any, labels: Any, user_layers: dict[str, LayerInfo],
+    modes: dict[str, bool],
+) -> ProbeResult:
+    """One round of observations of ``work`` (statistics left as they were)."""
+    layers = {path: layer_info(path, link) for path, link in bn_links(work).items()}
+    for path, layer in layers.items():  # the mode is the user's, not ours
+        if path in user_layers:
+            layer.training = user_layers[path].training
+        layer.training = modes.get(path, layer.training)
+    with frozen_statistics(work):
+        recorder = Recorder(work)
+        with chainer.using_config("train", True), recorder:
+            train_out = _forward(work, x)
+        counter = Recorder(work, stats=False)
+        with chainer.using_config("train", False), chainer.no_backprop_mode(), counter:
+            eval_out = _forward(work, x)
+    train_pred, eval_pred = classes(train_out), classes(eval_out)
+    a, b = _numpy(_first(train_out)), _numpy(_first(eval_out))
+    diff = None
+    if train_pred is None and a is not None and b is not None and a.shape == b.shape:
+        diff = float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-12))
+    finite = None
+    if a is not None and b is not None:
+        finite = bool(np.all(np.isfinite(a)) and np.all(np.isfinite(b)))
+    return ProbeResult(
+        framework="chainer",
+        model_name="",
+        input_shape=tuple(int(d) for d in np.shape(x)),
+        layers=layers,
+        calls=recorder.calls,
+        eval_calls=dict(counter.counts),
+        train_pred=train_pred,
+        eval_pred=eval_pred,
+        labels=None if labels is None else np.asarray(as_array(labels)).reshape(-1),
+        output_diff=diff,
+        output_finite=finite,
+        notes=[
+            "Chainer has one global train/eval switch, so dropout is active in the "
+            "train-mode pass of the train/eval comparison."
+        ]
+        if any(c.producer_is_dropout for c in recorder.calls)
+        else [],
+    )
 
 
 def probe(
@@ -319,51 +372,23 @@ def probe(
 ) -> ProbeResult:
     """Everything the checks need, measured on a copy of the Chainer ``model``.
 
-    ``modes`` overrides the train/eval mode reported per layer (see torch_probe.probe).
+    With ``train_steps`` the copy is observed as handed over (``result.given``), then
+    trained and observed again. ``modes`` overrides the train/eval mode reported per
+    layer (see torch_probe.probe).
     """
     x = as_array(inputs)
     user_layers = {path: layer_info(path, link) for path, link in bn_links(model).items()}
     with numpy_rng_kept(), borrowed(model) as work:
+        result = observe(work, x, labels, user_layers, modes or {})
         log = TrainLog(steps=0)
         if train_steps > 0:
+            given = result
             log = chainer_train.train(
                 work, x, labels, train_steps, loss_fn=loss_fn,
                 optimizer_factory=optimizer_factory, batches=train_batches, lr=lr,
             )
-        layers = {path: layer_info(path, link) for path, link in bn_links(work).items()}
-        for path, layer in layers.items():  # the mode is the user's, not ours
-            if path in user_layers:
-                layer.training = user_layers[path].training
-            layer.training = (modes or {}).get(path, layer.training)
-        with frozen_statistics(work):
-            recorder = Recorder(work)
-            with chainer.using_config("train", True), recorder:
-                train_out = _forward(work, x)
-            counter = Recorder(work, stats=False)
-            with chainer.using_config("train", False), chainer.no_backprop_mode(), counter:
-                eval_out = _forward(work, x)
-    train_pred, eval_pred = classes(train_out), classes(eval_out)
-    diff = None
-    if train_pred is None:
-        a, b = _numpy(train_out), _numpy(eval_out)
-        if a is not None and b is not None and a.shape == b.shape:
-            diff = float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-12))
-    return ProbeResult(
-        framework="chainer",
-        model_name=type(model).__name__,
-        input_shape=tuple(int(d) for d in np.shape(x)),
-        layers=layers,
-        calls=recorder.calls,
-        eval_calls=dict(counter.counts),
-        train_pred=train_pred,
-        eval_pred=eval_pred,
-        labels=None if labels is None else np.asarray(as_array(labels)).reshape(-1),
-        output_diff=diff,
-        train_log=log,
-        notes=[
-            "Chainer has one global train/eval switch, so dropout is active in the "
-            "train-mode pass of the train/eval comparison."
-        ]
-        if any(c.producer_is_dropout for c in recorder.calls)
-        else [],
-    )
+            result = observe(work, x, labels, user_layers, modes or {})
+            result.given = given
+    result.model_name = type(model).__name__
+    result.train_log = log
+    return result

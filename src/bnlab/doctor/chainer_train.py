@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
-
-import numpy as np
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import chainer
 import chainer.functions as F
+import numpy as np
 
+from bnlab.doctor.batching import cycle
 from bnlab.doctor.errors import UsageError, training_step_failed
 from bnlab.doctor.records import TrainLog
-from bnlab.doctor.batching import cycle
 
 
 def _labels(labels: Any) -> np.ndarray:
@@ -32,7 +32,7 @@ def pseudo_labels(model: chainer.Link, x: Any, seed: int = 0) -> np.ndarray:
     """Random class labels shaped like the model's output (see torch_train.pseudo_labels)."""
     with chainer.using_config("train", False), chainer.no_backprop_mode():
         out = model(x)
-    array = out.array if isinstance(out, chainer.Variable) else np.asarray(out)
+    array: Any = out.array if isinstance(out, chainer.Variable) else np.asarray(out)
     if array.ndim < 2 or array.shape[1] < 2:
         raise UsageError("train_steps needs labels when the model's output is not class scores")
     rng = np.random.RandomState(seed)

@@ -75,12 +75,12 @@ def _seed(seed: int) -> None:
 
 
 def _framework(model: Any, wanted: str) -> str:
-    from bnlab.doctor.frameworks import detect
+    from bnlab.doctor.backends import detect
 
-    found = detect(model)
-    if wanted not in ("auto", found):
-        raise LoadError(f"--framework {wanted} was given, but the model is a {found} model.")
-    return found
+    try:
+        return detect(model, wanted).NAME
+    except UsageError as err:
+        raise LoadError(str(err).replace("framework '", "--framework '")) from err
 
 
 def _probe_data(args: argparse.Namespace, model: Any, framework: str) -> dict[str, Any]:
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     except LoadError as err:
         return _fail(str(err))
     except ProbeError as err:
-        return _fail(f"{err}. Check that the input matches the model (--input-shape).")
+        return _fail(f"{err}. {err.hint}".rstrip() if err.hint else str(err))
     except UsageError as err:  # e.g. training without labels on a non-classifier
         return _fail(str(err))
     print(report.to_json() if args.json else report.to_text(), end="" if not args.json else "\n")

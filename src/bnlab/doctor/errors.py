@@ -2,20 +2,44 @@
 
 
 class ProbeError(RuntimeError):
-    """The model could not be run on the probe input."""
+    """The model could not be run on the probe input.
+
+    ``hint`` says what to try; the command line prints it after the message.
+    """
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
 class UsageError(ValueError):
     """The arguments don't allow the requested check (e.g. training without labels)."""
 
 
-def forward_failed(err: Exception) -> ProbeError:
+class UnsupportedModel(UsageError, TypeError):
+    """Not a model the doctor can check (a TorchScript module, a Keras model, an object)."""
+
+
+SHAPE_HINT = "Check that the input matches the model (--input-shape, or --data)."
+
+
+def _text(err: BaseException) -> str:
+    message = str(err)
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+
+
+def forward_failed(err: BaseException) -> ProbeError:
     """The error for a model whose forward pass raised ``err`` on the probe input."""
     return ProbeError(
-        f"the model's forward pass failed on the probe input: {type(err).__name__}: {err}"
+        f"the model's forward pass failed on the probe input: {_text(err)}", SHAPE_HINT
     )
 
 
-def training_step_failed(step: int, err: Exception) -> ProbeError:
+def training_step_failed(step: int, err: BaseException) -> ProbeError:
     """The error for a training step (``step`` counted from 0) that raised ``err``."""
-    return ProbeError(f"training step {step + 1} failed: {type(err).__name__}: {err}")
+    return ProbeError(
+        f"training step {step + 1} failed: {_text(err)}",
+        "The forward pass worked; the loss or the backward pass did not. Check that the "
+        "labels fit the model's output (class indices for cross-entropy), or use "
+        "--train-steps 0.",
+    )

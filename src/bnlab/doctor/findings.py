@@ -8,6 +8,7 @@ so ``Report.from_json(report.to_json()) == report`` holds.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import textwrap
@@ -16,6 +17,24 @@ from typing import Any
 
 SEVERITIES = ("error", "warning", "info")
 _RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
+
+
+def number(value: float | None) -> str:
+    """A setting as people write it: ``0.1``, not ``0.09999999999999998`` (``1 - 0.9``).
+
+    Rounded to 12 significant digits, then Python's shortest repr (``1e-05``, ``0.9``).
+    """
+    if value is None:
+        return "None"
+    if isinstance(value, bool) or isinstance(value, int):
+        return str(value)
+    value = float(value)
+    if not math.isfinite(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    rounded = float(f"{value:.12g}")
+    return str(int(rounded)) if rounded.is_integer() and abs(rounded) < 1e15 else repr(rounded)
 
 
 def clean(value: Any) -> Any:
@@ -148,6 +167,10 @@ class Report:
     def __str__(self) -> str:
         return self.to_text()
 
+    def _repr_html_(self) -> str:
+        """The report in a Jupyter notebook (escaped HTML, no scripts, no external files)."""
+        return render_html(self)
+
 
 def _count(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
@@ -239,3 +262,45 @@ def render_text(report: Report, width: int = 88) -> str:
         lines.append("")
         lines.append("no batch-normalization problems found.")
     return "\n".join(lines) + "\n"
+
+
+_COLOURS = {"error": "#b00020", "warning": "#a15c00", "info": "#2f5f8a"}
+
+
+def _html_finding(finding: Finding) -> str:
+    esc = html.escape
+    colour = _COLOURS[finding.severity]
+    parts = [
+        f'<div style="border-left:4px solid {colour};padding:2px 10px;margin:10px 0">',
+        f'<div><b style="color:{colour}">{esc(finding.severity.upper())}</b> '
+        f"<code>[{esc(finding.check)}]</code> {esc(finding.title)}</div>",
+    ]
+    where = finding.where + (" -- " + "; ".join(finding.sites) if finding.sites else "")
+    parts.append(f"<div><i>where</i>: <code>{esc(where)}</code></div>")
+    if finding.evidence:
+        items = "".join(f"<li>{esc(item)}</li>" for item in finding.evidence)
+        parts.append(f"<div><i>evidence</i>:<ul style=\"margin:2px 0\">{items}</ul></div>")
+    for label, text in (("consequence", finding.consequence), ("fix", finding.fix)):
+        if text:
+            parts.append(f"<div><i>{label}</i>: {esc(text)}</div>")
+    if finding.fix_code:
+        parts.append(f'<pre style="margin:4px 0 4px 12px">{esc(finding.fix_code)}</pre>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def render_html(report: Report) -> str:
+    """The report as an HTML fragment (what a notebook shows for a Report)."""
+    esc = html.escape
+    header = _header(report)
+    parts = ['<div class="bnlab-doctor-report" style="font-family:sans-serif;max-width:60em">',
+             f"<h4 style=\"margin:4px 0\">{esc(header[0])}</h4>"]
+    parts += [f"<div>{esc(line)}</div>" for line in header[1:]]
+    parts += [_html_finding(finding) for finding in report.findings]
+    if report.notes:
+        items = "".join(f"<li>{esc(note)}</li>" for note in report.notes)
+        parts.append(f"<div><i>notes</i>:<ul>{items}</ul></div>")
+    if not report.findings:
+        parts.append("<div><b>no batch-normalization problems found.</b></div>")
+    parts.append("</div>")
+    return "\n".join(parts)

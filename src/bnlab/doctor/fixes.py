@@ -6,35 +6,80 @@ are sketches to adapt, named after the user's own modules where we know them.
 
 from __future__ import annotations
 
+import keyword
+import re
+
+from bnlab.doctor.findings import number
 from bnlab.doctor.records import CallRecord, LayerInfo
 
 
-def _attr(path: str) -> str:
-    return path.replace(".", "_")
+def _identifier(text: str) -> str:
+    """``features.0.0`` -> ``features_0_0``; never starts with a digit, never a keyword."""
+    name = re.sub(r"\W+", "_", text).strip("_") or "bn"
+    if name[0].isdigit() or keyword.iskeyword(name):
+        name = f"bn_{name}"
+    return name
+
+
+def attribute(path: str, root: str = "self") -> str:
+    """Python that reaches the module at ``path``: ``features.0.0`` ->
+    ``self.features[0][0]``, ``layer1.0.conv2`` -> ``self.layer1[0].conv2`` (children of
+    Sequential and ModuleList are indexed, not attributes)."""
+    expr = root
+    for part in path.split(".") if path else []:
+        if part.isdigit():
+            expr += f"[{part}]"
+        elif part.isidentifier() and not keyword.iskeyword(part):
+            expr += f".{part}"
+        else:  # ModuleDict keys and other odd names
+            expr += f"[{part!r}]"
+    return expr
 
 
 def _constructor(layer: LayerInfo) -> str:
     if layer.framework == "chainer":
         return (
-            f"L.BatchNormalization({layer.num_channels}, decay={layer.rate:g}, eps={layer.eps:g})"
+            f"L.BatchNormalization({layer.num_channels}, decay={number(layer.rate)}, "
+            f"eps={number(layer.eps)})"
         )
     kind = layer.kind if layer.kind.startswith(("BatchNorm", "SyncBatchNorm")) else "BatchNorm1d"
-    momentum = "None" if layer.rate is None else f"{layer.rate:g}"
-    return f"nn.{kind}({layer.num_channels}, eps={layer.eps:g}, momentum={momentum})"
+    return (
+        f"nn.{kind}({layer.num_channels}, eps={number(layer.eps)}, "
+        f"momentum={number(layer.rate)})"
+    )
 
 
 def site_names(layer: LayerInfo, calls: list[CallRecord]) -> list[str]:
-    """Attribute names for one BN per call site: ``bn_l1``, ``bn_l2`` (or ``bn_1``...)."""
-    base = _attr(layer.path.rsplit(".", 1)[-1])
-    names = []
+    """Attribute names for one BN per call site: ``bn_l1``, ``bn_l2`` (or ``bn_1``...),
+    always valid Python identifiers."""
+    last = layer.path.rsplit(".", 1)[-1]
+    base = last if last.isidentifier() and not keyword.iskeyword(last) else "bn"
+    names: list[str] = []
     for call in calls:
-        suffix = _attr(call.producer) if call.producer and call.via != "input" else str(call.index)
-        name = f"{base}_{suffix}"
+        suffix = call.producer if call.producer and call.via != "input" else str(call.index)
+        if call.producer == layer.path:  # bn(bn(x)): the second call
+            suffix = "again"
+        name = _identifier(f"{base}_{suffix}")
         names.append(name if name not in names else f"{name}_{call.index}")
     return names
 
 
+def _in_container(path: str) -> bool:
+    """The layer is a numbered child (of a Sequential or ModuleList)."""
+    return any(part.isdigit() for part in path.split("."))
+
+
 def one_bn_per_site(layer: LayerInfo, calls: list[CallRecord]) -> str:
+    if layer.framework != "chainer" and layer.aliases:
+        # The same object registered twice (placed twice in a Sequential): replace the
+        # second and later places by new layers.
+        lines = ["# give every place its own BN (the same object is registered several times)"]
+        lines += [
+            f"{attribute(alias, 'model')} = {_constructor(layer)}"
+            f"  # was {attribute(layer.path, 'model')}"
+            for alias in layer.aliases
+        ]
+        return "\n".join(lines)
     names = site_names(layer, calls)
     lines = ["# __init__: one BN per call site, each with its own running statistics"]
     if layer.framework == "chainer":
@@ -44,10 +89,14 @@ def one_bn_per_site(layer: LayerInfo, calls: list[CallRecord]) -> str:
         lines += [f"self.{name} = {_constructor(layer)}" for name in names]
     lines.append("# forward: each call site uses its own BN")
     for name, call in zip(names, calls):
-        if call.producer and call.via == "direct":
-            lines.append(f"... self.{name}(self.{call.producer}(...)) ...")
+        if call.producer == layer.path:
+            lines.append(f"... self.{name}(...)  # or drop this second normalization")
+        elif call.producer and call.via == "direct":
+            lines.append(f"... self.{name}({attribute(call.producer)}(...)) ...")
         else:
-            lines.append(f"... self.{name}(...)  # was call {call.index} of self.{layer.path}")
+            lines.append(
+                f"... self.{name}(...)  # was call {call.index} of {attribute(layer.path)}"
+            )
     return "\n".join(lines)
 
 
@@ -99,8 +148,50 @@ def train_mode_during_training(framework: str) -> str:
 
 def rate_code(layer: LayerInfo, value: float) -> str:
     if layer.framework == "chainer":
-        return f"L.BatchNormalization({layer.num_channels}, decay={value:g}, eps={layer.eps:g})"
-    return f"nn.{layer.kind}({layer.num_channels}, momentum={value:g})"
+        return (
+            f"L.BatchNormalization({layer.num_channels}, decay={number(value)}, "
+            f"eps={number(layer.eps)})"
+        )
+    return (
+        f"nn.{layer.kind}({layer.num_channels}, momentum={number(value)})\n"
+        f"# or, on the built model: {attribute(layer.path, 'model')}.momentum = {number(value)}"
+    )
+
+
+def reestimate_stats() -> str:
+    """Re-estimate reset or stale running statistics (a cumulative average in train mode)."""
+    return "\n".join(
+        [
+            "from torch.optim.swa_utils import update_bn",
+            "update_bn(train_loader, model)  # cumulative average over one pass, train mode",
+            "model.eval()",
+            "# or: bnlab.doctor.repair(model, batches) returns a repaired copy",
+        ]
+    )
+
+
+def no_decay_on_norms() -> str:
+    return "\n".join(
+        [
+            "norm_params = [p for m in model.modules()",
+            "               if isinstance(m, nn.modules.batchnorm._NormBase) for p in m.parameters()]",
+            "ids = {id(p) for p in norm_params}",
+            "other = [p for p in model.parameters() if id(p) not in ids]",
+            "opt = torch.optim.SGD([{'params': other, 'weight_decay': 1e-4},",
+            "                       {'params': norm_params, 'weight_decay': 0.0}], lr=0.1)",
+        ]
+    )
+
+
+def checkpoint_without_bn_updates() -> str:
+    return "\n".join(
+        [
+            "# keep BN outside the checkpointed function, or stop the recomputation from",
+            "# updating the statistics a second time:",
+            "out = torch.utils.checkpoint.checkpoint(block_without_bn, x, use_reentrant=False)",
+            "out = self.bn(out)",
+        ]
+    )
 
 
 def no_bias(framework: str, kinds: list[str]) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from bnlab.doctor.frameworks import is_chainer_model, is_torch_model
+from bnlab.doctor.backends import recognised
 
 
 class LoadError(Exception):
@@ -86,7 +86,8 @@ def import_file(path: Path) -> ModuleType:
 
 
 def is_model(obj: Any) -> bool:
-    return is_torch_model(obj) or is_chainer_model(obj)
+    """A model instance of a framework the doctor knows (or refuses with a message)."""
+    return not isinstance(obj, type) and recognised(obj)
 
 
 _MODEL_BASES = {"Module", "Link", "Chain", "ChainList"}
@@ -98,9 +99,7 @@ def _candidates(module: ModuleType) -> list[str]:
     for attr, value in vars(module).items():
         if attr.startswith("_") or getattr(value, "__module__", None) != module.__name__:
             continue
-        if inspect.isclass(value) and _MODEL_BASES & {b.__name__ for b in inspect.getmro(value)}:
-            names.append(attr)
-        elif inspect.isfunction(value):
+        if inspect.isclass(value) and _MODEL_BASES & {b.__name__ for b in inspect.getmro(value)} or inspect.isfunction(value):
             names.append(attr)
     return names
 
@@ -119,6 +118,11 @@ def build(module: ModuleType, name: str, path: Path) -> Any:
         raise LoadError(f"{path}:{name} is a {type(obj).__name__}, not a model class or function.")
     try:
         model = obj()
+    except SystemExit as err:  # sys.exit() in the user's constructor: not the doctor's status
+        raise LoadError(
+            f"calling {name}() from {path} called sys.exit ({_exception_text(err)}); NAME must "
+            "build and return the model without ending the program."
+        ) from err
     except Exception as err:  # noqa: BLE001 - the user's constructor
         raise LoadError(
             f"calling {name}() from {path} raised {_exception_text(err)}. NAME must be a model "

@@ -30,6 +30,28 @@ class LayerInfo:
     training: bool  # the layer's mode in the user's model
     affine: bool
     params_frozen: bool  # affine parameters exist and none of them is trained
+    weight: np.ndarray | None = None  # gamma, float64 (None without affine parameters)
+    bias: np.ndarray | None = None  # beta
+    aliases: list[str] = field(default_factory=list)  # other paths of the same layer object
+
+    @property
+    def stats_finite(self) -> bool:
+        """No NaN or infinity in the running statistics."""
+        return all(
+            a is None or bool(np.all(np.isfinite(a))) for a in (self.running_mean, self.running_var)
+        )
+
+    @property
+    def affine_moved(self) -> bool:
+        """gamma/beta look trained: they differ between channels.
+
+        Any initialisation sets one value for every channel (1 and 0 by default, 0 for
+        torchvision's ``zero_init_residual``); training moves each channel its own way.
+        """
+        spread = [
+            float(np.ptp(a)) for a in (self.weight, self.bias) if a is not None and a.size > 1
+        ]
+        return bool(spread) and max(spread) > 1e-3
 
     @property
     def at_init(self) -> bool:
@@ -68,6 +90,41 @@ class CallRecord:
 
 
 @dataclass
+class SmallCall:
+    """The smallest train-mode call of one norm layer seen over a training loop."""
+
+    samples: int
+    values: int  # values per channel
+    site: str
+    passes: int = 1  # train-mode passes that small
+
+
+@dataclass
+class StatUpdates:
+    """How one norm layer's running statistics moved over the training steps.
+
+    ``forward_calls`` are train-mode calls inside a forward pass of the model;
+    ``extra_calls`` train-mode calls outside any forward pass (activation checkpointing
+    recomputes the forward during backward); ``counter_delta`` how much the layer's own
+    update counter (PyTorch's ``num_batches_tracked``) grew, None where there is none;
+    ``changed`` whether the running statistics changed at all.
+    """
+
+    forward_calls: int
+    extra_calls: int
+    counter_delta: int | None
+    changed: bool
+
+
+@dataclass
+class OptimizerInfo:
+    """The optimizer of the training steps, as far as the checks need it."""
+
+    kind: str  # class name ("SGD", "AdamW")
+    norm_weight_decay: dict[str, float] = field(default_factory=dict)  # layer -> decay > 0
+
+
+@dataclass
 class TrainLog:
     """Training steps before the probe: the doctor's own on a copy, or the user's (watch)."""
 
@@ -76,6 +133,10 @@ class TrainLog:
     loss_first: float | None = None
     loss_last: float | None = None
     eval_mode_steps: dict[str, int] = field(default_factory=dict)  # layer -> steps in eval
+    watched: bool = False  # the user's own loop (watch), not the doctor's steps
+    updates: dict[str, StatUpdates] = field(default_factory=dict)  # per norm layer
+    smallest: dict[str, SmallCall] = field(default_factory=dict)  # watch: tiny batches seen
+    optimizer: OptimizerInfo | None = None
 
     def add_loss(self, step: int, value: float) -> None:
         """Note the loss of training step ``step`` (counted from 0): first and latest."""
@@ -109,6 +170,11 @@ class ProbeResult:
     train_log: TrainLog | None = None
     parallel: ParallelInfo | None = None
     notes: list[str] = field(default_factory=list)
+    output_finite: bool | None = None  # no NaN/inf in either mode's output (None: unknown)
+    output_note: str = ""  # which part of a tuple/dict output was read ("output[0]")
+    # The same observations on the model as handed over, when the doctor trained a copy
+    # first: staleness and train/eval agreement are judged on this, not on the copy.
+    given: ProbeResult | None = None
 
     def calls_of(self, path: str) -> list[CallRecord]:
         return [call for call in self.calls if call.path == path]
@@ -116,3 +182,8 @@ class ProbeResult:
     @property
     def trained(self) -> bool:
         return self.train_log is not None and self.train_log.steps > 0
+
+    @property
+    def as_given(self) -> ProbeResult:
+        """The observations of the user's model itself (before the doctor's training)."""
+        return self.given if self.given is not None else self

@@ -16,7 +16,8 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def is_stateful_norm(module: nn.Module) -> bool:
-    return is_norm(module) and module.track_running_stats and module.running_mean is not None
+    return bool(is_norm(module) and module.track_running_stats
+                and module.running_mean is not None)
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
@@ -53,8 +54,82 @@ def as_args(inputs: Any, device: torch.device) -> tuple:
 
 
 def classes(output: Any) -> np.ndarray | None:
-    """Predicted classes (argmax over dim 1) when the output looks like class scores."""
-    tensor = first_tensor(output)
+    """Predicted classes (argmax over dim 1) when the output looks like finite class scores."""
+    tensor, _ = output_tensor(output)
     if tensor is None or tensor.dim() < 2 or tensor.shape[1] < 2:
         return None
+    if not bool(torch.isfinite(tensor).all()):
+        return None  # argmax of NaN scores says nothing
     return tensor.detach().argmax(dim=1).reshape(-1).cpu().numpy()
+
+
+def output_tensor(value: Any) -> tuple[torch.Tensor | None, str]:
+    """The tensor of a model's output that the doctor reads, and where it was found.
+
+    A tensor is itself (``""``); in a tuple or list the first tensor (``"output[0]"``);
+    in a dict the ``logits`` entry if there is one, else the first tensor
+    (``"output['logits']"``). Nested containers are searched depth first.
+    """
+    if isinstance(value, torch.Tensor):
+        return value, ""
+    if isinstance(value, dict):
+        keys = sorted(value, key=lambda k: k != "logits")  # logits first, else in order
+        for key in keys:
+            found, where = output_tensor(value[key])
+            if found is not None:
+                return found, f"[{key!r}]{where}"
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found, where = output_tensor(item)
+            if found is not None:
+                return found, f"[{index}]{where}"
+    return None, ""
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse models whose modules can't be observed with hooks (TorchScript)."""
+    from bnlab.doctor.errors import UnsupportedModel
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            where = "the model" if not name else f"its submodule {name!r}"
+            raise UnsupportedModel(
+                f"{where} is TorchScript ({type(module).__name__}); bnlab doctor needs the "
+                "Python nn.Module, whose layers it can watch with hooks. Give the model "
+                "before torch.jit.script / torch.jit.trace (or torch.jit.load), e.g. by "
+                "building it and loading its state_dict."
+            )
+
+
+def norm_paths(model: nn.Module) -> dict[int, list[str]]:
+    """Every path under which each norm module is registered (a module placed twice in a
+    Sequential has two), first path first."""
+    paths: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name and is_norm(module):
+            paths.setdefault(id(module), [])
+            if name not in paths[id(module)]:
+                paths[id(module)].append(name)
+    return paths
+
+
+def optimizer_info(model: nn.Module, optimizer: Any) -> Any:
+    """Weight decay that ``optimizer`` applies to the affine parameters of norm layers."""
+    from bnlab.doctor.records import OptimizerInfo
+
+    groups = getattr(optimizer, "param_groups", None)
+    if groups is None:
+        return None
+    decay_of = {
+        id(param): float(group.get("weight_decay", 0.0) or 0.0)
+        for group in groups
+        for param in group["params"]
+    }
+    decays = {}
+    for name, module in model.named_modules():
+        if not (name and is_norm(module)):
+            continue
+        values = [decay_of.get(id(p), 0.0) for p in module.parameters(recurse=False)]
+        if values and max(values) > 0:
+            decays[name] = max(values)
+    return OptimizerInfo(kind=type(optimizer).__name__, norm_weight_decay=decays)

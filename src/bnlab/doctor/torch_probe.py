@@ -10,15 +10,17 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections import Counter
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 from bnlab.doctor import torch_train
-from bnlab.doctor.errors import ProbeError, forward_failed
+from bnlab.doctor.errors import ProbeError, UnsupportedModel, forward_failed
 from bnlab.doctor.records import (
     CallRecord,
     LayerInfo,
@@ -27,11 +29,14 @@ from bnlab.doctor.records import (
     TrainLog,
 )
 from bnlab.doctor.torch_common import (
-    first_tensor,
     as_args,
+    check_supported,
     classes,
+    first_tensor,
     is_norm,
     model_device,
+    norm_paths,
+    output_tensor,
 )
 
 _DROPOUT = (nn.modules.dropout._DropoutNd,)
@@ -50,9 +55,12 @@ def _to_numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
     return None if tensor is None else tensor.detach().to("cpu", torch.float64).numpy().copy()
 
 
-def layer_info(path: str, module: nn.Module, training: bool | None = None) -> LayerInfo:
+def layer_info(
+    path: str, module: Any, training: bool | None = None, aliases: list[str] | None = None
+) -> LayerInfo:
     """A norm layer's settings and statistics, copied out of the module."""
     tracked = module.num_batches_tracked if module.track_running_stats else None
+    affine = bool(module.affine) and module.weight is not None
     return LayerInfo(
         path=path,
         kind=type(module).__name__,
@@ -69,6 +77,9 @@ def layer_info(path: str, module: nn.Module, training: bool | None = None) -> La
         training=module.training if training is None else training,
         affine=bool(module.affine),
         params_frozen=_params_frozen(module),
+        weight=_to_numpy(module.weight) if affine else None,
+        bias=_to_numpy(module.bias) if affine else None,
+        aliases=list(aliases or []),
     )
 
 
@@ -76,7 +87,28 @@ def norm_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if name and is_norm(m)}
 
 
+def layer_infos(model: nn.Module, modes: dict[str, bool]) -> dict[str, LayerInfo]:
+    paths = norm_paths(model)
+    return {
+        name: layer_info(name, m, modes.get(name), paths.get(id(m), [name])[1:])
+        for name, m in norm_layers(model).items()
+    }
+
+
 # -- keeping the user's model untouched ---------------------------------------
+
+
+def _lazy_memo(model: nn.Module) -> dict[int, Any]:
+    """A deepcopy memo giving each uninitialized (Lazy) tensor a fresh uninitialized
+    copy: deepcopy refuses to touch them otherwise."""
+    memo: dict[int, Any] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if is_lazy(tensor):
+            memo[id(tensor)] = (
+                UninitializedParameter(requires_grad=tensor.requires_grad)
+                if isinstance(tensor, nn.Parameter) else UninitializedBuffer()
+            )
+    return memo
 
 
 @contextlib.contextmanager
@@ -87,9 +119,15 @@ def borrowed(model: nn.Module) -> Iterator[nn.Module]:
     every norm's ``momentum`` is put back on exit, in place.
     """
     try:
-        work = copy.deepcopy(model)
+        work = copy.deepcopy(model, _lazy_memo(model))
     except Exception:  # noqa: BLE001 - any failure to copy means: fall back to restoring
         work = None
+    if work is None and _lazy_memo(model):
+        raise UnsupportedModel(
+            "the model has Lazy modules (LazyLinear, LazyBatchNorm...) whose shapes are not "
+            "known yet, and it cannot be copied; bnlab doctor never runs your own model. Run "
+            "one forward pass on a batch first (that fixes the shapes), then check it."
+        )
     if work is not None:
         yield work
         return
@@ -114,7 +152,7 @@ def borrowed(model: nn.Module) -> Iterator[nn.Module]:
 @contextlib.contextmanager
 def frozen_buffers(model: nn.Module) -> Iterator[None]:
     """Run forward passes in train mode without moving any running statistics."""
-    rates = {m: m.momentum for m in model.modules() if is_norm(m)}
+    rates: dict[Any, Any] = {m: m.momentum for m in model.modules() if is_norm(m)}
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     for module in rates:
         module.momentum = 0.0  # running = 1 * running + 0 * batch: unchanged
@@ -300,7 +338,7 @@ class Recorder:
 
 
 def _relative_diff(a: Any, b: Any) -> float | None:
-    ta, tb = first_tensor(a), first_tensor(b)
+    (ta, _), (tb, _) = output_tensor(a), output_tensor(b)
     if ta is None or tb is None or ta.shape != tb.shape:
         return None
     ta, tb = ta.detach().double(), tb.detach().double()
@@ -319,9 +357,44 @@ def _forward(model: nn.Module, args: tuple, notes: list[str], what: str) -> Any:
         if _ONE_VALUE in str(err):
             notes.append(f"the {what} forward pass failed: {err}")
             return None
-        raise ProbeError(f"the model's forward pass failed on the probe input: {err}") from err
-    except Exception as err:  # noqa: BLE001 - reported to the user as a probe failure
         raise forward_failed(err) from err
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - a probe failure, for the user
+        raise forward_failed(err) from err
+
+
+def _finite(output: Any) -> bool | None:
+    tensor, _ = output_tensor(output)
+    if tensor is None or not tensor.is_floating_point():
+        return None
+    return bool(torch.isfinite(tensor.detach()).all())
+
+
+def materialize_lazy(model: nn.Module, args: tuple) -> bool:
+    """Give a copy's Lazy modules (LazyLinear, LazyBatchNorm2d...) their shapes.
+
+    One eval-mode forward without gradient: lazy parameters and buffers take their
+    shapes from the input, and eval mode leaves running statistics at their initial
+    values. Returns whether there was anything to materialize.
+    """
+    lazy = [m for m in model.modules() if isinstance(m, nn.modules.lazy.LazyModuleMixin)
+            and m.has_uninitialized_params()]
+    if not lazy:
+        return False
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*args)
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - a probe failure, for the user
+        raise ProbeError(
+            "the model has Lazy modules (LazyLinear, LazyBatchNorm...), and the forward pass "
+            f"that gives them their shapes failed on the probe input: {type(err).__name__}: "
+            f"{err}", "Check that the input matches the model (--input-shape, or --data)."
+        ) from err
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    return True
 
 
 def _set_bn_only_train(model: nn.Module) -> None:
@@ -352,6 +425,48 @@ def parallel_info(model: nn.Module, batch_size: int) -> ParallelInfo | None:
     return None
 
 
+def observe(
+    work: nn.Module, args: tuple, labels: Any, modes: dict[str, bool], notes: list[str]
+) -> ProbeResult:
+    """One round of observations of ``work`` (statistics left as they were): its norm
+    layers, a train-mode pass with every norm call recorded, the train-mode (BN only)
+    and eval-mode predictions."""
+    batch = first_tensor(args)
+    assert batch is not None
+    layers = layer_infos(work, modes)
+    recorder = Recorder(work)
+    with frozen_buffers(work):
+        work.train()
+        with recorder:
+            _forward(work, args, notes, "train-mode")
+        _set_bn_only_train(work)
+        train_out = _forward(work, args, notes, "train-mode (BN only)")
+        work.eval()
+        counter = Recorder(work, stats=False)
+        with counter:
+            eval_out = _forward(work, args, notes, "eval-mode")
+    outputs = [out for out in (train_out, eval_out) if out is not None]
+    finite = [_finite(out) for out in outputs]
+    train_pred = classes(train_out) if train_out is not None else None
+    eval_pred = classes(eval_out) if eval_out is not None else None
+    where = output_tensor(outputs[0])[1] if outputs else ""
+    return ProbeResult(
+        framework="torch",
+        model_name="",
+        input_shape=tuple(int(d) for d in batch.shape),
+        layers=layers,
+        calls=recorder.calls,
+        eval_calls=dict(counter.counts),
+        train_pred=train_pred,
+        eval_pred=eval_pred,
+        labels=None if labels is None else np.asarray(_labels_numpy(labels)).reshape(-1),
+        output_diff=None if train_pred is not None else _relative_diff(train_out, eval_out),
+        output_finite=None if None in finite or not finite else all(finite),
+        output_note=(f"the model returns a {type(outputs[0]).__name__}; the doctor reads "
+                     f"output{where}") if where else "",
+    )
+
+
 def probe(
     model: nn.Module,
     inputs: Any,
@@ -366,9 +481,12 @@ def probe(
 ) -> ProbeResult:
     """Everything the checks need, measured on a copy of ``model``.
 
-    ``modes`` overrides the train/eval mode reported for each norm layer (``watch``
-    passes the modes seen during training, not those at the end of the loop).
+    With ``train_steps`` the copy is observed as handed over (``result.given``), then
+    trained, then observed again. ``modes`` overrides the train/eval mode reported for
+    each norm layer (``watch`` passes the modes seen during training, not those at the
+    end of the loop).
     """
+    check_supported(model)
     user_modes = {name: m.training for name, m in norm_layers(model).items()}
     user_modes.update(modes or {})
     notes: list[str] = []
@@ -377,46 +495,27 @@ def probe(
         args = as_args(inputs, device)
         batch = first_tensor(args)
         if batch is None:
-            raise ProbeError("the probe input must be a tensor (or a tuple of tensors)")
-        log = None
+            raise ProbeError("the probe input must be a tensor (or a tuple of tensors)",
+                             "Check that the input matches the model (--input-shape).")
+        if materialize_lazy(work, args):
+            notes.append("Lazy modules were given their shapes by one eval-mode forward pass "
+                         "on the doctor's copy")
+        result = observe(work, args, labels, user_modes, notes)
+        log = TrainLog(steps=0)
         if train_steps > 0:
+            given = result
             log = torch_train.train(
                 work, args, labels, train_steps,
                 loss_fn=loss_fn, optimizer_factory=optimizer_factory,
                 batches=train_batches, lr=lr,
             )
-        norms = norm_layers(work)
-        layers = {name: layer_info(name, m, user_modes.get(name)) for name, m in norms.items()}
-
-        recorder = Recorder(work)
-        with frozen_buffers(work):
-            work.train()
-            with recorder:
-                _forward(work, args, notes, "train-mode")
-            calls = recorder.calls
-            _set_bn_only_train(work)
-            train_out = _forward(work, args, notes, "train-mode (BN only)")
-            work.eval()
-            counter = Recorder(work, stats=False)
-            with counter:
-                eval_out = _forward(work, args, notes, "eval-mode")
-    eval_pred = classes(eval_out) if eval_out is not None else None
-    train_pred = classes(train_out) if train_out is not None else None
-    return ProbeResult(
-        framework="torch",
-        model_name=type(model).__name__,
-        input_shape=tuple(int(d) for d in batch.shape),
-        layers=layers,
-        calls=calls,
-        eval_calls=dict(counter.counts),
-        train_pred=train_pred,
-        eval_pred=eval_pred,
-        labels=None if labels is None else np.asarray(_labels_numpy(labels)).reshape(-1),
-        output_diff=None if train_pred is not None else _relative_diff(train_out, eval_out),
-        train_log=log if log is not None else TrainLog(steps=0),
-        parallel=parallel_info(model, int(batch.shape[0])),
-        notes=notes,
-    )
+            result = observe(work, args, labels, user_modes, notes)
+            result.given = given
+    result.model_name = type(model).__name__
+    result.train_log = log
+    result.parallel = parallel_info(model, int(batch.shape[0]))
+    result.notes = list(dict.fromkeys(notes + ([result.output_note] if result.output_note else [])))
+    return result
 
 
 def _labels_numpy(labels: Any) -> np.ndarray:

@@ -6,7 +6,9 @@ followed training for a while; ``check(..., train_steps=N)`` trains a copy first
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,14 @@ from torch import nn
 from bnlab.doctor.batching import cycle
 from bnlab.doctor.errors import UsageError, training_step_failed
 from bnlab.doctor.records import TrainLog
-from bnlab.doctor.torch_common import as_args, classes, first_tensor, is_norm, model_device
+from bnlab.doctor.torch_common import (
+    as_args,
+    classes,
+    model_device,
+    optimizer_info,
+    output_tensor,
+)
+from bnlab.doctor.torch_watch import TorchWatcher
 
 
 def pseudo_labels(model: nn.Module, args: tuple, seed: int = 0) -> torch.Tensor:
@@ -37,7 +46,8 @@ def pseudo_labels(model: nn.Module, args: tuple, seed: int = 0) -> torch.Tensor:
             "train_steps needs labels (or train_batches) when the model's output is not class "
             "scores of shape (N, C, ...)"
         )
-    tensor = first_tensor(out)
+    tensor, _ = output_tensor(out)
+    assert tensor is not None  # classes() found it
     generator = torch.Generator().manual_seed(seed)
     shape = (tensor.shape[0],) + tuple(tensor.shape[2:])
     return torch.randint(0, tensor.shape[1], shape, generator=generator).to(tensor.device)
@@ -57,7 +67,10 @@ def train(
     """``steps`` optimizer steps on ``model`` (already a copy), the way a user trains it.
 
     ``optimizer_factory(params)`` defaults to Adam(lr); ``loss_fn(output, labels)`` to
-    cross-entropy. Batches cycle through ``batches`` or else repeat the probe batch.
+    cross-entropy. Batches cycle through ``batches`` or else repeat the probe batch. For a
+    model returning a tuple or dict, the loss reads the tensor the probe reads
+    (:func:`~bnlab.doctor.torch_common.output_tensor`). The log records, per norm layer,
+    the steps it spent in eval mode and how its running statistics moved.
     """
     device = model_device(model)
     if batches is None:
@@ -68,34 +81,30 @@ def train(
     factory = optimizer_factory or (lambda params: torch.optim.Adam(params, lr=lr))
     optimizer = factory(model.parameters())
 
-    eval_steps: dict[str, int] = {}
-    names = {id(m): name for name, m in model.named_modules()}
-    step_seen: set[str] = set()
-
-    def note_mode(module: nn.Module, _args: tuple) -> None:
-        name = names[id(module)]
-        if not module.training and name not in step_seen:
-            eval_steps[name] = eval_steps.get(name, 0) + 1
-        step_seen.add(name)
-
-    handles = [m.register_forward_pre_hook(note_mode) for m in model.modules() if is_norm(m)]
-    log = TrainLog(steps=steps)
+    watcher = TorchWatcher(model)
+    eval_steps: Counter[str] = Counter()
+    log = TrainLog(steps=steps, optimizer=optimizer_info(model, optimizer))
+    watcher.attach()
     try:
         for step, (x, y) in zip(range(steps), cycle(batches)):
-            step_seen.clear()
             model.train()
             xs = as_args(x, device)
             target = torch.as_tensor(y).to(device)
             try:
-                loss = loss_fn(model(*xs), target)
+                output, _ = output_tensor(model(*xs))
+                if output is None:
+                    raise TypeError("the model's output holds no tensor")
+                loss = loss_fn(output, target)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
             except Exception as err:  # noqa: BLE001 - reported as a probe failure
                 raise training_step_failed(step, err) from err
+            eval_steps.update({c.path for c in watcher.calls if not c.training})
+            watcher.calls.clear()
             log.add_loss(step, float(loss.detach()))
     finally:
-        for handle in handles:
-            handle.remove()
-    log.eval_mode_steps = eval_steps
+        watcher.detach()
+    log.eval_mode_steps = dict(eval_steps)
+    log.updates = watcher.updates()
     return log

@@ -1,18 +1,22 @@
 """``watch``: observe the user's own training loop (PyTorch or Chainer), then diagnose.
 
-    with bnlab.doctor.watch(model) as w:
+    with bnlab.doctor.watch(model, optimizer=opt) as w:
         for x, y in loader:
             ...  # forward, backward, step, as usual
     print(w.report())
 
-While the block runs, hooks record every forward pass of ``model``: how often each
-norm layer is called, in which mode, on how many values per channel. A forward pass
-after which the parameters changed (before the next pass) counts as a training step.
+While the block runs, the backend's light hooks note every forward pass of ``model``:
+how often each norm layer is called, in which mode, on how many samples; a forward pass
+after which an optimizer step happened (before the next pass) counts as a training step.
+Norm calls outside any forward pass (activation checkpointing's recomputation) and
+running statistics that change without their layer being called are counted too. No
+activation is read and nothing waits on the device per step.
+
 On exit the hooks are removed, and the model is probed (on a copy) with the latest of
-the largest training batches, so the report carries the same evidence as ``check``,
-plus what only the loop could show: BN layers left in eval mode while training, tiny
-batches. Parameter changes are detected from tensor version counters and sums (torch)
-or array sums (Chainer), so any optimizer works.
+the largest training batches, so the report carries the same evidence as ``check``, plus
+what only the loop could show: BN layers left in eval mode while training, tiny batches,
+statistics updated twice per step, weight decay on BN parameters (``optimizer=``, or
+the torch optimizer seen stepping the model).
 """
 
 from __future__ import annotations
@@ -21,82 +25,22 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import nn
-
-from bnlab.doctor import checks, fixes, thresholds
-from bnlab.doctor.findings import Finding, Report
-from bnlab.doctor.frameworks import detect
-from bnlab.doctor.records import CallRecord, ProbeResult, TrainLog
+from bnlab.doctor.backends import Backend, Watcher, detect
+from bnlab.doctor.checks.small_batch import too_small
+from bnlab.doctor.diagnose import run_checks
+from bnlab.doctor.findings import Report
+from bnlab.doctor.records import CallRecord, SmallCall, TrainLog
 
 
 @dataclass
 class _Pass:
-    fingerprint: tuple
+    marker: object
     inputs: tuple | None
-
-
-@dataclass
-class _Smallest:
-    values: int
-    batch_size: int
-    site: str
-    passes: int = 1
-
-
-def _torch_fingerprint(model: nn.Module) -> tuple:
-    """Changes whenever an optimizer updates a parameter.
-
-    Version counters catch in-place updates (every torch.optim optimizer); the sums
-    also catch updates through ``.data``, which bypass the counters.
-    """
-    with torch.no_grad():
-        params = list(model.parameters())
-        versions = tuple(p._version for p in params)
-        sums = tuple(float(p.detach().double().sum()) for p in params)
-    return versions, sums
-
-
-def _chainer_fingerprint(model: Any) -> tuple:
-    """Chainer optimizers update parameter arrays in place: their sums move."""
-    return tuple(None if p.array is None else float(p.array.sum()) for p in model.params())
-
-
-class _TorchBackend:
-    def __init__(self, model: nn.Module, on_pass_start: Any) -> None:
-        from bnlab.doctor import torch_probe
-
-        self.model = model
-        self.recorder = torch_probe.Recorder(model, on_pass_start=on_pass_start)
-
-    def fingerprint(self) -> tuple:
-        return _torch_fingerprint(self.model)
-
-    def probe(self, inputs: tuple, modes: dict[str, bool]) -> ProbeResult:
-        from bnlab.doctor import torch_probe
-
-        return torch_probe.probe(self.model, inputs, modes=modes)
-
-
-class _ChainerBackend:
-    def __init__(self, model: Any, on_pass_start: Any) -> None:
-        from bnlab.doctor import chainer_probe
-
-        self.model = model
-        self.recorder = chainer_probe.Recorder(model, on_pass_start=on_pass_start)
-
-    def fingerprint(self) -> tuple:
-        return _chainer_fingerprint(self.model)
-
-    def probe(self, inputs: tuple, modes: dict[str, bool]) -> ProbeResult:
-        from bnlab.doctor import chainer_probe
-
-        return chainer_probe.probe(self.model, inputs[0], modes=modes)
 
 
 def _is_array(value: Any) -> bool:
     shape = getattr(value, "shape", None)
-    return isinstance(shape, tuple) or isinstance(value, torch.Tensor)
+    return isinstance(shape, tuple) or type(shape).__name__ == "Size"
 
 
 def _batch(inputs: tuple | None) -> int:
@@ -109,33 +53,32 @@ def _batch(inputs: tuple | None) -> int:
 class Watch:
     """Context manager returned by :func:`watch`."""
 
-    def __init__(self, model: Any) -> None:
-        self.framework = detect(model)  # TypeError for anything else
-        backend = _TorchBackend if self.framework == "torch" else _ChainerBackend
+    def __init__(self, model: Any, optimizer: Any = None) -> None:
+        self._backend: Backend = detect(model)  # UnsupportedModel (a TypeError) otherwise
+        self.framework = self._backend.NAME
         self.model = model
         self.passes = 0
         self.steps = 0
-        self._backend = backend(model, self._pass_start)
-        self._recorder = self._backend.recorder
+        self._watcher: Watcher = self._backend.watcher(model, self._pass_start, optimizer)
         self._current: _Pass | None = None
         self._last_step_inputs: tuple | None = None
         self._last_inputs: tuple | None = None
         self._eval_steps: Counter[str] = Counter()
         self._step_modes: dict[str, bool] = {}
-        self._smallest: dict[str, _Smallest] = {}
+        self._smallest: dict[str, SmallCall] = {}
         self._report: Report | None = None
         self._failure: Exception | None = None
 
     # -- context manager ---------------------------------------------------------
     def __enter__(self) -> Watch:
-        self._recorder.attach()
+        self._watcher.attach()
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
             self._settle()
         finally:
-            self._recorder.detach()
+            self._watcher.detach()
         try:
             self._report = self._build_report()
         except Exception as err:  # noqa: BLE001 - never hide the user's own exception
@@ -155,23 +98,23 @@ class Watch:
 
     # -- hooks ---------------------------------------------------------------------
     def _pass_start(self, args: tuple) -> None:
-        """Called by the recorder as a forward pass of the model begins."""
-        fingerprint = self._backend.fingerprint()
-        self._settle(fingerprint)
+        """Called by the watcher as a forward pass of the model begins."""
+        marker = self._watcher.step_marker()
+        self._settle(marker)
         arrays = [a for a in args if _is_array(a)]
-        self._current = _Pass(fingerprint, tuple(args) if arrays else None)
+        self._current = _Pass(marker, tuple(args) if arrays else None)
         self.passes += 1
 
-    def _settle(self, fingerprint: tuple | None = None) -> None:
+    def _settle(self, marker: object = None) -> None:
         """Close the pass in progress: was it a training step, and what did BN see?"""
-        current, calls = self._current, list(self._recorder.calls)
-        self._recorder.calls.clear()  # bounded memory over long loops
+        current, calls = self._current, list(self._watcher.calls)
+        self._watcher.calls.clear()  # bounded memory over long loops
         self._current = None
         if current is None:
             return
         self._last_inputs = current.inputs or self._last_inputs
         self._note_calls(calls)
-        if (fingerprint or self._backend.fingerprint()) == current.fingerprint:
+        if (marker if marker is not None else self._watcher.step_marker()) == current.marker:
             return
         self.steps += 1
         if current.inputs is not None and _batch(current.inputs) >= _batch(self._last_step_inputs):
@@ -185,18 +128,18 @@ class Watch:
     def _note_calls(self, calls: list[CallRecord]) -> None:
         small: dict[str, CallRecord] = {}  # smallest train-mode call per layer, this pass
         for call in calls:
-            if call.training and call.values_per_channel < thresholds.SMALL_BATCH_WARN:
+            if call.training and too_small(call.batch_size, call.values_per_channel):
                 best = small.get(call.path)
                 if best is None or call.values_per_channel < best.values_per_channel:
                     small[call.path] = call
         for path, call in small.items():
             seen = self._smallest.setdefault(
-                path, _Smallest(call.values_per_channel, call.batch_size, call.site, passes=0)
+                path, SmallCall(call.batch_size, call.values_per_channel, call.site, passes=0)
             )
             seen.passes += 1
-            if call.values_per_channel < seen.values:
-                seen.values, seen.batch_size, seen.site = (
-                    call.values_per_channel, call.batch_size, call.site)
+            if (call.batch_size, call.values_per_channel) < (seen.samples, seen.values):
+                seen.samples, seen.values, seen.site = (
+                    call.batch_size, call.values_per_channel, call.site)
 
     # -- the report -------------------------------------------------------------------
     def _build_report(self) -> Report:
@@ -205,81 +148,26 @@ class Watch:
         if inputs is None:
             notes.append("no tensor input was seen, so the model could not be probed")
             return Report(model=type(self.model).__name__, framework=self.framework, notes=notes)
-        probe = self._backend.probe(inputs, self._step_modes)
+        probe = self._backend.probe(self.model, inputs, modes=self._step_modes)
         probe.train_log = TrainLog(
-            steps=self.steps, where="in your training loop", eval_mode_steps=dict(self._eval_steps)
+            steps=self.steps,
+            where="in your training loop",
+            eval_mode_steps=dict(self._eval_steps),
+            watched=True,
+            updates=self._watcher.updates(),
+            smallest=self._smallest,
+            optimizer=self._backend.describe_optimizer(self.model, self._watcher.optimizer()),
         )
-        report = checks.run_checks(probe, source="(last training batch seen by watch)")
-        findings = [f for f in report.findings if f.check != "small-batch"]
-        findings += self._small_batch_findings(probe)
-        findings += self._eval_mode_findings(probe, findings)
-        return Report(
-            findings=findings,
-            model=report.model,
-            framework=report.framework,
-            probe={**report.probe, "watched_passes": self.passes, "watched_steps": self.steps},
-            summary=report.summary,
-            notes=notes + report.notes,
-        )
-
-    def _small_batch_findings(self, probe: Any) -> list[Finding]:
-        findings = []
-        for path, seen in self._smallest.items():
-            layer = probe.layers.get(path)
-            if layer is None or not layer.is_batchnorm:
-                continue
-            if seen.values < thresholds.SMALL_BATCH_WARN:
-                findings.append(
-                    checks.small_batch_finding(
-                        layer, seen.values, seen.batch_size, seen.site,
-                        seen=f"in your loop ({seen.passes} train-mode pass(es) this small), "
-                        "smallest",
-                    )
-                )
-        return findings
-
-    def _eval_mode_findings(self, probe: Any, existing: list[Finding]) -> list[Finding]:
-        """BN in eval mode during steps, when check 4 has not already made it an error."""
-        covered = {f.where for f in existing if f.check == "stats-never-updated"}
-        layers = {  # in model order
-            path: self._eval_steps[path]
-            for path in probe.layers
-            if path in self._eval_steps
-            and path not in covered
-            and not probe.layers[path].params_frozen  # frozen + eval: deliberately frozen
-        }
-        if not layers:
-            return []
-        fix = (
-            "Train under chainer.using_config('train', True) (the default), or freeze the "
-            "layers completely (disable_update()) if intended."
-            if self.framework == "chainer"
-            else "Call model.train() before each training step (after validation), or freeze "
-            "the layers completely (requires_grad=False) if intended."
-        )
-        return [
-            Finding(
-                check="eval-mode-training",
-                severity="warning",
-                title="BN layers were in eval mode during training steps",
-                where=", ".join(layers),
-                evidence=[
-                    f"{path}: in eval mode in {count} of {self.steps} training steps"
-                    for path, count in layers.items()
-                ]
-                + ["their parameters are trainable, but their running statistics did not "
-                   "follow those steps"],
-                data={"eval_mode_steps": layers, "steps": self.steps},
-                consequence=(
-                    "The layers normalize with frozen statistics while the weights before "
-                    "them change, so their statistics go stale."
-                ),
-                fix=fix,
-                fix_code=fixes.train_mode_during_training(self.framework),
-            )
-        ]
+        report = run_checks(probe, source="(last training batch seen by watch)")
+        report.probe.update({"watched_passes": self.passes, "watched_steps": self.steps})
+        report.notes = notes + report.notes
+        return report
 
 
-def watch(model: Any) -> Watch:
-    """Watch the user's own training loop on ``model`` (PyTorch or Chainer); see module docs."""
-    return Watch(model)
+def watch(model: Any, optimizer: Any = None) -> Watch:
+    """Watch the user's own training loop on ``model`` (PyTorch or Chainer); see module docs.
+
+    ``optimizer``: the loop's optimizer, to check its weight decay on BN parameters (a
+    torch optimizer stepping the model is also found without it).
+    """
+    return Watch(model, optimizer)

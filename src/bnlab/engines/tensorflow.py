@@ -46,7 +46,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -54,20 +54,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from bnlab.config import EpochRecord, ModelConfig, RunConfig, TrainConfig
 from bnlab.conventions import convert
-from bnlab.models import ModelConfig, build_model
-from bnlab.train import (
-    EpochRecord,
-    RunConfig,
-    RunRecorder,
-    RunResult,
-    TrainConfig,
-    TrainingDiverged,
-    check_minibatches,
-    environment,
-    epoch_orders,
-    split_batches,
-)
+from bnlab.engines.common import RunResult, diverged, environment, epoch_orders, first_bad, split_batches
+from bnlab.errors import MissingExtra, UsageError
+from bnlab.models import build_model
+from bnlab.rundir import RunRecorder
 
 TF_VERSION = "2.21.0"
 MISSING_TENSORFLOW = (
@@ -86,9 +78,8 @@ BN_VARIANCE_NOTE = ("tf.layers.batch_normalization (non-fused, 2-D input) stores
                     "variance in moving_variance")
 
 
-class TensorFlowMissing(ImportError, ValueError):
-    """TensorFlow or tf_keras cannot be imported. Also a ValueError, so the CLI reports it as a
-    usage problem (one paragraph, exit 2) rather than a traceback."""
+class TensorFlowMissing(MissingExtra):
+    """TensorFlow or tf_keras cannot be imported (one paragraph, exit 2)."""
 
 
 def import_tensorflow() -> ModuleType:
@@ -111,15 +102,27 @@ def import_tensorflow() -> ModuleType:
 
 
 def _tf_keras_missing() -> bool:
+    return _missing("tf_keras")
+
+
+def _missing(module: str) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("tf_keras") is None
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):
+        return True
 
 
 # ------------------------------------------------------------------ what the engine can do
 
 def check_config(cfg: RunConfig) -> None:
-    """Raise ValueError, naming the field and the fix, for settings TF1's program cannot run."""
+    """Raise UsageError, naming the field and the fix, for settings TF1's program cannot run,
+    and TensorFlowMissing when TensorFlow or tf_keras is not installed (found without
+    importing them, so that nothing is written for a run that cannot start)."""
+    missing = [name for name in ("tensorflow", "tf_keras") if _missing(name)]
+    if missing:
+        raise TensorFlowMissing(MISSING_TENSORFLOW.format(err=f"no module named {', '.join(missing)}"))
     m, t = cfg.model, cfg.train
     fix = "train this preset with --engine torch, which implements it"
     problems = [
@@ -135,7 +138,7 @@ def check_config(cfg: RunConfig) -> None:
     ]
     messages = [msg for bad, msg in problems if bad]
     if messages:
-        raise ValueError(f"Preset {cfg.preset!r} cannot run with --engine tensorflow: " + "; ".join(messages) + ".")
+        raise UsageError(f"Preset {cfg.preset!r} cannot run with --engine tensorflow: " + "; ".join(messages) + ".")
 
 
 def tf_momentum(model_cfg: ModelConfig) -> float:
@@ -427,22 +430,19 @@ class TFBNTrace:
 
 # ------------------------------------------------------------------------------ training
 
-def run(cfg: RunConfig, data: Any, *, out_dir: str | os.PathLike | None = None,
-        echo: Callable[[str], None] | None = print, on_epoch: Callable[[EpochRecord], None] | None = None,
+def run(cfg: RunConfig, data: Any, recorder: RunRecorder, *,
         initial_state: dict[str, torch.Tensor] | None = None) -> RunResult:
-    """Train ``cfg`` with TensorFlow; same arguments and run directory as the other engines.
+    """Train ``cfg`` with TensorFlow, reporting through ``recorder`` like the other engines.
 
     The returned ``RunResult.model`` is a torch ``MLP`` holding the trained TF state.
     """
     check_config(cfg)
     tf = import_tensorflow()
-    tc = cfg.train
-    check_minibatches(cfg, len(data.train_labels))
-    program = build_program(cfg.model, tc, trace_channels=tc.trace_bn_channels)
+    program = build_program(cfg.model, cfg.train, trace_channels=cfg.train.trace_bn_channels)
     try:
         if initial_state is not None:
             load_torch_state(program, initial_state)
-        recorder, bn_trace = _train_loop(cfg, data, program, out_dir, echo, on_epoch, tf)
+        bn_trace = _train_loop(cfg, data, program, recorder, tf)
         state = tf_state_dict(program)
     finally:
         program.close()
@@ -463,50 +463,35 @@ def _arrays(data: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 def _environment(cfg: RunConfig, data: Any, tf: ModuleType) -> dict[str, Any]:
     import tf_keras  # type: ignore[import-untyped]
 
-    extra = {"engine": "tensorflow", "tensorflow": tf.__version__, "tf_keras": tf_keras.__version__,
-             "tf_threads": {"intra_op": cfg.train.threads, "inter_op": cfg.train.threads}}
+    extra: dict[str, Any] = {
+        "engine": "tensorflow", "tensorflow": tf.__version__, "tf_keras": tf_keras.__version__,
+        "torch": torch.__version__, "tf_threads": {"intra_op": cfg.train.threads, "inter_op": cfg.train.threads}}
     if cfg.model.norm != "none" or cfg.model.logits_norm:
         extra["bn_moving_variance"] = BN_VARIANCE_NOTE + (
             f" (the config's running_var={cfg.model.running_var!r} is another framework's)"
             if cfg.model.running_var != "biased" else "")
-    return environment(torch.device("cpu"), getattr(data, "sha256", None), getattr(data, "source", None), extra)
+    return environment("cpu", data, extra)
 
 
-def _train_loop(cfg: RunConfig, data: Any, program: TFProgram, out_dir: Any, echo: Any, on_epoch: Any,
-                tf: ModuleType) -> tuple[RunRecorder, dict[str, np.ndarray] | None]:
+def _train_loop(cfg: RunConfig, data: Any, program: TFProgram, recorder: RunRecorder,
+                tf: ModuleType) -> dict[str, np.ndarray] | None:
     tc = cfg.train
     x_train, y_train, x_val, y_val = _arrays(data)
     trace = TFBNTrace(program) if tc.trace_bn_channels and program.trace_fetches else None
-    recorder = RunRecorder(cfg, out_dir, echo)
     recorder.start(_environment(cfg, data, tf))
-    try:
-        for epoch, order in enumerate(epoch_orders(tc.seed, len(x_train), tc.epochs)):
-            started = time.perf_counter()
-            losses, accs = [], []
-            for idx in split_batches(order, tc.batch_size, tc.batching):
-                i = idx.numpy()
-                loss, acc = train_step(program, x_train[i], y_train[i], tc.train_metrics,
-                                       trace.step_rows() if trace else None)
-                losses.append(loss)
-                accs.append(acc)
-            _check_finite(cfg, epoch, losses)
-            val_loss, val_acc = evaluate(program, x_val, y_val)
-            record = EpochRecord(epoch, float(np.mean(losses)), val_loss, float(np.mean(accs)), val_acc,
-                                 time.perf_counter() - started)
-            recorder.epoch(record)
-            if on_epoch is not None:
-                on_epoch(record)
-    except TrainingDiverged as err:
-        recorder.diverged(str(err))
-        raise
-    return recorder, (trace.close() if trace else None)
-
-
-def _check_finite(cfg: RunConfig, epoch: int, losses: list[float]) -> None:
-    bad = next((i for i, v in enumerate(losses) if not np.isfinite(v)), None)
-    if bad is not None:
-        raise TrainingDiverged(
-            f"Training of preset {cfg.preset!r} (seed {cfg.train.seed}, tensorflow engine) diverged: the loss "
-            f"became {losses[bad]} at epoch {epoch}, batch {bad}. The run directory keeps the {epoch} finished "
-            f"epochs. Lower the learning rate (--lr, now {cfg.train.lr}) or check the input data for NaN or "
-            "infinite values.")
+    for epoch, order in enumerate(epoch_orders(tc.seed, len(x_train), tc.epochs)):
+        started = time.perf_counter()
+        losses, accs = [], []
+        for idx in split_batches(order, tc.batch_size, tc.batching):
+            i = idx.numpy()
+            loss, acc = train_step(program, x_train[i], y_train[i], tc.train_metrics,
+                                   trace.step_rows() if trace else None)
+            losses.append(loss)
+            accs.append(acc)
+        bad = first_bad(losses)
+        if bad is not None:
+            raise diverged(cfg, epoch, bad, losses[bad])
+        val_loss, val_acc = evaluate(program, x_val, y_val)
+        recorder.epoch(EpochRecord(epoch, float(np.mean(losses)), val_loss, float(np.mean(accs)), val_acc,
+                                   time.perf_counter() - started))
+    return trace.close() if trace else None

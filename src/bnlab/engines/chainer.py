@@ -1,6 +1,7 @@
-"""The seed's Chainer program, run with real Chainer (7.8.1) links, on the CPU with numpy.
+"""The chainer engine: the question's Chainer program, run with real Chainer (7.8.1) links,
+on the CPU with numpy.
 
-``train(cfg)`` with ``cfg.train.engine == "chainer"`` lands here. Everything around the
+``bnlab.engines.train(cfg)`` with ``cfg.train.engine == "chainer"`` lands here. Everything around the
 network is bnlab's own, shared with the torch engine: the data (``bnlab.data``), the
 minibatch order (``epoch_orders`` + ``split_batches``), the table and the run directory
 (``RunRecorder``). The checkpoint is a torch state_dict with the torch ``MLP``'s keys, so
@@ -36,21 +37,11 @@ import numpy as np
 import torch
 
 from bnlab.conventions import convert
-from bnlab.models import ModelConfig, build_model
-from bnlab.train import (
-    BNCallLog,
-    EpochRecord,
-    RunConfig,
-    RunRecorder,
-    RunResult,
-    TrainConfig,
-    TrainingDiverged,
-    check_minibatches,
-    environment,
-    epoch_orders,
-    load_data,
-    split_batches,
-)
+from bnlab.config import EpochRecord, ModelConfig, RunConfig, TrainConfig
+from bnlab.engines.common import BNCallLog, RunResult, diverged, environment, epoch_orders, first_bad, split_batches
+from bnlab.errors import MissingExtra, UsageError
+from bnlab.models import build_model
+from bnlab.rundir import RunRecorder
 
 MISSING_CHAINER = (
     "The chainer engine needs Chainer 7.8.1, which is not importable here ({err}). Install the "
@@ -61,9 +52,8 @@ MISSING_CHAINER = (
 )
 
 
-class ChainerMissing(ImportError, ValueError):
-    """Chainer cannot be imported. Also a ValueError, so the CLI reports it as a usage
-    problem (one paragraph, exit 2) rather than a traceback."""
+class ChainerMissing(MissingExtra):
+    """Chainer cannot be imported (one paragraph, exit 2)."""
 
 
 def import_chainer() -> ModuleType:
@@ -80,11 +70,11 @@ def import_chainer() -> ModuleType:
 
 # ------------------------------------------------------------------ what the engine can do
 
-def check_chainer_config(cfg: RunConfig) -> None:
-    """Raise ValueError, naming the field and the fix, for settings Chainer cannot run.
+def check_config(cfg: RunConfig) -> None:
+    """Raise UsageError, naming the field and the fix, for settings Chainer cannot run.
 
     These are the TensorFlow program's semantics (and PyTorch's Adam): real Chainer has no
-    biased running variance, no extra BN on the logits here, no Glorot init in the seed's
+    biased running variance, no extra BN on the logits here, no Glorot init in the question's
     program, only the eps-before-correction Adam, and the Chainer program's train metrics.
     """
     m, t = cfg.model, cfg.train
@@ -98,7 +88,7 @@ def check_chainer_config(cfg: RunConfig) -> None:
          "--set logits_norm=false or " + fix),
         (m.init != "chainer-he-normal",
          f"model.init={m.init!r}: the chainer engine initializes with chainer.initializers.HeNormal "
-         "as the seed's program does; --set init=chainer-he-normal or " + fix),
+         "as the question's program does; --set init=chainer-he-normal or " + fix),
         (t.adam_eps_mode != "chainer",
          f"train.adam_eps_mode={t.adam_eps_mode!r}: Chainer's Adam adds eps to sqrt(v) before the "
          "bias correction, which is adam_eps_mode='chainer'; --set adam_eps_mode=chainer or " + fix),
@@ -111,7 +101,7 @@ def check_chainer_config(cfg: RunConfig) -> None:
     ]
     messages = [msg for bad, msg in problems if bad]
     if messages:
-        raise ValueError(f"Preset {cfg.preset!r} cannot run with --engine chainer: " + "; ".join(messages) + ".")
+        raise UsageError(f"Preset {cfg.preset!r} cannot run with --engine chainer: " + "; ".join(messages) + ".")
 
 
 def chainer_decay(model_cfg: ModelConfig) -> float:
@@ -136,7 +126,7 @@ def _define_chain_class(chainer: ModuleType) -> type:
     F, L = chainer.functions, chainer.links
 
     class ChainerMLP(chainer.Chain):
-        """The seed's MyModel, generalised to bnlab's widths and placements.
+        """The question's MyModel, generalised to bnlab's widths and placements.
 
         Child names match the torch ``MLP`` (l1.., bn1.. or the shared bn) so state_dict keys
         map one to one. ``bn_calls`` counts training-mode calls per BN link: it is the torch
@@ -272,7 +262,7 @@ def make_chainer_optimizer(chain: Any, tc: TrainConfig) -> Any:
 
 
 def chainer_train_step(chain: Any, optimizer: Any, xb: np.ndarray, yb: np.ndarray) -> tuple[float, np.ndarray]:
-    """One Adam step on one minibatch, as the seed's loop does it; returns (loss, logits).
+    """One Adam step on one minibatch, as the question's loop does it; returns (loss, logits).
 
     ``xb`` float32 (n, 784), ``yb`` int32 labels. The step count lives in the optimizer
     (``optimizer.t``), so unlike the torch ``train_step`` no step number is passed.
@@ -288,7 +278,7 @@ def chainer_train_step(chain: Any, optimizer: Any, xb: np.ndarray, yb: np.ndarra
 
 
 def chainer_evaluate(chain: Any, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Loss and accuracy with the running statistics, as the seed's evaluation does."""
+    """Loss and accuracy with the running statistics, as the question's evaluation does."""
     chainer = import_chainer()
     F = chainer.functions
     with chainer.using_config("train", False), chainer.using_config("enable_backprop", False):
@@ -364,25 +354,23 @@ def blas_threads(n: int) -> Iterator[str]:
 
 # ------------------------------------------------------------------------------ training
 
-def train_chainer(cfg: RunConfig, data=None, *, data_dir: str | os.PathLike | None = None,
-                  out_dir: str | os.PathLike | None = None, echo: Callable[[str], None] | None = print,
-                  initial_state: dict[str, torch.Tensor] | None = None) -> RunResult:
-    """``bnlab.train.train`` for ``engine="chainer"``: same arguments, same run directory.
+def run(cfg: RunConfig, data: Any, recorder: RunRecorder, *,
+        initial_state: dict[str, torch.Tensor] | None = None) -> RunResult:
+    """Train one run with real Chainer links, through the same run directory as torch.
 
     The returned ``RunResult.model`` is a torch ``MLP`` holding the trained Chainer state.
     """
-    check_chainer_config(cfg)
+    check_config(cfg)
     chainer = import_chainer()
-    data = data if data is not None else load_data(cfg.dataset, data_dir)
     with blas_threads(cfg.train.threads) as threads_note, \
             chainer.using_config("use_ideep", "never"), chainer.using_config("dtype", np.dtype(np.float32)):
-        recorder, state, bn_trace = _train_loop(cfg, data, out_dir, echo, initial_state, chainer, threads_note)
+        state, bn_trace = _train_loop(cfg, data, recorder, initial_state, chainer, threads_note)
     model = build_model(cfg.model, seed=0)  # every value is overwritten by the trained state
     model.load_state_dict(state)
     return RunResult(cfg, recorder.history, model, recorder.out_dir, bn_trace)
 
 
-def _arrays(data) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _arrays(data: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Float32 images / 255 and int32 labels (what F.softmax_cross_entropy takes), once."""
     from bnlab.data import to_float
 
@@ -390,51 +378,36 @@ def _arrays(data) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             to_float(data.test_images), np.asarray(data.test_labels, dtype=np.int32))
 
 
-def _train_loop(cfg: RunConfig, data, out_dir, echo, initial_state, chainer: ModuleType,
-                threads_note: str) -> tuple[RunRecorder, dict[str, torch.Tensor], dict[str, np.ndarray] | None]:
+def _train_loop(cfg: RunConfig, data: Any, recorder: RunRecorder, initial_state: dict[str, torch.Tensor] | None,
+                chainer: ModuleType, threads_note: str) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray] | None]:
     tc = cfg.train
     chain = build_chainer_model(cfg.model, seed=tc.seed, state_dict=initial_state)
     optimizer = make_chainer_optimizer(chain, tc)
-    check_minibatches(cfg, len(data.train_labels))
     x_train, y_train, x_val, y_val = _arrays(data)
     trace = None
     if tc.trace_bn_channels:
         trace = chain.trace = ChainerBNTrace(list(chain.bn_calls), tc.trace_bn_channels)
 
-    recorder = RunRecorder(cfg, out_dir, echo)
     extra = {"engine": "chainer", "chainer": chainer.__version__, "blas_threads": threads_note}
-    recorder.start(environment(torch.device("cpu"), getattr(data, "sha256", None),
-                               getattr(data, "source", None), extra))
-    try:
-        for epoch, order in enumerate(epoch_orders(tc.seed, len(x_train), tc.epochs)):
-            started = time.perf_counter()
-            losses, accs = [], []
-            for idx in split_batches(order, tc.batch_size, tc.batching):
-                idx_np = idx.numpy()
-                yb = y_train[idx_np]
-                loss, logits = chainer_train_step(chain, optimizer, x_train[idx_np], yb)
-                if trace:
-                    trace.end_step()
-                losses.append(loss)
-                accs.append(float((logits.argmax(1) == yb).mean()))
-            _check_finite(cfg, epoch, losses)
-            val_loss, val_acc = chainer_evaluate(chain, x_val, y_val)
-            recorder.epoch(EpochRecord(epoch, float(np.mean(losses)), val_loss, float(np.mean(accs)), val_acc,
-                                       time.perf_counter() - started))
-    except TrainingDiverged as err:
-        recorder.diverged(str(err))
-        raise
+    recorder.start(environment("cpu", data, extra))
+    for epoch, order in enumerate(epoch_orders(tc.seed, len(x_train), tc.epochs)):
+        started = time.perf_counter()
+        losses, accs = [], []
+        for idx in split_batches(order, tc.batch_size, tc.batching):
+            idx_np = idx.numpy()
+            yb = y_train[idx_np]
+            loss, logits = chainer_train_step(chain, optimizer, x_train[idx_np], yb)
+            if trace:
+                trace.end_step()
+            losses.append(loss)
+            accs.append(float((logits.argmax(1) == yb).mean()))
+        bad = first_bad(losses)
+        if bad is not None:
+            raise diverged(cfg, epoch, bad, losses[bad])
+        val_loss, val_acc = chainer_evaluate(chain, x_val, y_val)
+        recorder.epoch(EpochRecord(epoch, float(np.mean(losses)), val_loss, float(np.mean(accs)), val_acc,
+                                   time.perf_counter() - started))
     bn_trace = trace.close() if trace else None
     state = chainer_state_dict(chain)
     recorder.finish(state, bn_trace)
-    return recorder, state, bn_trace
-
-
-def _check_finite(cfg: RunConfig, epoch: int, losses: list[float]) -> None:
-    bad = next((i for i, v in enumerate(losses) if not np.isfinite(v)), None)
-    if bad is not None:
-        raise TrainingDiverged(
-            f"Training of preset {cfg.preset!r} (seed {cfg.train.seed}, chainer engine) diverged: the loss "
-            f"became {losses[bad]} at epoch {epoch}, batch {bad}. The run directory keeps the {epoch} finished "
-            f"epochs. Lower the learning rate (--lr, now {cfg.train.lr}) or check the input data for NaN or "
-            "infinite values.")
+    return state, bn_trace

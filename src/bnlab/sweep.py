@@ -1,18 +1,19 @@
-"""Presets (every program in the seed), the parsing of overrides and seed lists, and sweeps.
+"""Sweeps: many runs (presets x seeds), planned, resumed, executed in parallel, with
+progress from structured per-epoch events.
 
-A preset is a RunConfig plus what the seed claims about it and the band that bnlab
-accepts as "reproduced" for the final validation accuracy. A sweep runs every
-(preset, seed) pair, in parallel worker processes, resumably (see the "sweeps" section).
+A sweep trains every (preset, seed) pair into OUT/runs/PRESET/seedN/. ``plan_sweep`` turns
+names and seeds into RunSpecs; ``run_sweep`` skips the runs already finished on disk and
+hands the rest to an Executor, which reports progress as SweepEvents and returns one
+RunOutcome per spec. ``compare`` is the whole job (plan, train, report) as one call.
+One process owns a sweep directory at a time (a lock on OUT).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing
 import os
 import queue
-import shutil
 import signal
 import sys
 import time
@@ -21,201 +22,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bnlab.conventions import to_torch_momentum
-from bnlab.models import ModelConfig
-from bnlab.train import TABLE_HEADER, EpochRecord, RunConfig, TrainConfig, TrainingDiverged, read_history
+from bnlab.config import EpochRecord, RunConfig, apply_overrides, config_differences, overrides_field
+from bnlab.errors import BnlabError, InputError, UsageError
+from bnlab.presets import ALL_PRESETS, get_preset
+from bnlab.rundir import (FINISHED_STATUSES, RUN_COMPLETE, RUN_DIVERGED, RUN_FAILED, RunLock, clear_run_files,
+                          read_run, safe_name)
 
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    description: str
-    seed_claim: str          # the seed's words
-    accept: tuple[float, float]  # final val acc band that counts as reproduced
-    accept_note: str         # why that band
-    config: RunConfig
-
-
-def _chainer_model(norm: str, decay: float = 0.9) -> ModelConfig:
-    # The question's Chainer program: L.Linear with HeNormal, L.BatchNormalization(eps=1e-3).
-    return ModelConfig(norm=norm, init="chainer-he-normal",
-                       bn_momentum=to_torch_momentum("chainer", decay), bn_eps=1e-3)
-
-
-def _tf_model(norm: str) -> ModelConfig:
-    # tf.layers.dense defaults (Glorot uniform, zero bias) and tf.layers.batch_normalization
-    # (momentum 0.9 weighting the old value, eps 1e-3, biased moving variance on 2-D input),
-    # applied after both hidden layers and on the logits.
-    bn = norm != "none"
-    return ModelConfig(norm=norm, logits_norm=bn, init="tf-glorot-uniform",
-                       bn_momentum=to_torch_momentum("tf1", 0.9), bn_eps=1e-3, running_var="biased")
-
-
-# Chainer's Adam and TF1's AdamOptimizer both add eps before bias correction.
-_CHAINER_TRAIN = TrainConfig(lr=0.01, adam_eps=1e-8, adam_eps_mode="chainer")
-_TF_TRAIN = TrainConfig(lr=0.01, adam_eps=1e-8, adam_eps_mode="chainer",
-                        train_metrics="eval-after-step", batching="array-split")
-
-PRESETS: dict[str, Preset] = {p.name: p for p in [
-    Preset("question",
-           "The question's full Chainer program: ONE BatchNormalization (decay 0.9, eps 1e-3) "
-           "applied after both hidden layers, HeNormal, Adam lr 0.01.",
-           "with batchnormalization, it is less than 0.80 after 100 epochs",
-           (0.0, 0.90),
-           "the seed's own program on these files ends at 0.871 / 0.883, swinging 0.66-0.95 between "
-           "epochs; bnlab calls it reproduced at <= 0.90 (and >= 0.08 below `answer` when both ran)",
-           RunConfig("question", _chainer_model("shared", 0.9), _CHAINER_TRAIN)),
-    Preset("question-first-snippet",
-           "The question's first snippet: shared BatchNormalization with decay 0.99, eps 1e-3, "
-           "and Adam with Chainer's default alpha 0.001.",
-           "same failure (less than 0.80)",
-           (0.0, 0.80),
-           "the seed's own program gives about 0.4 to 0.7",
-           RunConfig("question-first-snippet", _chainer_model("shared", 0.99),
-                     dataclasses.replace(_CHAINER_TRAIN, lr=0.001))),
-    Preset("answer",
-           "The answer: one BatchNormalization per hidden layer (bn1, bn2; decay 0.9, eps 1e-3), "
-           "HeNormal, Adam lr 0.01.",
-           "achieves 98% validation accuracy after 100 epochs",
-           (0.978, 1.0),
-           "the seed's own program on these files gives 0.982 / 0.983",
-           RunConfig("answer", _chainer_model("per-layer", 0.9), _CHAINER_TRAIN)),
-    Preset("no-bn",
-           "The Chainer program without batch normalization: HeNormal, Adam lr 0.01.",
-           "without batchnormalization, the validation accuracy is within 0.97 and 0.98",
-           (0.970, 0.986),
-           "the seed's own program on these files gives 0.978 / 0.978",
-           RunConfig("no-bn", _chainer_model("none"), _CHAINER_TRAIN)),
-    Preset("tensorflow",
-           "The TensorFlow 1.14 program: Glorot dense layers, BN (momentum 0.9, eps 1e-3, biased "
-           "moving variance) after both hidden layers and on the logits, Adam lr 0.01; train "
-           "metrics re-evaluated in inference mode after each step, as the program does.",
-           "the validation accuracy is around 0.98 ... with batchnormalization",
-           (0.975, 1.0),
-           "around 0.98",
-           RunConfig("tensorflow", _tf_model("per-layer"), _TF_TRAIN)),
-    Preset("tensorflow-no-bn",
-           "The TensorFlow program without batch normalization: Glorot dense layers, Adam lr 0.01.",
-           "the validation accuracy is around 0.98 ... without batchnormalization",
-           (0.975, 1.0),
-           "around 0.98",
-           RunConfig("tensorflow-no-bn", _tf_model("none"), _TF_TRAIN)),
-]}
-
-# The seed's story in the order the README tells it.
-STORY = ("question", "answer", "no-bn", "tensorflow")
-ALL_PRESETS = tuple(PRESETS)
-
-
-def get_preset(name: str) -> Preset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; `bnlab presets` lists them: {', '.join(PRESETS)}") from None
-
-
-def reproduced(preset: Preset, final_val_acc: float) -> bool:
-    low, high = preset.accept
-    return low <= final_val_acc <= high
-
-
-# ------------------------------------------------------------------------------ overrides
-
-def _field_types(cls) -> dict[str, typing.Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-MODEL_FIELDS = _field_types(ModelConfig)
-TRAIN_FIELDS = _field_types(TrainConfig)
-
-
-def parse_value(text: str, typ: typing.Any) -> typing.Any:
-    """Parse a command-line string into a config field's type."""
-    text = text.strip()
-    if typ is bool:
-        lowered = text.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected true or false, got {text!r}")
-    if typ is int:
-        return int(text)
-    if typ is float:
-        return float(text)
-    if typing.get_origin(typ) is tuple:
-        parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
-        if not parts:
-            raise ValueError("expected a comma-separated list of integers")
-        return tuple(int(p) for p in parts)
-    return text
-
-
-def apply_overrides(cfg: RunConfig, overrides: dict[str, str | typing.Any]) -> RunConfig:
-    """Return ``cfg`` with fields replaced; keys are field names of ModelConfig or
-    TrainConfig (optionally prefixed ``model.`` / ``train.``), values strings or typed."""
-    model_changes: dict[str, typing.Any] = {}
-    train_changes: dict[str, typing.Any] = {}
-    for key, raw in overrides.items():
-        section, _, name = key.rpartition(".")
-        name = name.replace("-", "_")
-        if section not in ("", "model", "train"):
-            raise ValueError(f"unknown setting {key!r}: use a field name, optionally prefixed model. or train.")
-        if name in MODEL_FIELDS and section in ("", "model"):
-            target, typ = model_changes, MODEL_FIELDS[name]
-        elif name in TRAIN_FIELDS and section in ("", "train"):
-            target, typ = train_changes, TRAIN_FIELDS[name]
-        else:
-            known = ", ".join(sorted({*MODEL_FIELDS, *TRAIN_FIELDS}))
-            raise ValueError(f"unknown setting {key!r}; settings are: {known}")
-        try:
-            target[name] = parse_value(raw, typ) if isinstance(raw, str) else raw
-        except ValueError as err:
-            raise ValueError(f"bad value for {key}: {err}") from None
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model_changes),
-                               train=dataclasses.replace(cfg.train, **train_changes))
-
-
-def parse_seeds(text: str) -> list[int]:
-    """'0-4' -> [0, 1, 2, 3, 4]; '0,3,7-8' -> [0, 3, 7, 8]; duplicates removed, order kept."""
-    seeds: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            raise ValueError(f"empty item in seed list {text!r}")
-        lo, sep, hi = part.partition("-")
-        if sep:
-            start, stop = int(lo), int(hi)
-            if stop < start:
-                raise ValueError(f"seed range {part!r} runs backwards")
-            if stop - start > 10_000:
-                raise ValueError(f"seed range {part!r} is too long")
-            seeds.extend(range(start, stop + 1))
-        else:
-            seeds.append(int(part))
-    if any(s < 0 for s in seeds):
-        raise ValueError("seeds must be >= 0")
-    return list(dict.fromkeys(seeds))
-
-
-def parse_presets(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise ValueError("no preset named")
-    if names == ["all"]:
-        return list(ALL_PRESETS)
-    for n in names:
-        get_preset(n)
-    return list(dict.fromkeys(names))
-
-
-# ----------------------------------------------------------------------------------- sweeps
-#
-# A sweep trains every (preset, seed) pair into OUT/runs/PRESET/seedN/. plan_sweep() turns
-# names and seeds into RunSpecs; run_sweep() skips the runs already finished on disk and
-# hands the rest to an Executor, which reports progress as SweepEvents and returns one
-# RunOutcome per spec. bnlab.report turns the run directories into statistics and pictures.
+if typing.TYPE_CHECKING:
+    from bnlab.report import Report
 
 # Measured on the 2-core development machine (shared with other jobs), training time of
 # run_sweep over question and answer x seeds 0-1 at 20 epochs (4 full-size runs), two
@@ -227,12 +41,6 @@ def parse_presets(text: str) -> list[str]:
 DEFAULT_THREADS_PER_WORKER = 1
 TRACE_CHANNELS = 4
 
-RUN_COMPLETE, RUN_DIVERGED, RUN_FAILED = "complete", "diverged", "failed"
-# A diverged run is a result (it would diverge again), so it is not re-run on resume.
-FINISHED_STATUSES = (RUN_COMPLETE, RUN_DIVERGED)
-# TrainConfig fields that change how fast a run goes, not what it computes: a finished run
-# on disk is reused when only these differ from the plan.
-SPEED_ONLY_FIELDS = ("threads",)
 
 
 def default_workers() -> int:
@@ -278,12 +86,13 @@ class RunOutcome:
 
 @dataclass(frozen=True)
 class SweepEvent:
-    """Progress of one run: ``kind`` is "start", "epoch" (``epoch`` just finished) or
-    "done" (``outcome`` set; ``outcome.cached`` when it was finished on disk already)."""
+    """Progress of one run: ``kind`` is "start", "epoch" (``record`` is the epoch just
+    finished) or "done" (``outcome`` set; ``outcome.cached`` when it was finished on disk
+    already)."""
 
     kind: str
     spec: RunSpec
-    epoch: int | None = None
+    record: EpochRecord | None = None
     outcome: RunOutcome | None = None
 
 
@@ -308,10 +117,6 @@ class Executor(typing.Protocol):
     def map_runs(self, run_specs: Sequence[RunSpec], on_event: EventHandler) -> list[RunOutcome]: ...
 
 
-def _overrides_field(overrides: dict[str, typing.Any], name: str) -> bool:
-    return any(key.rpartition(".")[2].replace("-", "_") == name for key in overrides)
-
-
 def plan_sweep(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathLike,
                overrides: dict[str, typing.Any] | None = None, *, dataset: str = "mnist",
                data_dir: str | os.PathLike | None = None,
@@ -320,9 +125,10 @@ def plan_sweep(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathL
 
     Models with batch norm record ``trace_bn_channels`` channels of their BN statistics
     (the report's picture of the shared-BN bug) unless the overrides set it themselves.
+    Every config is validated here, before anything trains.
     """
     overrides = dict(overrides or {})
-    trace = {} if _overrides_field(overrides, "trace_bn_channels") else {"trace_bn_channels": trace_bn_channels}
+    trace = {} if overrides_field(overrides, "trace_bn_channels") else {"trace_bn_channels": trace_bn_channels}
     specs: list[RunSpec] = []
     for name in presets:
         preset = get_preset(name)
@@ -336,50 +142,39 @@ def plan_sweep(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathL
     return specs
 
 
-def _flat(d: dict[str, typing.Any], prefix: str = "") -> dict[str, typing.Any]:
-    flat: dict[str, typing.Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return flat
-
-
-def config_differences(a: RunConfig, b: RunConfig) -> list[str]:
-    """Fields (dotted names) whose values differ, ignoring SPEED_ONLY_FIELDS."""
-    fa, fb = _flat(a.to_dict()), _flat(b.to_dict())
-    ignored = {f"train.{name}" for name in SPEED_ONLY_FIELDS}
-    return sorted(k for k in fa.keys() | fb.keys() if k not in ignored and fa.get(k) != fb.get(k))
-
-
-def _saved_history(run_dir: Path) -> tuple[str | None, list[EpochRecord], str]:
-    saved = read_history(run_dir) or {}
+def _saved(spec: RunSpec) -> tuple[str | None, list[EpochRecord], str]:
+    """(status, history, message) saved in the spec's run directory; (None, [], "") when
+    there is none, and for a directory whose files cannot be trusted (it is re-run)."""
     try:
-        history = [EpochRecord(**r) for r in saved.get("history", [])]
-    except TypeError:
-        history = []
-    return saved.get("status"), history, saved.get("message", "")
+        run = read_run(spec.run_dir)
+    except InputError:
+        return None, [], ""
+    if run is None or run.preset != spec.preset or run.seed != spec.seed:
+        return None, [], ""
+    return run.status, run.history, run.message
 
 
 def finished_outcome(spec: RunSpec) -> RunOutcome | None:
     """The outcome saved in ``spec.run_dir`` if that run finished with the planned config,
     or None if it has to (re)run.
 
-    Raises ValueError when the directory holds a finished run with other settings: results
+    Raises UsageError when the directory holds a finished run with other settings: results
     are never overwritten, nor reused for a different question, without the user saying so.
     """
-    status, history, message = _saved_history(spec.run_dir)
+    status, history, message = _saved(spec)
     if status not in FINISHED_STATUSES:
         return None
     try:
-        on_disk = RunConfig.from_dict(json.loads((spec.run_dir / "config.json").read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
+        run = read_run(spec.run_dir)
+        on_disk = run.run_config() if run else None
+    except InputError:
         return None  # history without a readable config is not a run we can vouch for
+    if on_disk is None:
+        return None
     differences = config_differences(on_disk, spec.config)
     if differences:
-        shown = ", ".join(f"{k}" for k in differences[:6]) + (" ..." if len(differences) > 6 else "")
-        raise ValueError(
+        shown = ", ".join(differences[:6]) + (" ..." if len(differences) > 6 else "")
+        raise UsageError(
             f"{spec.run_dir} already holds a finished run of {spec.label} trained with other settings "
             f"(differing: {shown}). bnlab reuses finished runs only when their settings match, and does "
             "not overwrite them: choose another --out for the new settings, or delete that directory to "
@@ -387,22 +182,11 @@ def finished_outcome(spec: RunSpec) -> RunOutcome | None:
     return RunOutcome(spec.preset, spec.seed, spec.run_dir, status, history, message, cached=True)
 
 
-def clear_run_dir(run_dir: Path) -> None:
-    """Delete what an interrupted attempt left, so a restarted run never mixes two attempts."""
-    if run_dir.is_symlink() or run_dir.is_file():
-        run_dir.unlink()
-    elif run_dir.exists():
-        shutil.rmtree(run_dir)
-
-
-def _row_epoch(row: str) -> int:
-    try:
-        return int(row.split()[0])
-    except (IndexError, ValueError):
-        return -1
-
-
-def _failure_message(err: Exception) -> str:
+def _failure_message(err: BaseException) -> str:
+    """A failed run's reason: bnlab's own message as it is; anything else (a bug, or an
+    error of a framework) with its type and where it was raised."""
+    if isinstance(err, BnlabError):
+        return str(err)
     import traceback
 
     frames = traceback.extract_tb(err.__traceback__)
@@ -410,32 +194,31 @@ def _failure_message(err: Exception) -> str:
     return f"{type(err).__name__}: {err}{where}"
 
 
-def execute_spec(spec: RunSpec, on_epoch: Callable[[int], None] | None = None) -> RunOutcome:
+def execute_spec(spec: RunSpec, on_epoch: Callable[[EpochRecord], None] | None = None) -> RunOutcome:
     """Train one spec from scratch into its run directory and return its outcome.
 
-    Whatever an earlier attempt left in the directory is deleted first. ``on_epoch`` gets
-    each finished epoch's number. TrainingDiverged and other exceptions become outcomes
-    (diverged / failed) so that one bad run never ends a sweep.
+    The files an earlier attempt wrote are removed first (only bnlab's own files).
+    ``on_epoch`` gets each finished epoch's record. TrainingDiverged and other exceptions
+    become outcomes (diverged / failed, with the error's own message) so that one bad run
+    never ends a sweep.
     """
-    from bnlab.train import train
+    from bnlab.engines import train
+    from bnlab.errors import TrainingDiverged
 
-    clear_run_dir(spec.run_dir)
     started = time.perf_counter()
-
-    def echo(line: str) -> None:
-        # train() reports through its table printer: the header once, then one row per
-        # finished epoch, whose first field is the epoch number.
-        if line != TABLE_HEADER and on_epoch is not None:
-            on_epoch(_row_epoch(line))
-
     status, message = RUN_COMPLETE, ""
+    history: list[EpochRecord] = []
     try:
-        train(spec.config, data_dir=spec.data_dir, out_dir=spec.run_dir, echo=echo)
+        clear_run_files(spec.run_dir)
+        result = train(spec.config, data_dir=spec.data_dir, out_dir=spec.run_dir, echo=None,
+                       on_epoch=on_epoch, overwrite=True)
+        history = result.history
     except TrainingDiverged as err:
         status, message = RUN_DIVERGED, str(err)
     except Exception as err:  # noqa: BLE001 - a failed run is reported and the sweep goes on
         status, message = RUN_FAILED, _failure_message(err)
-    _, history, _ = _saved_history(spec.run_dir)
+    if status != RUN_COMPLETE:
+        history = _saved(spec)[1]
     return RunOutcome(spec.preset, spec.seed, spec.run_dir, status, history, message,
                       seconds=time.perf_counter() - started)
 
@@ -448,7 +231,7 @@ class InlineExecutor:
         outcomes = []
         for spec in run_specs:
             on_event(SweepEvent("start", spec))
-            outcome = execute_spec(spec, lambda epoch, s=spec: on_event(SweepEvent("epoch", s, epoch=epoch)))
+            outcome = execute_spec(spec, lambda rec, s=spec: on_event(SweepEvent("epoch", s, record=rec)))
             on_event(SweepEvent("done", spec, outcome=outcome))
             outcomes.append(outcome)
         return outcomes
@@ -480,10 +263,10 @@ def _worker_main(worker: int, tasks, events, threads: int) -> None:
         index, spec = item
         events.put(("start", index, worker, None))
 
-        def on_epoch(epoch: int, index: int = index) -> None:
+        def on_epoch(record: EpochRecord, index: int = index) -> None:
             if not parent_alive():  # nobody is left to use the result: stop now
                 raise SystemExit(1)
-            events.put(("epoch", index, worker, epoch))
+            events.put(("epoch", index, worker, record))
 
         events.put(("done", index, worker, execute_spec(spec, on_epoch)))
 
@@ -507,7 +290,7 @@ class _PoolState:
             self.running[worker] = index
             self.on_event(SweepEvent("start", spec))
         elif kind == "epoch":
-            self.on_event(SweepEvent("epoch", spec, epoch=payload))
+            self.on_event(SweepEvent("epoch", spec, record=payload))
         elif kind == "done":
             self.running.pop(worker, None)
             self._finish(index, payload)
@@ -518,8 +301,7 @@ class _PoolState:
 
     def _fail(self, index: int, message: str) -> None:
         spec = self.specs[index]
-        _, history, _ = _saved_history(spec.run_dir)
-        self._finish(index, RunOutcome(spec.preset, spec.seed, spec.run_dir, RUN_FAILED, history, message))
+        self._finish(index, RunOutcome(spec.preset, spec.seed, spec.run_dir, RUN_FAILED, _saved(spec)[1], message))
 
     def reap(self, procs: list, events) -> None:
         """Account for workers that died without reporting (killed, out of memory)."""
@@ -579,9 +361,9 @@ class LocalProcessExecutor:
     def __init__(self, workers: int | None = None, threads: int = DEFAULT_THREADS_PER_WORKER,
                  *, poll_s: float = 0.5) -> None:
         if workers is not None and workers < 1:
-            raise ValueError(f"workers must be >= 1; got {workers}")
+            raise UsageError(f"workers must be >= 1; got {workers}")
         if threads < 0:
-            raise ValueError(f"threads must be >= 0 (0 keeps torch's default); got {threads}")
+            raise UsageError(f"threads must be >= 0 (0 keeps torch's default); got {threads}")
         self.workers = workers or default_workers()
         self.threads = threads
         self.poll_s = poll_s
@@ -624,13 +406,13 @@ def run_sweep(specs: Sequence[RunSpec], executor: Executor,
     """Train the specs not finished on disk yet; return every spec's outcome, in order.
 
     Runs finished earlier are announced first, as "done" events whose outcome is cached.
-    Raises ValueError (before training anything) if two specs share a directory or a
+    Raises UsageError (before training anything) if two specs share a directory or a
     finished run on disk has other settings (see finished_outcome).
     """
     handler = on_event or (lambda event: None)
     dirs = [spec.run_dir.resolve() for spec in specs]
     if len(set(dirs)) != len(dirs):
-        raise ValueError("two runs of the sweep would share a directory; list each preset and seed once")
+        raise UsageError("two runs of the sweep would share a directory; list each preset and seed once.")
     known = [finished_outcome(spec) for spec in specs]
     for spec, outcome in zip(specs, known):
         if outcome is not None:
@@ -641,50 +423,69 @@ def run_sweep(specs: Sequence[RunSpec], executor: Executor,
 
 
 class SweepProgress:
-    """One tqdm bar over every epoch still to train; its ETA moves with each epoch that
-    any worker finishes. Call it with each SweepEvent; print through ``write`` so that
-    lines do not tear the bar."""
+    """One tqdm bar over every epoch still to train, fed by SweepEvents.
 
-    def __init__(self, specs: Sequence[RunSpec], *, file: typing.TextIO | None = None,
-                 disable: bool = False) -> None:
+    The bar appears as soon as training starts. Its clock restarts at the first finished
+    epoch: before that the workers are starting (importing torch, reading the data), and
+    counting that time would make the first ETA several times too long. Epochs that will
+    never come (cached, diverged or failed runs) leave the total, so the ETA counts only
+    work that is really left. Print through ``note``/``write`` so lines do not tear the bar.
+    """
+
+    def __init__(self, total_runs: int, total_epochs: int | None = None, *,
+                 file: typing.TextIO | None = None, disable: bool = False) -> None:
         from tqdm import tqdm
 
-        self._planned = {spec.run_dir: spec.config.train.epochs for spec in specs}
         self._seen: dict[Path, int] = {}
         self._running: list[str] = []
-        self._runs, self._done = len(specs), 0
+        self._runs, self._done = total_runs, 0
+        self._clock_started = False
         stream = file or sys.stderr
         # On a terminal the bar redraws often; into a log file a line every 30 s is enough.
         interactive = hasattr(stream, "isatty") and stream.isatty()
-        self.bar = tqdm(total=sum(self._planned.values()), unit="epoch", desc="training",
-                        file=stream, disable=disable, dynamic_ncols=True, smoothing=0.1,
-                        mininterval=0.1 if interactive else 30.0)
+        self.bar = tqdm(total=total_epochs, unit="epoch", desc="training", file=stream, disable=disable,
+                        dynamic_ncols=True, smoothing=0.0, mininterval=0.1 if interactive else 30.0)
+        self._postfix()
 
     def __call__(self, event: SweepEvent) -> None:
         key = event.spec.run_dir
+        planned = event.spec.config.train.epochs
         if event.kind == "start":
             self._running.append(event.spec.label)
         elif event.kind == "epoch":
+            if not self._clock_started:
+                self._clock_started = True
+                total = self.bar.total
+                self.bar.reset(total=total)  # the ETA counts from here (see the class docstring)
             self._seen[key] = self._seen.get(key, 0) + 1
             self.bar.update(1)
         elif event.kind == "done":
             self._done += 1
             if event.spec.label in self._running:
                 self._running.remove(event.spec.label)
-            # Epochs that will never come (cached, diverged or failed runs) leave the total,
-            # so the ETA counts only work that is really left.
-            self.bar.total -= self._planned.get(key, 0) - self._seen.get(key, 0)
+            if self.bar.total is not None:
+                self.bar.total -= planned - self._seen.get(key, 0)
+                self.bar.refresh()
+        self._postfix()
+
+    def _postfix(self) -> None:
         running = ", ".join(self._running[:4]) + (" ..." if len(self._running) > 4 else "")
         # refresh=False: the bar redraws at its own pace (mininterval), not at every event.
         self.bar.set_postfix_str(f"{self._done}/{self._runs} runs" + (f"; now: {running}" if running else ""),
                                  refresh=False)
 
-    @staticmethod
-    def write(text: str) -> None:
-        """Print ``text`` to stdout above any open bar (tqdm clears and redraws them)."""
+    def note(self, text: str) -> None:
+        """A status line (to the bar's stream) above the bar."""
         from tqdm import tqdm
 
-        tqdm.write(text, file=sys.stdout)
+        tqdm.write(text, file=self.bar.fp if hasattr(self.bar, "fp") else sys.stderr)
+
+    @staticmethod
+    def write(text: str, file: typing.TextIO | None = None) -> None:
+        """Print ``text`` (to stdout by default) above any open bar (tqdm clears and redraws them)."""
+        from tqdm import tqdm
+
+        tqdm.write(text, file=file or sys.stdout)
 
     def close(self) -> None:
         self.bar.close()
@@ -705,3 +506,64 @@ class InOrder:
         while self._next < len(self._keys) and self._keys[self._next] in self._ready:
             self._emit(self._ready.pop(self._keys[self._next]))
             self._next += 1
+
+
+def find_run_dirs(sweep_dir: str | os.PathLike) -> list[Path]:
+    """OUT/runs/PRESET/seedN directories that hold a history, in preset then seed order.
+    Folder names are untrusted: only plain names are taken."""
+    found = [p.parent for p in Path(sweep_dir).glob("runs/*/seed*/history.json")
+             if _plain(p.parent.parent.name) and p.parent.name[4:].isdigit()]
+    rank = {name: i for i, name in enumerate(ALL_PRESETS)}
+
+    def key(p: Path) -> tuple:
+        return (rank.get(p.parent.name, len(rank)), p.parent.name, int(p.name[4:]))
+
+    return sorted(found, key=key)
+
+
+def _plain(name: str) -> bool:
+    try:
+        safe_name(name)
+    except InputError:
+        return False
+    return True
+
+
+def compare(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathLike,
+            overrides: dict[str, typing.Any] | None = None, *, dataset: str = "mnist",
+            data_dir: str | os.PathLike | None = None, workers: int | None = None,
+            threads: int = DEFAULT_THREADS_PER_WORKER, executor: Executor | None = None,
+            on_event: EventHandler | None = None, on_stage: Callable[[str], None] | None = None,
+            on_plan: Callable[[list[RunSpec]], None] | None = None) -> tuple[list[RunOutcome], Report]:
+    """Plan, train (resuming) and report one sweep: every preset x seed into OUT/runs, the
+    report into OUT/report. Returns the outcomes (in plan order) and the report.
+
+    One process owns OUT at a time: a second one stops at once with a message naming the
+    first. The report is written even when some runs failed; it lists them with their
+    reasons. ``on_plan`` receives every planned spec before anything trains; ``on_stage``
+    hears what is happening between the epochs ("checking the data", "building the report").
+    """
+    from bnlab.engines import check_config
+    from bnlab.engines.common import load_data
+    from bnlab.report import build_report
+
+    stage = on_stage or (lambda text: None)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder; give a folder for the sweep.")
+    specs = plan_sweep(presets, seeds, out, {**(overrides or {}), "threads": threads},
+                       dataset=dataset, data_dir=data_dir)
+    with RunLock(out, "sweep directory"):
+        pending = [s for s in specs if finished_outcome(s) is None]
+        for spec in pending[:1]:
+            check_config(spec.config)  # a missing framework or device is said once, before any worker
+        if pending:
+            stage(f"checking the {dataset} files")
+            load_data(dataset, data_dir)  # find, verify or download once, before any worker starts
+            stage(f"training {len(pending)} run(s) of {len(specs)}")
+        if on_plan is not None:
+            on_plan(specs)
+        outcomes = run_sweep(specs, executor or LocalProcessExecutor(workers, threads), on_event)
+        stage("building the report")
+        report = build_report([s.run_dir for s in specs], out / "report", outcomes=outcomes)
+    return outcomes, report

@@ -1,0 +1,70 @@
+"""Every error bnlab means to show a user, with the exit code the command ends with.
+
+The CLI maps errors by class (``BnlabError.exit_code``): 2 for bad flags, bad input files and
+missing optional frameworks, 1 for a run that failed or diverged. Anything else that reaches
+the CLI is a bug: it keeps its traceback and exits 1, and is never disguised as a usage error.
+
+``UsageError`` and ``InputError`` are also ``ValueError``s, so library callers that catch
+``ValueError`` for bad arguments keep working.
+"""
+
+from __future__ import annotations
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class BnlabError(Exception):
+    """An error bnlab explains in one paragraph (the message names the thing and the fix)."""
+
+    exit_code = EXIT_FAILED
+
+
+class UsageError(BnlabError, ValueError):
+    """A bad flag, setting or argument."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputError(BnlabError, ValueError):
+    """A file or data set that cannot be used as it is (corrupt, wrong shape, tampered)."""
+
+    exit_code = EXIT_USAGE
+
+
+class OutputError(BnlabError):
+    """bnlab cannot write where it was told to (disk full, read-only, a file in the way)."""
+
+    exit_code = EXIT_USAGE
+
+
+class MissingExtra(BnlabError, ImportError):
+    """An optional framework (Chainer, TensorFlow, Ray, ...) is not installed."""
+
+    exit_code = EXIT_USAGE
+
+
+class RunFailed(BnlabError):
+    """A run, or some runs of a sweep, did not complete."""
+
+    exit_code = EXIT_FAILED
+
+
+class TrainingDiverged(BnlabError, RuntimeError):
+    """The loss became NaN or infinite; the run directory keeps the epochs before it."""
+
+    exit_code = EXIT_FAILED
+
+
+def output_error(path: object, err: OSError) -> OutputError:
+    """The one-paragraph message for an OSError met while writing ``path``."""
+    import errno
+
+    reason = {
+        errno.ENOSPC: "the disk is full; free some space or choose another --out",
+        errno.EROFS: "the file system is read-only; choose another --out",
+        errno.EACCES: "permission denied; choose a folder you can write to with --out",
+        errno.EEXIST: "a file is in the way; choose another --out",
+        errno.ENOTDIR: "a file stands where a folder is needed; choose another --out",
+        errno.EISDIR: "a folder stands where a file is needed; choose another --out",
+    }.get(err.errno or 0, f"{err.strerror or err}; choose another --out")
+    return OutputError(f"cannot write {path}: {reason}.")
