@@ -56,7 +56,14 @@ import torch
 
 from bnlab.config import EpochRecord, ModelConfig, RunConfig, TrainConfig
 from bnlab.conventions import convert
-from bnlab.engines.common import RunResult, diverged, environment, epoch_orders, first_bad, split_batches
+from bnlab.engines.common import (
+    RunResult,
+    diverged,
+    environment,
+    epoch_orders,
+    first_bad,
+    split_batches,
+)
 from bnlab.errors import MissingExtra, UsageError
 from bnlab.models import build_model
 from bnlab.rundir import RunRecorder
