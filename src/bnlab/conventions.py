@@ -160,7 +160,7 @@ def format_conventions_table() -> str:
     lines = []
     for r in rows:
         # The last column is free text: left unpadded so the table does not grow trailing blanks.
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1])
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])
     lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * len(header[-1]))
     lines.append("")
     lines.append("Running-mean update, in each framework's names (the variance is updated the same way):")

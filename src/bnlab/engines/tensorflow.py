@@ -96,7 +96,7 @@ def import_tensorflow() -> ModuleType:
         os.environ["TF_USE_LEGACY_KERAS"] = "1"
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no C++ banner on every run
     try:
-        import tensorflow as tf  # type: ignore[import-untyped]
+        import tensorflow as tf
     except ImportError as err:
         raise TensorFlowMissing(MISSING_TENSORFLOW.format(err=err)) from err
     try:
@@ -468,7 +468,7 @@ def _arrays(data: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _environment(cfg: RunConfig, data: Any, tf: ModuleType) -> dict[str, Any]:
-    import tf_keras  # type: ignore[import-untyped]
+    import tf_keras
 
     extra: dict[str, Any] = {
         "engine": "tensorflow", "tensorflow": tf.__version__, "tf_keras": tf_keras.__version__,
