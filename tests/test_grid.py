@@ -155,7 +155,8 @@ def test_a_grid_sweep_reports_failed_points_and_respects_the_lock(tmp_path, caps
     assert "exactly two axes" in html and not (out / "report" / "grid_heatmap.png").exists()
     assert (out / "report" / "grid_axes.png").exists()
     # Conflicting flags are usage errors before anything trains.
-    assert main(["compare", "--presets", "no-bn", "--grid", "lr=0.1,0.2", "--lr", "0.3", "--out", str(tmp_path / "x")]) == 2
+    conflict = ["compare", "--presets", "no-bn", "--grid", "lr=0.1,0.2", "--lr", "0.3", "--out", str(tmp_path / "x")]
+    assert main(conflict) == 2
     assert "also varied by --grid" in capsys.readouterr().err
     assert not (tmp_path / "x" / "runs").exists()
 

@@ -478,7 +478,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def add_study_parser(sub: Any) -> None:
-    p = _add_parser(sub, "study", help="run a study: 'sharing' = when does one shared BN hurt, and does the repair cure it",
+    p = _add_parser(sub, "study", help="run a study: 'sharing' = when does one shared BN hurt, does the repair cure it",
                     description="sharing: the question (one BN shared by both hidden layers) against the answer (one "
                     "BN per layer) over Chainer decay 0.5/0.9/0.99 (PyTorch momentum 0.5/0.1/0.01) x batch size "
                     "100/1000, and for every shared run the val acc after the doctor's repair (bnlab.doctor.repair: "

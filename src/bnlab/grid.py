@@ -103,7 +103,8 @@ def check_axes(axes: Sequence[GridAxis], overrides: dict[str, Any]) -> None:
 
 def grid_points(axes: Sequence[GridAxis]) -> list[GridPoint]:
     """Every point of the grid, first axis slowest; [()] for no axes (one point)."""
-    return [tuple(zip((a.field for a in axes), values)) for values in itertools.product(*(a.values for a in axes))]
+    fields = [a.field for a in axes]
+    return [tuple(zip(fields, values, strict=True)) for values in itertools.product(*(a.values for a in axes))]
 
 
 def format_value(value: Any) -> str:

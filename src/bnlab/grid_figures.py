@@ -94,13 +94,13 @@ def plot_axes(cells: Sequence[CellStat], axes: Sequence[GridAxis], series: Seque
     rows = []
     for i, axis in enumerate(axes):
         others = [a for j, a in enumerate(axes) if j != i]
-        rows.append((i, axis, others, list(itertools.product(*(a.values for a in others)))))
-    n_cols = max(len(r[3]) for r in rows)
+        rows.append((axis, others, list(itertools.product(*(a.values for a in others)))))
+    n_cols = max(len(r[2]) for r in rows)
     fig = _figure(max(5.0, 4.2 * n_cols), 3.9 * len(rows) + 0.5)
     grid = np.asarray(fig.subplots(len(rows), n_cols, squeeze=False))
     y_low = max(0.0, min(c.bar()[0] for c in cells) - 0.02)
     y_high = min(1.0, max(c.bar()[1] for c in cells) + 0.01)
-    for r, (i, axis, others, combos) in enumerate(rows):
+    for r, (axis, others, combos) in enumerate(rows):
         x, log = _positions(axis)
         span = float(np.ptp(x)) or 1.0
         for col in range(n_cols):
@@ -108,7 +108,7 @@ def plot_axes(cells: Sequence[CellStat], axes: Sequence[GridAxis], series: Seque
             if col >= len(combos):
                 ax.set_visible(False)
                 continue
-            fixed = dict(zip((a.field for a in others), combos[col]))
+            fixed = dict(zip((a.field for a in others), combos[col], strict=True))
             for k, name in enumerate(series):
                 stats = []
                 for value in axis.values:
@@ -138,7 +138,8 @@ def plot_axes(cells: Sequence[CellStat], axes: Sequence[GridAxis], series: Seque
             ax.legend(fontsize=7, loc="best")
     return save_figure(fig, out_dir, "grid_axes", "Final validation accuracy against each grid axis",
                        "Each point: mean final val acc over seeds; bars: Student-t 95% interval of that mean, "
-                       "clipped to the range the seeds reached (none for one seed). Series at the same value are nudged sideways so their bars do not overlap. "
+                       "clipped to the range the seeds reached (none for one seed). Series at the same value are "
+                       "nudged sideways so their bars do not overlap. "
                        "Panels in a row hold the other axes fixed at the value in their title.")
 
 
@@ -169,7 +170,7 @@ def plot_heatmaps(cells: Sequence[CellStat], axes: Sequence[GridAxis], series: S
     fig = _figure(width, len(rows_axis.values) * cell_h + 2.0)
     panels = np.atleast_1d(fig.subplots(1, len(series), squeeze=False)[0])
     image = None
-    for ax, name in zip(panels, series):
+    for ax, name in zip(panels, series, strict=True):
         grid = np.full((len(rows_axis.values), len(cols_axis.values)), np.nan)
         for i, rv in enumerate(rows_axis.values):
             for j, cv in enumerate(cols_axis.values):
@@ -179,13 +180,16 @@ def plot_heatmaps(cells: Sequence[CellStat], axes: Sequence[GridAxis], series: S
                 ax.text(j, i, _cell_text(c), ha="center", va="center", fontsize=9,
                         color="white" if c is not None and (c.mean - vmin) / (vmax - vmin) < 0.35 else "black")
         image = ax.imshow(grid, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
-        ax.set_xticks(range(len(cols_axis.values)), [tick_label(cols_axis, v) for v in cols_axis.values], fontsize=8)
-        ax.set_yticks(range(len(rows_axis.values)), [tick_label(rows_axis, v) for v in rows_axis.values], fontsize=8)
+        ax.set_xticks(range(len(cols_axis.values)), [tick_label(cols_axis, v) for v in cols_axis.values],
+                      fontsize=8)
+        ax.set_yticks(range(len(rows_axis.values)), [tick_label(rows_axis, v) for v in rows_axis.values],
+                      fontsize=8)
         ax.set_xlabel(axis_label(cols_axis, scale=False), fontsize=9)
         ax.set_ylabel(axis_label(rows_axis, scale=False), fontsize=9)
         ax.set_title(name, fontsize=10)
     if image is not None:
         fig.colorbar(image, ax=list(panels), label="final val acc (mean over seeds)", shrink=0.9)
-    return save_figure(fig, out_dir, "grid_heatmap", f"Final validation accuracy over {rows_axis.name} x {cols_axis.name}",
+    title = f"Final validation accuracy over {rows_axis.name} x {cols_axis.name}"
+    return save_figure(fig, out_dir, "grid_heatmap", title,
                        "Each cell: mean final val acc over seeds and, below it, the half width of its Student-t 95% "
                        "interval (n=1: one seed, no interval). One colour scale for every panel.")

@@ -20,8 +20,22 @@ from typing import Any
 
 from bnlab.grid import GridAxis, GridPoint, format_value, point_label
 from bnlab.grid_figures import CellStat, plot_axes, plot_heatmaps
-from bnlab.report import (_CSS, CONFIDENCE, LAST_EPOCHS, METRICS, Stats, _ci, _figure_html, _mean_sd, _num,
-                          _table_html, describe, json_safe, markdown_table, run_metrics)
+from bnlab.report import (
+    _CSS,
+    CONFIDENCE,
+    LAST_EPOCHS,
+    METRICS,
+    Stats,
+    _ci,
+    _figure_html,
+    _mean_sd,
+    _num,
+    _table_html,
+    describe,
+    json_safe,
+    markdown_table,
+    run_metrics,
+)
 from bnlab.rundir import RUN_COMPLETE, RunData, atomic_write_json, atomic_write_text
 
 if typing.TYPE_CHECKING:  # the sweep imports this module when it reports
@@ -66,7 +80,7 @@ class GridCell:
 def results_of(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome]) -> list[GridResult]:
     """Each planned run's result, from its outcome (whose history is what is on disk)."""
     results = []
-    for spec, o in zip(specs, outcomes):
+    for spec, o in zip(specs, outcomes, strict=True):
         complete = o.status == RUN_COMPLETE and bool(o.history)
         metrics = run_metrics(RunData(o.preset, o.seed, o.run_dir, o.status, list(o.history))) if complete else {}
         results.append(GridResult(spec.preset, spec.grid, spec.seed, o.status, metrics, o.run_dir, o.message))

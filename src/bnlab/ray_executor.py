@@ -24,8 +24,7 @@ from typing import Any
 
 from bnlab.errors import MissingExtra, UsageError
 from bnlab.rundir import RUN_FAILED
-from bnlab.sweep import (DEFAULT_THREADS_PER_WORKER, EventHandler, RunOutcome, RunSpec, SweepEvent, _saved,
-                         execute_spec)
+from bnlab.sweep import DEFAULT_THREADS_PER_WORKER, EventHandler, RunOutcome, RunSpec, SweepEvent, _saved, execute_spec
 
 # Ray retries a task whose worker process died this many times before the run is failed.
 DEFAULT_MAX_RETRIES = 3
@@ -36,7 +35,7 @@ def import_ray() -> Any:
         import ray
     except ImportError:
         raise MissingExtra("--executor ray needs Ray: install the extra with `pip install 'bnlab[ray]'` "
-                           "(or `pip install 'ray>=2.9'`), or use --executor local.") from None
+                           "(ray 2.40 to 2.60), or use --executor local.") from None
     return ray
 
 

@@ -79,7 +79,7 @@ def repaired_results(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome], o
     """The doctor's repair of every complete shared-BN run, as grid results of the series
     ``REPAIRED_SERIES`` (final val acc and loss after the repair)."""
     out = Path(out)
-    shared = [(s, o) for s, o in zip(specs, outcomes) if s.config.model.norm == "shared"]
+    shared = [(s, o) for s, o in zip(specs, outcomes, strict=True) if s.config.model.norm == "shared"]
     results = []
     for i, (spec, outcome) in enumerate(shared):
         if outcome.status != RUN_COMPLETE:
@@ -100,8 +100,10 @@ def repair_table(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome],
                  results: Sequence[GridResult]) -> list[dict[str, Any]]:
     """Per shared run: its final val acc, the val acc after the repair, and the answer's
     on the same grid point and seed (the rows of the study's table)."""
-    answer = {(s.grid, s.seed): o.final_val_acc for s, o in zip(specs, outcomes) if s.preset == "answer"}
-    mine = {(s.grid, s.seed): o.final_val_acc for s, o in zip(specs, outcomes) if s.preset == "question"}
+    answer = {(s.grid, s.seed): o.final_val_acc for s, o in zip(specs, outcomes, strict=True)
+              if s.preset == "answer"}
+    mine = {(s.grid, s.seed): o.final_val_acc for s, o in zip(specs, outcomes, strict=True)
+            if s.preset == "question"}
     rows = []
     for r in results:
         rows.append({"point": dict(r.point), "seed": r.seed, "shared": mine.get((r.point, r.seed)),

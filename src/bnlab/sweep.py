@@ -28,8 +28,16 @@ from bnlab.config import EpochRecord, RunConfig, apply_overrides, config_differe
 from bnlab.errors import BnlabError, InputError, UsageError
 from bnlab.grid import GridAxis, GridPoint, check_axes, grid_points, point_label, point_name, point_overrides
 from bnlab.presets import ALL_PRESETS, get_preset
-from bnlab.rundir import (FINISHED_STATUSES, RUN_COMPLETE, RUN_DIVERGED, RUN_FAILED, RunLock, clear_run_files,
-                          read_run, safe_name)
+from bnlab.rundir import (
+    FINISHED_STATUSES,
+    RUN_COMPLETE,
+    RUN_DIVERGED,
+    RUN_FAILED,
+    RunLock,
+    clear_run_files,
+    read_run,
+    safe_name,
+)
 
 if typing.TYPE_CHECKING:
     from bnlab.grid_report import ExtraResult, GridReport
