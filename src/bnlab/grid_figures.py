@@ -73,7 +73,7 @@ def tick_label(axis: GridAxis, value: Any) -> str:
 
 def _positions(axis: GridAxis) -> tuple[np.ndarray, bool]:
     """x positions of the axis's values, and whether the x scale is logarithmic."""
-    if axis.numeric:
+    if axis.numeric and len(axis.values) > 1:
         return np.asarray(axis.values, dtype=np.float64), axis.spans_decades
     return np.arange(len(axis.values), dtype=np.float64), False
 
@@ -92,7 +92,11 @@ def plot_axes(cells: Sequence[CellStat], axes: Sequence[GridAxis], series: Seque
     if not by_key:
         return None
     rows = []
+    # An axis of one value has nothing to be plotted against (unless every axis is so).
+    varied = [a for a in axes if len(a.values) > 1] or list(axes[:1])
     for i, axis in enumerate(axes):
+        if axis not in varied:
+            continue
         others = [a for j, a in enumerate(axes) if j != i]
         rows.append((axis, others, list(itertools.product(*(a.values for a in others)))))
     n_cols = max(len(r[2]) for r in rows)
@@ -126,6 +130,8 @@ def plot_axes(cells: Sequence[CellStat], axes: Sequence[GridAxis], series: Seque
                             label=f"{name} (n={n} seeds)")
             if log:
                 ax.set_xscale("log")
+            elif not axis.numeric or len(axis.values) == 1:
+                ax.set_xlim(-0.5, len(axis.values) - 0.5)
             ax.set_xticks(x, [tick_label(axis, v) for v in axis.values], fontsize=8)
             if log:
                 ax.minorticks_off()  # ticks only at the grid's values
@@ -135,7 +141,9 @@ def plot_axes(cells: Sequence[CellStat], axes: Sequence[GridAxis], series: Seque
             ax.set_ylabel(ACC_LABEL, fontsize=8)
             ax.set_ylim(y_low, y_high)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="best")
+    handles, labels = grid[0, 0].get_legend_handles_labels()
+    # One panel is too narrow for the labels side by side.
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)) if n_cols > 1 else 1, fontsize=9)
     return save_figure(fig, out_dir, "grid_axes", "Final validation accuracy against each grid axis",
                        "Each point: mean final val acc over seeds; bars: Student-t 95% interval of that mean, "
                        "clipped to the range the seeds reached (none for one seed). Series at the same value are "
