@@ -17,7 +17,6 @@ Frameworks the doctor recognises but cannot check yet are refused here with a me
 from __future__ import annotations
 
 import importlib
-import sys
 from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Any, Protocol, cast
@@ -110,9 +109,11 @@ NOT_YET: list[tuple[str, Callable[[Any], bool], str]] = [
     (
         "tf_keras",
         _keras_2_model,
-        "Keras 2 (tf_keras) models: not supported; bnlab doctor checks Keras 3 "
-        "(keras.Model), PyTorch (torch.nn.Module) and Chainer (chainer.Link) models. "
-        "Build the model with `import keras` (Keras 3) to check it.",
+        (
+            "Keras 2 (tf_keras) models: not supported; bnlab doctor checks Keras 3 "
+            "(keras.Model), PyTorch (torch.nn.Module) and Chainer (chainer.Link) models. "
+            "Build the model with `import keras` (Keras 3) to check it."
+        ),
     ),
 ]
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Self
 
-import keras
+import keras  # type: ignore[import-untyped]
 import numpy as np
 
 from bnlab.doctor import keras_train
@@ -128,7 +128,7 @@ def borrowed(model: Any, x: np.ndarray, need_copy: bool) -> Iterator[Any]:
     model, so ``need_copy`` turns a failed clone into a UsageError)."""
     try:
         work = clone(model, x)
-    except Exception as err:  # noqa: BLE001 - any failure to clone means: restore instead
+    except Exception as err:  # any failure to clone means: restore instead
         if need_copy:
             raise UsageError(
                 f"training steps run on a copy, and this Keras model cannot be cloned "
@@ -195,7 +195,7 @@ class Recorder:
         self.pinned = []
         self.last_leaf = None
 
-    def attach(self) -> Recorder:
+    def attach(self) -> Self:
         for layer in self.layers.values():
             if "call" in vars(layer):  # the user's own per-instance call: leave it alone
                 continue
@@ -209,7 +209,7 @@ class Recorder:
         self.wrapped.clear()
         self.new_pass()
 
-    def __enter__(self) -> Recorder:
+    def __enter__(self) -> Self:
         return self.attach()
 
     def __exit__(self, *exc: object) -> None:
@@ -306,7 +306,7 @@ def classes(array: np.ndarray | None) -> np.ndarray | None:
 def forward(model: Any, x: Any, training: bool) -> Any:
     try:
         return model(x, training=training)
-    except (Exception, SystemExit) as err:  # noqa: BLE001 - a probe failure, for the user
+    except (Exception, SystemExit) as err:  # a probe failure, for the user
         raise forward_failed(err) from err
 
 

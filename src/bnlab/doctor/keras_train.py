@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import keras
+import keras  # type: ignore[import-untyped]
 import numpy as np
 
 from bnlab.doctor.batching import cycle
@@ -124,7 +124,7 @@ def train(
         for step, (bx, by) in zip(range(steps), cycle(batches)):
             try:
                 metrics = model.train_on_batch(_inputs(bx), _numpy(by), return_dict=True)
-            except Exception as err:  # noqa: BLE001 - reported as a probe failure
+            except Exception as err:  # reported as a probe failure
                 raise training_step_failed(step, err) from err
             if recorder is not None:
                 forward_calls.update(c.path for c in recorder.calls if c.training)
@@ -142,7 +142,7 @@ def train(
             forward_calls=forward_calls.get(path, 0),
             extra_calls=0,  # Keras has no recomputation that updates statistics twice
             counter_delta=None,
-            changed=path in before and not np.array_equal(before[path], after.get(path)),
+            changed=path in before and not np.array_equal(before[path], after[path]),
         )
         for path in after
     }
