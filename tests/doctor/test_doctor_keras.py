@@ -204,3 +204,29 @@ def test_detecting_a_torch_model_imports_no_keras() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env=env, timeout=120, check=False)
     assert result.stdout.split() == ["torch", "False", "False"], result.stderr
+
+
+def test_repair_splits_the_shared_bn_and_reestimates(probe_batch) -> None:
+    from bnlab.doctor import keras_repair
+
+    x, y, batches = probe_batch
+    model = _mlp(width=64)
+    model.compile(optimizer=keras.optimizers.Adam(0.01),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    for bx, by in batches * 3:
+        model.train_on_batch(bx, by)
+    before = _state(model)
+    fixed, changes = keras_repair.repair(model, [bx for bx, _ in batches])
+    assert all(np.array_equal(a, b) for a, b in zip(before, _state(model)))  # a NEW model
+    assert [c["new"] for c in changes if "new" in c] == ["bn_l1", "bn_l2"]
+    # bn_l1's moving mean is the plain average of l1's batch means over the batches.
+    l1 = fixed.get_layer("l1")
+    means = [keras.ops.convert_to_numpy(l1(bx)).mean(axis=0) for bx, _ in batches]
+    got = keras.ops.convert_to_numpy(fixed.get_layer("bn_l1").moving_mean)
+    np.testing.assert_allclose(got, np.mean(means, axis=0), rtol=1e-4, atol=1e-4)
+
+    def accuracy(m, training):
+        return float((keras.ops.convert_to_numpy(m(x, training=training)).argmax(1) == y).mean())
+
+    assert accuracy(fixed, False) > accuracy(model, False)
+    assert "shared-bn" not in {f.check for f in check(fixed, x, labels=y).findings}
