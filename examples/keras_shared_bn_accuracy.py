@@ -16,10 +16,10 @@ import keras
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seed_answer_keras import functional_model as answer  # noqa: E402
-from seed_question_keras import functional_model as question  # noqa: E402
+from seed_answer_keras import functional_model as answer
+from seed_question_keras import functional_model as question
 
-from bnlab.data import load_mnist, to_float  # noqa: E402
+from bnlab.data import load_mnist, to_float
 
 
 def accuracy(model, x, y, training):
