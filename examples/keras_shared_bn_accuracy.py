@@ -25,8 +25,8 @@ from bnlab.data import load_mnist, to_float
 def accuracy(model, x, y, training):
     hits = 0
     for start in range(0, len(x), 1000):
-        out = keras.ops.convert_to_numpy(model(x[start:start + 1000], training=training))
-        hits += int((out.argmax(axis=1) == y[start:start + 1000]).sum())
+        out = keras.ops.convert_to_numpy(model(x[start : start + 1000], training=training))
+        hits += int((out.argmax(axis=1) == y[start : start + 1000]).sum())
     return hits / len(x)
 
 
@@ -45,13 +45,15 @@ def main() -> None:
         for name, build in (("shared BN", question), ("BN per site", answer)):
             keras.utils.set_random_seed(seed)
             model = build()
-            model.compile(optimizer=keras.optimizers.Adam(0.01),
-                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-            model.fit(train_x, train_y, batch_size=1000, epochs=args.epochs, shuffle=True,
-                      verbose=0)
-            print(f"seed {seed} {name:12s} eval accuracy (moving stats) "
-                  f"{accuracy(model, test_x, test_y, False):.3f}, batch stats "
-                  f"{accuracy(model, test_x, test_y, True):.3f}")
+            model.compile(
+                optimizer=keras.optimizers.Adam(0.01), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            )
+            model.fit(train_x, train_y, batch_size=1000, epochs=args.epochs, shuffle=True, verbose=0)
+            print(
+                f"seed {seed} {name:12s} eval accuracy (moving stats) "
+                f"{accuracy(model, test_x, test_y, False):.3f}, batch stats "
+                f"{accuracy(model, test_x, test_y, True):.3f}"
+            )
 
 
 if __name__ == "__main__":

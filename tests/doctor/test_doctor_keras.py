@@ -59,14 +59,12 @@ def _mlp(bn_momentum: float = 0.9, shared: bool = True, width: int = 32) -> kera
 @pytest.fixture(scope="module")
 def probe_batch(mnist_arrays):
     train_x, train_y, test_x, test_y = mnist_arrays
-    return test_x[:500], test_y[:500], [(train_x[i:i + 500], train_y[i:i + 500])
-                                        for i in range(0, 5000, 500)]
+    return test_x[:500], test_y[:500], [(train_x[i : i + 500], train_y[i : i + 500]) for i in range(0, 5000, 500)]
 
 
 def test_shared_bn_cli_exit_1_names_both_call_sites(mnist_dir, capsys) -> None:
     target = f"{EXAMPLES / 'seed_question_keras.py'}:functional_model"
-    status = main([target, "--data", "mnist", "--data-dir", mnist_dir, "--train-steps", "15",
-                   "--json"])
+    status = main([target, "--data", "mnist", "--data-dir", mnist_dir, "--train-steps", "15", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert status == 1
     assert report["framework"] == "keras"
@@ -110,7 +108,7 @@ def test_training_a_copy_leaves_the_model_unchanged(probe_batch) -> None:
     report = check(model, x, labels=y, train_steps=10, train_batches=batches)
     after = _state(model)
     assert len(before) == len(after)
-    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
     assert not model.compiled  # the doctor compiled its clone, not the user's model
     probe = report.probe
     assert probe["train_steps"] == 10 and probe["loss_last"] < probe["loss_first"]
@@ -121,12 +119,10 @@ def test_training_steps_move_the_clones_statistics(probe_batch) -> None:
     from bnlab.doctor import keras_probe
 
     x, y, batches = probe_batch
-    result = keras_probe.probe(_mlp(shared=False), x, labels=y, train_steps=5,
-                               train_batches=batches)
+    result = keras_probe.probe(_mlp(shared=False), x, labels=y, train_steps=5, train_batches=batches)
     log = result.train_log
     assert log is not None and log.optimizer is not None and log.optimizer.kind == "Adam"
-    assert {p: (u.forward_calls, u.changed) for p, u in log.updates.items()} == {
-        "bn1": (5, True), "bn2": (5, True)}
+    assert {p: (u.forward_calls, u.changed) for p, u in log.updates.items()} == {"bn1": (5, True), "bn2": (5, True)}
     given, trained = result.given, result
     assert given is not None
     assert not np.array_equal(given.layers["bn1"].running_mean, trained.layers["bn1"].running_mean)
@@ -144,8 +140,7 @@ def test_momentum_convention_keras_weights_the_old_value(probe_batch) -> None:
 
 
 def test_sequential_small_batch_and_frozen_layers() -> None:
-    model = keras.Sequential([keras.Input((8,)), layers.Dense(16), layers.BatchNormalization(),
-                              layers.Dense(3)])
+    model = keras.Sequential([keras.Input((8,)), layers.Dense(16), layers.BatchNormalization(), layers.Dense(3)])
     x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
     report = check(model, x)
     assert "small-batch" in {f.check for f in report.findings}
@@ -155,8 +150,9 @@ def test_sequential_small_batch_and_frozen_layers() -> None:
 def test_stats_reset_after_training(probe_batch) -> None:
     x, y, batches = probe_batch
     model = _mlp(shared=False)
-    model.compile(optimizer=keras.optimizers.Adam(0.01),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     for bx, by in batches[:5]:
         model.train_on_batch(bx, by)
     for path in ("bn1", "bn2"):  # what a checkpoint loaded without the BN state looks like
@@ -181,12 +177,27 @@ def test_tensorflow_backend_in_a_subprocess(mnist_dir) -> None:
         "sys.argv[3], '--train-steps', '10'])]\n"
         "print('CODES', codes)\n"
     )
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONPATH": str(REPO / "src"),
-           "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": "tensorflow",
+        "PYTHONPATH": str(REPO / "src"),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     result = subprocess.run(
-        [sys.executable, "-c", script, f"{EXAMPLES / 'seed_question_keras.py'}:functional_model",
-         f"{EXAMPLES / 'seed_answer_keras.py'}:functional_model", mnist_dir],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
+        [
+            sys.executable,
+            "-c",
+            script,
+            f"{EXAMPLES / 'seed_question_keras.py'}:functional_model",
+            f"{EXAMPLES / 'seed_answer_keras.py'}:functional_model",
+            mnist_dir,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
     )
     assert "CODES [1, 0]" in result.stdout, result.stdout + result.stderr
     assert "call 1 after l1; call 2 after l2" in result.stdout
@@ -201,8 +212,9 @@ def test_detecting_a_torch_model_imports_no_keras() -> None:
         "'tensorflow' in sys.modules)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env=env, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
     assert result.stdout.split() == ["torch", "False", "False"], result.stderr
 
 
@@ -211,13 +223,14 @@ def test_repair_splits_the_shared_bn_and_reestimates(probe_batch) -> None:
 
     x, y, batches = probe_batch
     model = _mlp(width=64)
-    model.compile(optimizer=keras.optimizers.Adam(0.01),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     for bx, by in batches * 3:
         model.train_on_batch(bx, by)
     before = _state(model)
     fixed, changes = keras_repair.repair(model, [bx for bx, _ in batches])
-    assert all(np.array_equal(a, b) for a, b in zip(before, _state(model)))  # a NEW model
+    assert all(np.array_equal(a, b) for a, b in zip(before, _state(model), strict=True))  # a NEW model
     assert [c["new"] for c in changes if "new" in c] == ["bn_l1", "bn_l2"]
     # bn_l1's moving mean is the plain average of l1's batch means over the batches.
     l1 = fixed.get_layer("l1")

@@ -84,7 +84,7 @@ def _keras_per_site(layer: LayerInfo, calls: list[CallRecord]) -> str:
     lines = ["# one BatchNormalization per call site, each with its own moving statistics"]
     lines += [f"{name} = {_keras_constructor(layer, name)}" for name in names]
     lines.append("# subclassed: self.<name> = ... in __init__; functional: use each once")
-    for name, call in zip(names, calls):
+    for name, call in zip(names, calls, strict=True):
         if call.producer and call.via == "direct" and call.producer != layer.path:
             lines.append(f"h = {name}({_identifier(call.producer)}_output)  # was {layer.path}(...)")
         else:

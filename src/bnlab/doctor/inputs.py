@@ -66,7 +66,7 @@ def _keras_trial(model: Any) -> Any:
     """A Keras clone to try shapes on (Keras models don't deep-copy); the model itself
     if it cannot be cloned: an inference call updates nothing (it only builds an
     unbuilt subclassed model, as its first real call would)."""
-    import keras  # type: ignore[import-untyped]
+    import keras
 
     try:
         return keras.models.clone_model(model)

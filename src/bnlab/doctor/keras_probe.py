@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Self
 
-import keras  # type: ignore[import-untyped]
+import keras
 import numpy as np
 
 from bnlab.doctor import keras_train
@@ -25,9 +25,16 @@ from bnlab.doctor.records import CallRecord, LayerInfo, ProbeResult, TrainLog
 from bnlab.doctor.stats import channel_stats
 
 _BN = keras.layers.BatchNormalization
-_WITH_BIAS = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Conv1D,
-              keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Conv2DTranspose,
-              keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)
+_WITH_BIAS = (
+    keras.layers.Dense,
+    keras.layers.EinsumDense,
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+    keras.layers.Conv2DTranspose,
+    keras.layers.DepthwiseConv2D,
+    keras.layers.SeparableConv2D,
+)
 
 
 def numpy(value: Any) -> np.ndarray:
@@ -311,7 +318,10 @@ def forward(model: Any, x: Any, training: bool) -> Any:
 
 
 def observe(
-    work: Any, x: np.ndarray, labels: Any, user_layers: dict[str, LayerInfo],
+    work: Any,
+    x: np.ndarray,
+    labels: Any,
+    user_layers: dict[str, LayerInfo],
     modes: dict[str, bool],
 ) -> ProbeResult:
     """One round of observations of ``work`` (moving statistics left as they were)."""
@@ -380,8 +390,14 @@ def probe(
         if train_steps > 0:
             given = result
             log = keras_train.train(
-                work, x, labels, train_steps, loss_fn=loss_fn,
-                optimizer_factory=optimizer_factory, batches=train_batches, lr=lr,
+                work,
+                x,
+                labels,
+                train_steps,
+                loss_fn=loss_fn,
+                optimizer_factory=optimizer_factory,
+                batches=train_batches,
+                lr=lr,
                 recorder=Recorder(work, stats=False),
             )
             result = observe(work, x, labels, user_layers, modes or {})

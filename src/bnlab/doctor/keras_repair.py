@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import keras  # type: ignore[import-untyped]
+import keras
 import numpy as np
 
 from bnlab.doctor.errors import UsageError
@@ -28,7 +28,7 @@ _BN = keras.layers.BatchNormalization
 
 def _functional(model: Any) -> bool:
     """Functional or Sequential (whose graph is known), not subclassed."""
-    from keras.src.models.functional import Functional  # type: ignore[import-untyped]
+    from keras.src.models.functional import Functional
 
     return isinstance(model, (Functional, keras.Sequential))
 
@@ -96,7 +96,7 @@ def reestimate(model: Any, batches: Iterable[Any]) -> int:
                 bn.momentum = (count - 1) / count  # the first batch replaces the old value
             model(np.asarray(x, dtype=np.float32), training=True)
     finally:
-        for bn, momentum in zip(bns, momenta):
+        for bn, momentum in zip(bns, momenta, strict=True):
             bn.momentum = momentum
     if count == 0:
         raise UsageError("re-estimating the moving statistics needs at least one batch")

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import keras  # type: ignore[import-untyped]
+import keras
 import numpy as np
 
 from bnlab.doctor.batching import cycle
@@ -49,8 +49,7 @@ def _default_loss(model: Any, x: np.ndarray) -> Any:
     """Sparse cross-entropy, on logits unless the model already ends in a softmax."""
     scores = _scores(model, x[:8])
     probabilities = (
-        scores.ndim == 2 and bool(np.all(scores >= 0))
-        and bool(np.allclose(scores.sum(axis=1), 1.0, atol=1e-4))
+        scores.ndim == 2 and bool(np.all(scores >= 0)) and bool(np.allclose(scores.sum(axis=1), 1.0, atol=1e-4))
     )
     return keras.losses.SparseCategoricalCrossentropy(from_logits=not probabilities)
 
@@ -121,7 +120,7 @@ def train(
     if recorder is not None:
         recorder.attach()
     try:
-        for step, (bx, by) in zip(range(steps), cycle(batches)):
+        for step, (bx, by) in zip(range(steps), cycle(batches), strict=False):
             try:
                 metrics = model.train_on_batch(_inputs(bx), _numpy(by), return_dict=True)
             except Exception as err:  # reported as a probe failure
