@@ -7,6 +7,7 @@ models that cannot be loaded or run (the message says what to do).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
@@ -125,6 +126,10 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--train-steps must be 0 or more.")
     if args.batch_size is not None and args.batch_size < 1:
         return _fail("--batch-size must be 1 or more.")
+    if not 0 <= args.seed < 2**32:  # numpy's global seed (Chainer's initializers) takes 32 bits
+        return _fail(f"--seed must lie in [0, 2**32 - 1]; got {args.seed}.")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        return _fail(f"--lr must be a positive number; got {args.lr}.")
     _seed(args.seed)
     try:
         report = _check(args)
