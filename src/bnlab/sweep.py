@@ -25,8 +25,18 @@ from pathlib import Path
 from bnlab.config import EpochRecord, RunConfig, apply_overrides, config_differences, overrides_field
 from bnlab.errors import BnlabError, InputError, OutputError, UsageError
 from bnlab.presets import ALL_PRESETS, get_preset
-from bnlab.rundir import (FINISHED_STATUSES, RUN_COMPLETE, RUN_DIVERGED, RUN_FAILED, RunInUse, RunLock,
-                          RunRecorder, clear_run_files, read_run, safe_name)
+from bnlab.rundir import (
+    FINISHED_STATUSES,
+    RUN_COMPLETE,
+    RUN_DIVERGED,
+    RUN_FAILED,
+    RunInUse,
+    RunLock,
+    RunRecorder,
+    clear_run_files,
+    read_run,
+    safe_name,
+)
 
 if typing.TYPE_CHECKING:
     from bnlab.report import Report

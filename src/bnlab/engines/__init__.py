@@ -63,8 +63,15 @@ def train(cfg: RunConfig, data: Any = None, *, data_dir: str | os.PathLike | Non
     Raises TrainingDiverged if the loss becomes NaN or infinite; a run that stops on any
     other error is recorded as failed (or interrupted) before the error propagates.
     """
-    from bnlab.rundir import (RUN_DIVERGED, RUN_FAILED, RUN_INTERRUPTED, RunLock, RunRecorder, prepare_run_dir,
-                              refuse_to_overwrite)
+    from bnlab.rundir import (
+        RUN_DIVERGED,
+        RUN_FAILED,
+        RUN_INTERRUPTED,
+        RunLock,
+        RunRecorder,
+        prepare_run_dir,
+        refuse_to_overwrite,
+    )
 
     engine = engine_module(cfg.train.engine)
     engine.check_config(cfg)
