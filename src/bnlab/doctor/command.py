@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,6 +237,10 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--batch-size must be 1 or more.")
     if args.max_batches < 1:
         return _fail("--max-batches must be 1 or more.")
+    if not 0 <= args.seed < 2**32:  # numpy's global seed (Chainer's initializers) takes 32 bits
+        return _fail(f"--seed must lie in [0, 2**32 - 1]; got {args.seed}.")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        return _fail(f"--lr must be a positive number; got {args.lr}.")
     _seed(args.seed)
     try:
         report, extra, fix_text = _check(args)
