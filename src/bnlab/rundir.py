@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bnlab.config import EpochRecord, RunConfig
-from bnlab.errors import InputError, UsageError, output_error
+from bnlab.errors import InputError, OutputError, UsageError, output_error
 from bnlab.table import format_row, table_header
 
 if TYPE_CHECKING:
@@ -87,6 +87,10 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+class RunInUse(UsageError):
+    """Another live process holds the lock of a run or sweep directory."""
+
+
 class RunLock:
     """An exclusive lock on a run directory (``flock`` on ``.bnlab.lock``), held while a
     process trains into it; the OS releases it when the process dies, so a crash never
@@ -101,6 +105,9 @@ class RunLock:
         import fcntl
 
         path = self.directory / LOCK_FILE
+        if self.directory.exists() and not self.directory.is_dir():
+            raise OutputError(f"{self.directory} is a file, not a folder, and the {self.what} must be a "
+                              "folder; move the file away or choose another --out.")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -112,7 +119,7 @@ class RunLock:
             os.close(fd)
             if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 raise output_error(path, err) from None
-            raise UsageError(
+            raise RunInUse(
                 f"the {self.what} {self.directory} is in use by another bnlab process "
                 f"({self.owner() or 'pid unknown'}); wait for it to finish, or give this one another --out.") from None
         os.ftruncate(fd, 0)
@@ -148,27 +155,41 @@ def clear_run_files(directory: Path) -> None:
     a user's own files in the directory stay."""
     if not directory.is_dir():
         return
-    for name in RUN_FILES:
-        (directory / name).unlink(missing_ok=True)
-    for tmp in directory.glob(".*.tmp"):
-        if any(tmp.name.startswith(f".{name}.") for name in RUN_FILES):
-            tmp.unlink(missing_ok=True)
+    ours = [directory / name for name in RUN_FILES]
+    ours += [tmp for tmp in directory.glob(".*.tmp") if any(tmp.name.startswith(f".{name}.") for name in RUN_FILES)]
+    for path in ours:
+        if not path.exists():  # on a read-only file system even unlinking nothing fails
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise output_error(path, err) from None
 
 
-def prepare_run_dir(directory: Path, *, overwrite: bool) -> None:
-    """Refuse to train into a folder that holds something, unless ``overwrite``: then the
-    earlier run's files (only those) are removed first."""
+def refuse_to_overwrite(directory: Path, *, overwrite: bool) -> None:
+    """UsageError if training into ``directory`` would overwrite something without being
+    asked (a file stands there, an earlier run, other files). Writes nothing."""
     if directory.exists() and not directory.is_dir():
-        raise UsageError(f"--out {directory} is a file, not a folder; give a folder for the run directory.")
+        raise UsageError(f"{directory} is a file, not a folder; a run directory must be a folder: move the "
+                         "file away or choose another --out.")
     if holds_run(directory):
         if not overwrite:
             raise UsageError(f"{directory} already holds a bnlab run; bnlab does not overwrite results "
                              "without being asked: give another --out, or --overwrite to train it again "
                              "from epoch 0.")
-        clear_run_files(directory)
     elif directory.is_dir() and any(p.name != LOCK_FILE for p in directory.iterdir()) and not overwrite:
         raise UsageError(f"{directory} is a folder that already holds other files; give an empty or new "
                          "folder with --out (or --overwrite to write the run's files beside them).")
+
+
+def prepare_run_dir(directory: Path, *, overwrite: bool) -> None:
+    """Refuse to train into a folder that holds something, unless ``overwrite``: then the
+    earlier run's files (only those) are removed first. Call it holding the run's lock."""
+    refuse_to_overwrite(directory, overwrite=overwrite)
+    if overwrite:
+        clear_run_files(directory)
 
 
 class RunRecorder:
@@ -233,6 +254,19 @@ class RunRecorder:
         self.status = RUN_COMPLETE
         if self.out_dir is not None:
             self._write_history()
+
+    def record_failed_start(self, message: str) -> bool:
+        """Record, in a directory that has no history.json yet, a run that failed before
+        its first file (engine, data or folder missing): status failed with ``message``.
+        Best effort (False when it cannot be written: the same cause may prevent it)."""
+        if self.out_dir is None or (self.out_dir / "history.json").exists():
+            return False
+        self.status, self.message = RUN_FAILED, message
+        try:
+            self._write_history()
+        except (OSError, OutputError):
+            return False
+        return True
 
     def _write_history(self) -> None:
         assert self.out_dir is not None
@@ -322,6 +356,8 @@ def read_run(run_dir: str | os.PathLike) -> RunData | None:
     never started). A malformed or tampered file is an InputError naming it."""
     run_dir = Path(run_dir)
     path = run_dir / "history.json"
+    if not run_dir.is_dir():  # absent, or a file standing where the folder should be
+        return None
     saved = _read_json(path)
     if saved is None:
         return None
@@ -341,7 +377,11 @@ def read_run(run_dir: str | os.PathLike) -> RunData | None:
     config = _read_json(run_dir / "config.json")
     environment = _read_json(run_dir / "environment.json")
     message = saved.get("message", "")
-    return RunData(safe_name(saved.get("preset"), "preset name"), seed, run_dir, status,
+    try:
+        preset = safe_name(saved.get("preset"), "preset name")
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from None
+    return RunData(preset, seed, run_dir, status,
                    [_epoch_record(r, path) for r in records], message if isinstance(message, str) else "",
                    planned if isinstance(planned, int) else None,
                    config if isinstance(config, dict) else {}, environment if isinstance(environment, dict) else {})

@@ -23,10 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bnlab.config import EpochRecord, RunConfig, apply_overrides, config_differences, overrides_field
-from bnlab.errors import BnlabError, InputError, UsageError
+from bnlab.errors import BnlabError, InputError, OutputError, UsageError
 from bnlab.presets import ALL_PRESETS, get_preset
-from bnlab.rundir import (FINISHED_STATUSES, RUN_COMPLETE, RUN_DIVERGED, RUN_FAILED, RunLock, clear_run_files,
-                          read_run, safe_name)
+from bnlab.rundir import (
+    FINISHED_STATUSES,
+    RUN_COMPLETE,
+    RUN_DIVERGED,
+    RUN_FAILED,
+    RunInUse,
+    RunLock,
+    RunRecorder,
+    clear_run_files,
+    read_run,
+    safe_name,
+)
 
 if typing.TYPE_CHECKING:
     from bnlab.report import Report
@@ -215,8 +225,13 @@ def execute_spec(spec: RunSpec, on_epoch: Callable[[EpochRecord], None] | None =
         history = result.history
     except TrainingDiverged as err:
         status, message = RUN_DIVERGED, str(err)
+    except RunInUse as err:  # another process trains it: its directory is not ours to write
+        status, message = RUN_FAILED, str(err)
     except Exception as err:  # noqa: BLE001 - a failed run is reported and the sweep goes on
         status, message = RUN_FAILED, _failure_message(err)
+        # A run that failed before writing anything is recorded too, so that the run
+        # directory itself says what happened (a rerun clears it and tries again).
+        RunRecorder(spec.config, spec.run_dir, echo=None).record_failed_start(message)
     if status != RUN_COMPLETE:
         history = _saved(spec)[1]
     return RunOutcome(spec.preset, spec.seed, spec.run_dir, status, history, message,
@@ -565,5 +580,11 @@ def compare(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathLike
             on_plan(specs)
         outcomes = run_sweep(specs, executor or LocalProcessExecutor(workers, threads), on_event)
         stage("building the report")
-        report = build_report([s.run_dir for s in specs], out / "report", outcomes=outcomes)
+        try:
+            report = build_report([s.run_dir for s in specs], out / "report", outcomes=outcomes)
+        except OutputError as err:
+            done = sum(o.status == RUN_COMPLETE for o in outcomes)
+            raise OutputError(f"the report could not be written: {err} The runs are saved ({done} of "
+                              f"{len(outcomes)} complete, in {out / 'runs'}); make room and rerun the same "
+                              "command: finished runs are not trained again, only the report is built.") from None
     return outcomes, report

@@ -8,6 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from torchvision_compat import import_torchvision  # noqa: E402
+
+# lightning imports torchmetrics, which imports torchvision when it is installed: this
+# venv's torchvision needs the test-only shim beside the CPU torch (DEVELOPERS.md).
+try:
+    import_torchvision()
+except ImportError:
+    pass  # no torchvision: lightning does not need it
 lightning = pytest.importorskip("lightning")
 
 from bnlab.doctor.lightning import BNDoctorCallback, BNDoctorFailed  # noqa: E402

@@ -68,6 +68,19 @@ def import_chainer() -> ModuleType:
     return chainer
 
 
+def require_chainer_installed() -> None:
+    """Raise ChainerMissing when no Chainer is installed, without importing it (a sweep asks
+    this once, in the parent, before starting workers; importing Chainer takes seconds)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("chainer") is not None
+    except (ImportError, ValueError) as err:  # ValueError: a stub module without a spec
+        raise ChainerMissing(MISSING_CHAINER.format(err=err)) from err
+    if not found:
+        raise ChainerMissing(MISSING_CHAINER.format(err="no module named 'chainer'"))
+
+
 # ------------------------------------------------------------------ what the engine can do
 
 def check_config(cfg: RunConfig) -> None:
@@ -102,6 +115,7 @@ def check_config(cfg: RunConfig) -> None:
     messages = [msg for bad, msg in problems if bad]
     if messages:
         raise UsageError(f"Preset {cfg.preset!r} cannot run with --engine chainer: " + "; ".join(messages) + ".")
+    require_chainer_installed()
 
 
 def chainer_decay(model_cfg: ModelConfig) -> float:
