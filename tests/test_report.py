@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 from scipy import stats as scipy_stats
 
 from bnlab import figures, report
-from bnlab.presets import PRESETS
-from bnlab.sweep import InlineExecutor, plan_sweep, run_sweep
 from bnlab.config import EpochRecord
+from bnlab.presets import PRESETS
 from bnlab.rundir import RunData, read_run
+from bnlab.sweep import InlineExecutor, plan_sweep, run_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = {"epochs": "2", "widths": "784,16,16,10"}

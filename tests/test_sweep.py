@@ -17,7 +17,17 @@ from pathlib import Path
 import pytest
 
 from bnlab.cli import main
-from bnlab.sweep import DEFAULT_THREADS_PER_WORKER, InOrder, InlineExecutor, LocalProcessExecutor, SweepEvent, SweepProgress, default_workers, plan_sweep, run_sweep
+from bnlab.sweep import (
+    DEFAULT_THREADS_PER_WORKER,
+    InlineExecutor,
+    InOrder,
+    LocalProcessExecutor,
+    SweepEvent,
+    SweepProgress,
+    default_workers,
+    plan_sweep,
+    run_sweep,
+)
 
 TINY = {"epochs": "1", "widths": "784,16,16,10"}
 TINY_FLAGS = ["--set", "widths=784,16,16,10"]

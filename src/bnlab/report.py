@@ -26,8 +26,16 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from bnlab.errors import UsageError
-from bnlab.figures import (CONFIDENCE, SavedFigure, TraceSeries, plot_bn_trace, plot_train_vs_val, plot_val_curves,
-                           steps_per_epoch, trace_series)
+from bnlab.figures import (
+    CONFIDENCE,
+    SavedFigure,
+    TraceSeries,
+    plot_bn_trace,
+    plot_train_vs_val,
+    plot_val_curves,
+    steps_per_epoch,
+    trace_series,
+)
 from bnlab.presets import PresetRuns, Verdict, judge
 from bnlab.rundir import RunData, atomic_write_json, atomic_write_text, group_by_preset, read_run
 
