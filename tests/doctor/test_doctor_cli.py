@@ -139,7 +139,7 @@ def test_constructor_needing_arguments(tmp_path: Path, capsys) -> None:
 def test_not_a_model(tmp_path: Path, capsys) -> None:
     path = write(tmp_path, "other.py", "def Net():\n    return 42\n")
     err = usage_error([f"{path}:Net", "--input-shape", "4,4"], capsys)
-    assert "not a torch.nn.Module" in err
+    assert "not a keras.Model, a torch.nn.Module" in err
 
 
 def test_missing_input_source(answer_file: str, capsys) -> None:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import ast
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -189,20 +186,3 @@ def test_torchscript_file_is_exit_2(tmp_path: Path, capsys) -> None:
     assert "TorchScript" in captured.err and "Traceback" not in captured.err
     assert captured.out == ""
 
-
-def test_keras_3_model_is_refused_not_passed(tmp_path: Path) -> None:
-    pytest.importorskip("keras")
-    path = write(tmp_path, "kmodel.py", """
-        import keras
-
-        def build():
-            return keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
-                                     keras.layers.BatchNormalization(), keras.layers.Dense(3)])
-    """)
-    env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(REPO / "src")}
-    result = subprocess.run([sys.executable, "-m", "bnlab.doctor", f"{path}:build",
-                             "--input-shape", "16,8"], capture_output=True, text=True, env=env,
-                            timeout=300, check=False)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "Keras support: not yet" in result.stderr
-    assert "Traceback" not in result.stderr

@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="learning rate of the training steps (default 0.01)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for weights, data order and inputs (default 0)")
-    parser.add_argument("--framework", choices=["auto", "torch", "chainer"], default="auto",
+    parser.add_argument("--framework", choices=["auto", "keras", "torch", "chainer"], default="auto",
                         help="framework of the model (default: detected)")
     parser.add_argument("--fix", metavar="OUT", default=None,
                         help="write a repaired copy of the model to the folder OUT: every BN "

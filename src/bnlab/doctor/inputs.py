@@ -46,7 +46,9 @@ def random_inputs(shape: tuple[int, ...], seed: int) -> np.ndarray:
 def _accepts(model: Any, framework: str, x: np.ndarray) -> bool:
     """Whether ``model`` (a throwaway copy) runs on ``x`` in eval mode."""
     try:
-        if framework == "chainer":
+        if framework == "keras":
+            model(x, training=False)  # inference mode: nothing is updated
+        elif framework == "chainer":
             import chainer
 
             with chainer.using_config("train", False), chainer.no_backprop_mode():
@@ -61,9 +63,21 @@ def _accepts(model: Any, framework: str, x: np.ndarray) -> bool:
     return True
 
 
+def _keras_trial(model: Any) -> Any:
+    """A Keras clone to try shapes on (Keras models don't deep-copy); the model itself
+    if it cannot be cloned: an inference call updates nothing (it only builds an
+    unbuilt subclassed model, as its first real call would)."""
+    import keras
+
+    try:
+        return keras.models.clone_model(model)
+    except Exception:  # noqa: BLE001 - any failure to clone: try on the model itself
+        return model
+
+
 def fit_shape(model: Any, framework: str, flat: np.ndarray) -> tuple[int, ...]:
     """The per-sample MNIST shape that ``model`` accepts, tried on two samples."""
-    trial = copy.deepcopy(model)
+    trial = _keras_trial(model) if framework == "keras" else copy.deepcopy(model)
     if framework == "torch":
         trial.eval()
     for shape in MNIST_SHAPES:

@@ -93,7 +93,7 @@ def is_model(obj: Any) -> bool:
     return not isinstance(obj, type) and recognised(obj)
 
 
-_MODEL_BASES = {"Module", "Link", "Chain", "ChainList"}
+_MODEL_BASES = {"Module", "Link", "Chain", "ChainList", "Model"}
 
 
 def _candidates(module: ModuleType) -> list[str]:
@@ -134,8 +134,8 @@ def build(module: ModuleType, name: str, path: Path) -> Any:
         ) from err
     if not is_model(model):
         raise LoadError(
-            f"{path}:{name}() returned a {type(model).__name__}, not a torch.nn.Module or a "
-            "chainer.Link."
+            f"{path}:{name}() returned a {type(model).__name__}, not a keras.Model, a "
+            "torch.nn.Module or a chainer.Link."
         )
     return model
 

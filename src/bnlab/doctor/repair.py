@@ -41,6 +41,12 @@ def _backend(model: Any, framework: str) -> ModuleType:
         from bnlab.doctor import repair_chainer
 
         return repair_chainer
+    if kind == "keras":
+        raise UsageError(
+            "--fix / repair for Keras models: not yet. For a functional or Sequential model, "
+            "bnlab.doctor.keras_repair.repair(model, batches) returns a new model with one "
+            "BatchNormalization per call site and re-estimated moving statistics."
+        )
     raise UsageError(f"framework must be 'auto', 'torch' or 'chainer', not {framework!r}")
 
 

@@ -25,7 +25,10 @@ def check_eval_mode_training(ctx: Context) -> list[Finding]:
     if not layers:
         return []
     fix = (
-        "Train under chainer.using_config('train', True) (the default), or freeze the "
+        "Call the model with training=True in the training step (fit() does), or freeze "
+        "the layers with layer.trainable = False if intended."
+        if probe.framework == "keras"
+        else "Train under chainer.using_config('train', True) (the default), or freeze the "
         "layers completely (disable_update()) if intended."
         if probe.framework == "chainer"
         else "Call model.train() before each training step (after validation), or freeze "
