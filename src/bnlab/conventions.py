@@ -51,26 +51,31 @@ CONVENTIONS: dict[str, BNConvention] = {c.framework: c for c in [
         eval_switch="with chainer.using_config('train', False)",
         update="avg_mean = decay * avg_mean + (1 - decay) * batch_mean",
         checked_in="chainer/links/normalization/batch_normalization.py and "
-                   "chainer/functions/normalization/batch_normalization.py (adjust = m / (m - 1))"),
+                   "chainer/functions/normalization/batch_normalization.py (adjust = m / (m - 1)); "
+                   "one update step of the installed Chainer in tests/test_conventions_frameworks.py"),
     BNConvention(
         framework="torch", name="PyTorch 2.x", layer="torch.nn.BatchNorm1d/2d/3d",
         parameter="momentum", weights=NEW, default=0.1, eps_default=1e-5, running_var=UNBIASED,
         eval_switch="model.eval()",
         update="running_mean = (1 - momentum) * running_mean + momentum * batch_mean",
-        checked_in="torch.nn.modules.batchnorm docs and defaults of the installed torch",
+        checked_in="torch.nn.modules.batchnorm docs; one update step of the installed torch in "
+                   "tests/test_conventions_frameworks.py",
         note="momentum=None switches to a cumulative (equal-weight) average"),
     BNConvention(
         framework="keras", name="Keras 3", layer="keras.layers.BatchNormalization",
         parameter="momentum", weights=OLD, default=0.99, eps_default=1e-3, running_var=BIASED,
         eval_switch="layer(x, training=False) (the default outside fit(); trainable=False also forces it)",
         update="moving_mean = moving_mean * momentum + batch_mean * (1 - momentum)",
-        checked_in="keras/src/layers/normalization/batch_normalization.py (ops.moments, no correction)"),
+        checked_in="keras/src/layers/normalization/batch_normalization.py (ops.moments, no correction); "
+                   "one update step of the installed Keras 3 in tests/test_conventions_frameworks.py"),
     BNConvention(
         framework="tf1", name="TensorFlow 1.x", layer="tf.layers.batch_normalization",
         parameter="momentum", weights=OLD, default=0.99, eps_default=1e-3, running_var=BIASED,
         eval_switch="training=False (default); when training, also run tf.GraphKeys.UPDATE_OPS",
         update="moving_mean -= (moving_mean - batch_mean) * (1 - momentum)",
-        checked_in="tensorflow/python/layers/normalization.py and keras/layers/normalization.py (TF 1.x)",
+        checked_in="tensorflow/python/layers/normalization.py and keras/layers/normalization.py (TF 1.x); "
+                   "one update step of tf.compat.v1.layers (TF 2.21 with tf_keras, 2-D and 4-D input) in "
+                   "tests/test_conventions_frameworks.py",
         note="biased for 2-D input (non-fused path, the question's case); the fused kernel used for "
              "4-D input stores the Bessel-corrected variance"),
     BNConvention(
@@ -155,7 +160,7 @@ def format_conventions_table() -> str:
     lines = []
     for r in rows:
         # The last column is free text: left unpadded so the table does not grow trailing blanks.
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1])
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])
     lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * len(header[-1]))
     lines.append("")
     lines.append("Running-mean update, in each framework's names (the variance is updated the same way):")

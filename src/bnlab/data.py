@@ -123,7 +123,7 @@ _MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
 _CHUNK = 1 << 20
 
 # IDX type codes (third byte of the magic number); payloads are big-endian.
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(">u1"),
     0x09: np.dtype(">i1"),
     0x0B: np.dtype(">i2"),
@@ -490,6 +490,7 @@ def _fetch(name: str, url: str, dest: Path, timeout: float) -> None:
         expected = SHA256[name][dest.name]
         if digest != expected:
             raise _FetchFailed(f"sha256 mismatch: got {digest} for {size} bytes, expected {expected}")
+        assert tmp is not None
         os.replace(tmp, dest)
         tmp = None
         _remember_hash(dest, digest)

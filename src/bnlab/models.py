@@ -7,6 +7,7 @@ or the single shared ``bn``), so state_dict keys read like the code in the quest
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +37,12 @@ class BiasedVarBatchNorm1d(nn.BatchNorm1d):
     def update_running_stats(self, x: torch.Tensor) -> None:
         """Move the running averages towards the batch mean and BIASED batch variance."""
         var, mean = torch.var_mean(x, dim=0, correction=0)
-        self.running_mean.lerp_(mean, self.momentum)
-        self.running_var.lerp_(var, self.momentum)
-        self.num_batches_tracked.add_(1)
+        running_mean, running_var, tracked = self.running_mean, self.running_var, self.num_batches_tracked
+        assert running_mean is not None and running_var is not None and tracked is not None
+        assert self.momentum is not None  # bnlab always sets an exponential rate
+        running_mean.lerp_(mean, self.momentum)
+        running_var.lerp_(var, self.momentum)
+        tracked.add_(1)
 
 
 def _make_bn(width: int, cfg: ModelConfig) -> nn.BatchNorm1d:
@@ -68,15 +72,15 @@ class MLP(nn.Module):
         if cfg.logits_norm:
             self.bn_logits = _make_bn(widths[-1], cfg)
         # Resolved once so forward() does no string lookups per call.
-        self._linears = [getattr(self, f"l{i + 1}") for i in range(self.n_layers)]
+        self._linears: list[nn.Linear] = [getattr(self, f"l{i + 1}") for i in range(self.n_layers)]
         self._norms = [self._hidden_norm(i) for i in range(1, self.n_layers)]
         init_weights(self, cfg.init)
 
-    def _hidden_norm(self, i: int) -> nn.Module | None:
+    def _hidden_norm(self, i: int) -> nn.BatchNorm1d | None:
         if self.cfg.norm == "per-layer":
-            return getattr(self, f"bn{i}")
+            return cast(nn.BatchNorm1d, getattr(self, f"bn{i}"))
         if self.cfg.norm == "shared":
-            return self.bn
+            return cast(nn.BatchNorm1d, self.bn)
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

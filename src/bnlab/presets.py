@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bnlab.config import ModelConfig, RunConfig, TrainConfig, config_differences
+from bnlab.config import ModelConfig, NormPlacement, RunConfig, TrainConfig, config_differences
 from bnlab.conventions import to_torch_momentum
 from bnlab.errors import UsageError
 
@@ -31,13 +31,13 @@ class Preset:
     config: RunConfig
 
 
-def _chainer_model(norm: str, decay: float = 0.9) -> ModelConfig:
+def _chainer_model(norm: NormPlacement, decay: float = 0.9) -> ModelConfig:
     # The question's Chainer program: L.Linear with HeNormal, L.BatchNormalization(eps=1e-3).
     return ModelConfig(norm=norm, init="chainer-he-normal",
                        bn_momentum=to_torch_momentum("chainer", decay), bn_eps=1e-3)
 
 
-def _tf_model(norm: str) -> ModelConfig:
+def _tf_model(norm: NormPlacement) -> ModelConfig:
     # tf.layers.dense defaults (Glorot uniform, zero bias) and tf.layers.batch_normalization
     # (momentum 0.9 weighting the old value, eps 1e-3, biased moving variance on 2-D input),
     # applied after both hidden layers and on the logits.

@@ -46,3 +46,9 @@ def examples_on_path():
         yield EXAMPLES
     finally:
         sys.path.remove(str(EXAMPLES))
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers", "full_zoo: the rest of the real-model zoo; runs with BNLAB_FULL_ZOO=1"
+    )

@@ -143,7 +143,7 @@ def test_not_a_model(tmp_path: Path, capsys) -> None:
 
 
 def test_missing_input_source(answer_file: str, capsys) -> None:
-    assert "--data mnist or --input-shape" in usage_error([f"{answer_file}:Net"], capsys)
+    assert "--data mnist, --data FILE.py:NAME or --input-shape" in usage_error([f"{answer_file}:Net"], capsys)
 
 
 def test_bad_input_shape(answer_file: str, capsys) -> None:

@@ -59,3 +59,19 @@ def test_channel_stats_unbiased() -> None:
     assert mean.tolist() == [2.0, 2.0] and var.tolist() == [2.0, 0.0]
     mean, var = channel_stats(np.array([[5.0]]))
     assert var.tolist() == [0.0]
+
+
+def test_sites_alike_allows_for_sampling_noise_with_few_values_per_channel():
+    rng = np.random.default_rng(0)
+    # Two samples of one distribution, 8 values per channel, 512 channels (a deep conv layer).
+    a, b = rng.normal(size=(512, 8)), rng.normal(size=(512, 8))
+    (ma, va), (mb, vb) = channel_stats(a), channel_stats(b)
+    noisy = site_distance(ma, va, mb, vb, 0.0)
+    assert not sites_alike(noisy)            # read without the noise allowance: "different"
+    assert sites_alike(noisy, values_per_channel=8)
+    # A real difference (means 1 SD apart) stays different at 8 values, and at 1000 the
+    # allowance is small: 0.3 SD apart is different.
+    shifted = site_distance(ma, va, mb + 1.0, vb, 0.0)
+    assert not sites_alike(shifted, values_per_channel=8)
+    zeros, ones = np.zeros(100), np.ones(100)
+    assert not sites_alike(site_distance(zeros, ones, zeros + 0.35, ones, 0.0), values_per_channel=1000)

@@ -10,12 +10,18 @@ or, around your own training loop::
         ...  # train as usual
     print(w.report())
 
+and, to cure a shared or stale BN without retraining (a NEW model; see
+:mod:`bnlab.doctor.repair`)::
+
+    fixed = bnlab.doctor.repair(model, train_batches)
+
 The model is never modified: probes and training steps run on a deep copy, and all
 hooks are removed afterwards.
 """
 
 from bnlab.doctor.api import check
 from bnlab.doctor.findings import Finding, Report
+from bnlab.doctor.repair import repair
 from bnlab.doctor.watch import watch
 
-__all__ = ["Finding", "Report", "check", "watch"]
+__all__ = ["Finding", "Report", "check", "repair", "watch"]

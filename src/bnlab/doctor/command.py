@@ -7,13 +7,19 @@ models that cannot be loaded or run (the message says what to do).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from bnlab.doctor import checkpoints, sources
 from bnlab.doctor import inputs as probe_inputs
 from bnlab.doctor.errors import ProbeError, UsageError
-from bnlab.doctor.findings import Report
+from bnlab.doctor.findings import Report, clean
 from bnlab.doctor.loader import LoadError, load_model
+from bnlab.errors import BnlabError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 
@@ -32,28 +38,46 @@ DEFAULT_DATA_STEPS = 60
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``bnlab doctor``."""
-    parser.add_argument("target", metavar="FILE.py:NAME",
-                        help="file defining the model, and NAME: a model class or a "
-                             "zero-argument function returning a model")
+    parser.add_argument("target", metavar="TARGET",
+                        help="FILE.py:NAME (NAME: a model class or a zero-argument function "
+                             "returning a model), or a bnlab run directory (runs/question-seed0)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--input-shape", metavar="N,D,...",
-                        help="probe with standard-normal inputs of this shape, e.g. 1000,784")
-    source.add_argument("--data", choices=["mnist"],
-                        help="probe with real MNIST test images (shaped as the model needs), "
-                             "train on MNIST training images")
+                        help="probe with standard-normal inputs of this shape, e.g. 1000,784 "
+                             "(training steps use other random batches)")
+    source.add_argument("--data", metavar="mnist|fashion-mnist|FILE.py:NAME",
+                        help="real data: mnist or fashion-mnist (training split for training "
+                             "steps and --fix, test split for the probe and the evaluation), or "
+                             "FILE.py:NAME returning (inputs, labels) batches, e.g. a DataLoader "
+                             "(the last sixth of its batches is held out for the probe)")
     parser.add_argument("--data-dir", default=None, help="folder with the MNIST files")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="probe (and training) batch size with --data (default 1000); "
                              "replaces the first dimension of --input-shape")
+    parser.add_argument("--max-batches", type=int, default=sources.DEFAULT_MAX_BATCHES,
+                        help="batches read from --data FILE.py:NAME at most (kept in memory; "
+                             f"default {sources.DEFAULT_MAX_BATCHES})")
+    parser.add_argument("--checkpoint", metavar="PATH", default=None,
+                        help="load trained weights into the model first: a state_dict saved with "
+                             "torch.save (loaded with weights_only=True), or for Chainer a "
+                             "save_npz file")
     parser.add_argument("--train-steps", type=int, default=None,
                         help=f"optimizer steps on a copy before probing (Adam, cross-entropy; "
-                             f"default {DEFAULT_DATA_STEPS} with --data, 0 with --input-shape)")
+                             f"default {DEFAULT_DATA_STEPS} with --data, 0 with --input-shape, "
+                             "0 for trained models: a run directory or --checkpoint)")
     parser.add_argument("--lr", type=float, default=0.01,
                         help="learning rate of the training steps (default 0.01)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for weights, data order and inputs (default 0)")
     parser.add_argument("--framework", choices=["auto", "torch", "chainer"], default="auto",
                         help="framework of the model (default: detected)")
+    parser.add_argument("--fix", metavar="OUT", default=None,
+                        help="write a repaired copy of the model to the folder OUT: every BN "
+                             "the doctor finds shared (error) split into one per call site, "
+                             "running statistics re-estimated over one pass of the training "
+                             "data; no retraining. Needs --data")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let --fix replace the files of an earlier repair in OUT")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -83,40 +107,125 @@ def _framework(model: Any, wanted: str) -> str:
         raise LoadError(str(err).replace("framework '", "--framework '")) from err
 
 
-def _probe_data(args: argparse.Namespace, model: Any, framework: str) -> dict[str, Any]:
-    """Keyword arguments of ``check`` for the requested input source."""
-    if args.data == "mnist":
-        batch = args.batch_size or 1000
-        x, y, batches = probe_inputs.mnist(args.data_dir, batch, args.seed)
-        shape = probe_inputs.fit_shape(model, framework, x)
-        steps = DEFAULT_DATA_STEPS if args.train_steps is None else args.train_steps
-        return {
-            "inputs": x.reshape((len(x),) + shape),
-            "labels": y,
-            "train_steps": steps,
-            "train_batches": batches(shape),
-            "source": "(MNIST test images)",
-        }
+@dataclass
+class Target:
+    """The model to examine, and what the report calls it."""
+
+    model: Any
+    framework: str
+    name: str
+    trained: bool  # weights from a checkpoint or a run directory
+    dataset: str | None = None  # a run directory's data set
+
+
+def _target(args: argparse.Namespace) -> Target:
+    if checkpoints.is_run_dir(args.target):
+        if args.checkpoint:
+            raise probe_inputs.InputError(
+                "--checkpoint is for FILE.py:NAME targets; a run directory brings its own "
+                "checkpoint.pt.")
+        model, cfg = checkpoints.load_run_dir(args.target)
+        framework = _framework(model, args.framework)
+        name = f"{args.target} (bnlab run: preset {cfg.preset}, seed {cfg.train.seed})"
+        return Target(model, framework, name, True, cfg.dataset)
+    model = load_model(args.target)
+    framework = _framework(model, args.framework)
+    if args.checkpoint:
+        checkpoints.load_checkpoint_into(model, framework, args.checkpoint)
+    return Target(model, framework, "", bool(args.checkpoint))
+
+
+def _train_steps(args: argparse.Namespace, target: Target, real: bool) -> int:
+    if args.train_steps is not None:
+        return int(args.train_steps)
+    # A trained model is judged as handed over: our own steps would change what we judge.
+    return DEFAULT_DATA_STEPS if real and not target.trained else 0
+
+
+def _source(args: argparse.Namespace, target: Target) -> tuple[sources.Source, int]:
+    data = args.data or (target.dataset if args.input_shape is None else None)
+    if data is not None:
+        data = sources.parse_data(data)
+        steps = _train_steps(args, target, True)
+        if data in sources.BUILTIN:
+            src = sources.builtin_source(data, target.model, target.framework, args.data_dir,
+                                         args.batch_size or 1000, args.seed)
+        else:
+            src = sources.file_source(data, args.batch_size, args.max_batches)
+        return src, steps
     if args.input_shape is None:
-        raise probe_inputs.InputError("give the probe input: --data mnist or --input-shape N,D,...")
+        raise probe_inputs.InputError(
+            "give the probe input: --data mnist, --data FILE.py:NAME or --input-shape N,D,...")
     shape = probe_inputs.parse_shape(args.input_shape)
     if args.batch_size:
         shape = (args.batch_size,) + shape[1:]
-    x = probe_inputs.random_inputs(shape, args.seed)
-    return {
-        "inputs": x,
-        "train_steps": args.train_steps or 0,
-        "source": "(standard normal)",
-    }
+    steps = _train_steps(args, target, False)
+    return sources.random_source(target.model, target.framework, shape, args.seed, steps), steps
 
 
-def _check(args: argparse.Namespace) -> Report:
+def _data_note(src: sources.Source) -> str:
+    return "batches used: " + "; ".join(f"{use}: {what}" for use, what in src.uses.items())
+
+
+def _split_and_kept(report: Report) -> tuple[list[str], list[dict[str, Any]]]:
+    """The BNs --fix splits (shared-bn errors) and those it leaves shared (warnings)."""
+    split = [f.where for f in report.by_check("shared-bn") if f.severity == "error"]
+    kept = [{"change": "kept", "where": f.where,
+             "why": "shared, but its call sites see alike activations (a warning, not an "
+                    "error): left as it is"}
+            for f in report.by_check("shared-bn") if f.severity != "error"]
+    return split, kept
+
+
+def _fix(args: argparse.Namespace, target: Target, src: sources.Source, report: Report
+         ) -> tuple[Any, list[Any]]:
+    from bnlab.doctor import fix_output
+    from bnlab.doctor.repair import repair_report
+
+    assert src.fit_batches is not None and src.held_out is not None
+    split, kept = _split_and_kept(report)
+    result = repair_report(target.model, src.fit_batches(), src.held_out, split=split,
+                           framework=target.framework,
+                           evaluated_on=src.uses.get("evaluation (--fix)", ""))
+    result.changes += kept
+    config = getattr(result.model, "cfg", None)
+    mlp_config = (dataclasses.asdict(config)
+                  if dataclasses.is_dataclass(config) and not isinstance(config, type) else None)
+    written = fix_output.write(result, Path(args.fix), target=args.target,
+                               report=report.to_dict(), overwrite=args.overwrite,
+                               mlp_config=mlp_config)
+    return result, written
+
+
+def _check(args: argparse.Namespace) -> tuple[Report, dict[str, Any], str]:
     from bnlab.doctor.api import check
 
-    model = load_model(args.target)
-    framework = _framework(model, args.framework)
-    kwargs = _probe_data(args, model, framework)
-    return check(model, framework=framework, lr=args.lr, **kwargs)
+    target = _target(args)
+    if args.fix:
+        from bnlab.doctor import fix_output
+
+        fix_output.check_writable(Path(args.fix), target.framework, args.overwrite)
+    src, steps = _source(args, target)
+    if args.fix and not src.real:
+        raise probe_inputs.InputError(
+            "--fix re-estimates running statistics on real training data and evaluates the "
+            "repair on held-out data: give --data (mnist, fashion-mnist or FILE.py:NAME) "
+            "instead of --input-shape.")
+    report = check(target.model, src.probe_x, labels=src.probe_y, train_steps=steps,
+                   train_batches=src.train_batches, framework=target.framework, lr=args.lr,
+                   source=src.description)
+    if target.name:
+        report.model = target.name
+    if steps == 0:  # no training steps were taken: don't list their batches
+        src.uses.pop("training steps", None)
+    report.notes.append(_data_note(src))
+    extra: dict[str, Any] = {"data": src.uses}
+    text = ""
+    if args.fix:
+        result, written = _fix(args, target, src, report)
+        extra["repair"] = {**result.to_dict(), "written": [str(p) for p in written]}
+        text = "\n" + result.to_text() + "".join(f"  wrote {p}\n" for p in written)
+    return report, extra, text
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,16 +234,24 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--train-steps must be 0 or more.")
     if args.batch_size is not None and args.batch_size < 1:
         return _fail("--batch-size must be 1 or more.")
+    if args.max_batches < 1:
+        return _fail("--max-batches must be 1 or more.")
     _seed(args.seed)
     try:
-        report = _check(args)
+        report, extra, fix_text = _check(args)
     except LoadError as err:
         return _fail(str(err))
     except ProbeError as err:
         return _fail(f"{err}. {err.hint}".rstrip() if err.hint else str(err))
     except UsageError as err:  # e.g. training without labels on a non-classifier
         return _fail(str(err))
-    print(report.to_json() if args.json else report.to_text(), end="" if not args.json else "\n")
+    except BnlabError as err:  # bnlab's own readers and writers: run directories, OUT
+        _fail(str(err))
+        return err.exit_code
+    if args.json:
+        print(json.dumps({**report.to_dict(), **clean(extra)}, indent=2, allow_nan=False))
+    else:
+        print(report.to_text() + fix_text, end="")
     return report.exit_code
 
 

@@ -52,11 +52,14 @@ def _exception_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {message}" if message else type(err).__name__
 
 
-def import_file(path: Path) -> ModuleType:
-    """Execute ``path`` as a module; its folder is importable while it loads (sibling imports)."""
+def import_file(path: Path, purpose: str = "the model") -> ModuleType:
+    """Execute ``path`` as a module; its folder is importable while it loads (sibling imports).
+
+    ``purpose`` (what the file defines) only words the messages.
+    """
     if not path.is_file():
         raise LoadError(
-            f"{path}: no such file. Give the path to the Python file that defines the model."
+            f"{path}: no such file. Give the path to the Python file that defines {purpose}."
         )
     name = _module_name(path)
     spec = importlib.util.spec_from_file_location(name, path)
@@ -77,7 +80,7 @@ def import_file(path: Path) -> ModuleType:
         )
         raise LoadError(
             f"could not import {path}: {_exception_text(err)}. bnlab doctor imports the file to "
-            f"find the model, so it must import cleanly. {hint}"
+            f"find {purpose}, so it must import cleanly. {hint}"
         ) from err
     finally:
         if folder in sys.path:

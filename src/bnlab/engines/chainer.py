@@ -125,7 +125,7 @@ def _chain_class() -> type:
 def _define_chain_class(chainer: ModuleType) -> type:
     F, L = chainer.functions, chainer.links
 
-    class ChainerMLP(chainer.Chain):
+    class ChainerMLP(chainer.Chain):  # type: ignore[name-defined]
         """The question's MyModel, generalised to bnlab's widths and placements.
 
         Child names match the torch ``MLP`` (l1.., bn1.. or the shared bn) so state_dict keys

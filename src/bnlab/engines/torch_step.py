@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 from dataclasses import dataclass
 
 import torch
@@ -115,7 +116,7 @@ def loss_and_gradients(model: MLP, x: torch.Tensor, labels: torch.Tensor,
     """
     hidden: list[_Hidden] = []
     h = x
-    for linear, norm in zip(model._linears[:-1], model._norms):
+    for linear, norm in zip(model._linears[:-1], model._norms, strict=False):
         z = aten.addmm(linear.bias, h, linear.weight.t())  # what F.linear runs
         out, saved = _norm_forward(norm, z, observe) if norm is not None else (z, None)
         activation = aten.relu(out)
@@ -123,19 +124,24 @@ def loss_and_gradients(model: MLP, x: torch.Tensor, labels: torch.Tensor,
         h = activation
     last = model._linears[-1]
     logits = aten.addmm(last.bias, h, last.weight.t())
-    bn_logits = model.bn_logits if model.cfg.logits_norm else None
+    bn_logits = cast(nn.BatchNorm1d, model.bn_logits) if model.cfg.logits_norm else None
     out, saved = _norm_forward(bn_logits, logits, observe) if bn_logits is not None else (logits, None)
 
-    loss, grad = cross_entropy_and_grad(out, labels)
+    loss, grad_out = cross_entropy_and_grad(out, labels)
+    assert grad_out is not None
+    grad = grad_out
     grads: dict[nn.Parameter, torch.Tensor] = {}
     if bn_logits is not None:
+        assert saved is not None
         grad = _norm_backward(bn_logits, grad, logits, saved, grads)
-    grad = _linear_backward(last, h, grad, grads, input_grad=bool(hidden))
+    grad_in = _linear_backward(last, h, grad, grads, input_grad=bool(hidden))
     for i, layer in enumerate(reversed(hidden)):
-        grad = aten.threshold_backward(grad, layer.activation, 0)  # ReLU's backward
+        assert grad_in is not None  # every layer but the first passes a gradient down
+        grad = aten.threshold_backward(grad_in, layer.activation, 0)  # ReLU's backward
         if layer.norm is not None:
+            assert layer.saved is not None
             grad = _norm_backward(layer.norm, grad, layer.pre_norm, layer.saved, grads)
-        grad = _linear_backward(layer.linear, layer.inputs, grad, grads, input_grad=i < len(hidden) - 1)
+        grad_in = _linear_backward(layer.linear, layer.inputs, grad, grads, input_grad=i < len(hidden) - 1)
     for param, g in grads.items():
         param.grad = g
     return loss, out
@@ -149,6 +155,7 @@ def _norm_forward(norm: nn.BatchNorm1d, z: torch.Tensor, observe: NormObserver |
         norm.update_running_stats(z)
         out, mean, invstd = aten.native_batch_norm(z, norm.weight, norm.bias, None, None, True, 0.0, norm.eps)
     else:
+        assert norm.num_batches_tracked is not None
         norm.num_batches_tracked.add_(1)
         out, mean, invstd = aten.native_batch_norm(z, norm.weight, norm.bias, norm.running_mean,
                                                    norm.running_var, True, norm.momentum, norm.eps)
@@ -175,7 +182,7 @@ def _linear_backward(linear: nn.Linear, inputs: torch.Tensor, grad: torch.Tensor
     return grad.mm(linear.weight) if input_grad else None
 
 
-def _accumulate(grads: dict, param: nn.Parameter, grad: torch.Tensor) -> None:
+def _accumulate(grads: dict, param: torch.Tensor, grad: torch.Tensor) -> None:
     grads[param] = grads[param] + grad if param in grads else grad
 
 

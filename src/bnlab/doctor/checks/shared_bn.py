@@ -54,12 +54,9 @@ def _finding(probe: ProbeResult, layer: LayerInfo, calls: list[CallRecord], coun
         )
         site_data.append({"index": call.index, "site": call.site, "producer": call.producer,
                           **dist.as_dict()})
-    between = [
-        site_distance(a.mean, a.var, b.mean, b.var, layer.eps)
-        for i, a in enumerate(calls)
-        for b in calls[i + 1:]
-        if a.mean.shape == b.mean.shape
-    ]
+    pairs = [(a, b) for i, a in enumerate(calls) for b in calls[i + 1:] if a.mean.shape == b.mean.shape]
+    between = [site_distance(a.mean, a.var, b.mean, b.var, layer.eps) for a, b in pairs]
+    values = [min(a.values_per_channel, b.values_per_channel) for a, b in pairs]
     worst = max(between, key=lambda d: d.mean_shift + abs(np.log(d.var_ratio)), default=None)
     if worst is not None:
         evidence.append(
@@ -77,7 +74,7 @@ def _finding(probe: ProbeResult, layer: LayerInfo, calls: list[CallRecord], coun
         evidence.append("the running statistics are still at their initial values (0, 1)")
     if div is not None:
         evidence.append(divergence_line(div))
-    alike = worst is not None and all(sites_alike(d) for d in between) and not self_fed
+    alike = worst is not None and all(sites_alike(d, n) for d, n in zip(between, values, strict=True)) and not self_fed
     consequence = (
         "In eval mode every call site is normalized with the same running statistics, a blend "
         "of all sites' activations, so the deployed model computes a different function than "

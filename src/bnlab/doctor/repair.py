@@ -1,0 +1,167 @@
+"""``bnlab.doctor.repair``: cure a trained model's batch norm without retraining.
+
+>>> fixed = bnlab.doctor.repair(model, train_batches)        # a NEW model
+>>> result = repair_report(model, train_batches, held_out)   # ... with before/after numbers
+
+Two steps, on a deep copy (the model given is never changed):
+
+1. each stateful BN called more than once per forward pass becomes one BN per call site
+   (affine parameters copied); bnlab's own shared-BN MLP becomes the per-layer MLP;
+2. every BN's running statistics are re-estimated as the cumulative average over the
+   given batches in train mode (``torch.optim.swa_utils.update_bn`` where it fits;
+   Chainer: ``avg_mean`` / ``avg_var``). This also cures statistics that were reset or
+   left stale.
+
+The weights are not touched: no gradient step is taken.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from bnlab.doctor.backends import detect
+from bnlab.doctor.errors import UsageError
+
+
+def _framework(model: Any, framework: str) -> str:
+    return detect(model, framework).NAME
+
+
+def _backend(model: Any, framework: str) -> ModuleType:
+    kind = _framework(model, framework)
+    if kind == "torch":
+        from bnlab.doctor import repair_torch
+
+        return repair_torch
+    if kind == "chainer":
+        from bnlab.doctor import repair_chainer
+
+        return repair_chainer
+    raise UsageError(f"framework must be 'auto', 'torch' or 'chainer', not {framework!r}")
+
+
+def _batches(batches: Iterable[Any]) -> list[tuple[Any, Any]]:
+    """``(inputs, labels)`` pairs, or bare inputs (labels are not needed to re-estimate)."""
+    out: list[tuple[Any, Any]] = []
+    for item in batches:
+        out.append((item[0], item[1]) if isinstance(item, (tuple, list)) and len(item) == 2
+                   else (item, None))
+    return out
+
+
+@dataclass
+class RepairResult:
+    """A repaired model, what changed where, and eval-mode numbers before and after."""
+
+    model: Any
+    framework: str
+    changes: list[dict[str, Any]]
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] = field(default_factory=dict)
+    evaluated_on: str = ""
+
+    @property
+    def splits(self) -> dict[str, int]:
+        """Module path -> call sites, for every BN that was split."""
+        return {c["where"]: c["calls"] for c in self.changes if c["change"] == "split"}
+
+    def to_dict(self) -> dict[str, Any]:
+        from bnlab.doctor.findings import clean
+
+        return clean({"framework": self.framework, "changes": self.changes,
+                      "before": self.before, "after": self.after,
+                      "evaluated_on": self.evaluated_on})
+
+    def to_text(self) -> str:
+        return render_text(self)
+
+
+def repair(
+    model: Any,
+    batches: Iterable[Any],
+    *,
+    split: Iterable[str] | None = None,
+    framework: str = "auto",
+) -> Any:
+    """A NEW model: shared BNs split per call site, running statistics re-estimated.
+
+    ``batches``: training inputs, ``(inputs, labels)`` pairs or bare inputs; one pass
+    over them is the re-estimation (a DataLoader over the training set works).
+    ``split``: paths of the BNs to split; default every stateful BN called more than
+    once per forward pass.
+    """
+    return repair_report(model, batches, None, split=split, framework=framework).model
+
+
+def repair_report(
+    model: Any,
+    batches: Iterable[Any],
+    held_out: Iterable[Any] | None,
+    *,
+    split: Iterable[str] | None = None,
+    framework: str = "auto",
+    evaluated_on: str = "",
+) -> RepairResult:
+    """:func:`repair`, plus eval-mode accuracy, loss and train/eval agreement before and
+    after on the labelled ``held_out`` batches (when given)."""
+    backend = _backend(model, framework)
+    kind = _framework(model, framework)
+    new, changes = backend.repair(model, _batches(batches), split=split)
+    result = RepairResult(new, kind, changes, evaluated_on=evaluated_on)
+    if held_out is not None:
+        held = _batches(held_out)
+        result.before = backend.evaluate(model, held)
+        result.after = backend.evaluate(new, held)
+    return result
+
+
+def split_shared(model: Any, calls: dict[str, int], *, framework: str = "auto") -> Any:
+    """A copy of ``model`` with the repaired architecture (``calls``: path -> call sites,
+    as in ``RepairResult.splits``), to load the repaired weights into."""
+    return _backend(model, framework).split_shared(model, calls)
+
+
+# -- text ---------------------------------------------------------------------------------
+
+
+def _number(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _change_line(change: dict[str, Any]) -> str:
+    if change["change"] == "split":
+        return (f"split {change['where']} (called {change['calls']} times: "
+                f"{'; '.join(change['sites'])}) into {', '.join(change['into'])} "
+                f"({change['layout']}); affine parameters copied")
+    if change["change"] == "kept":
+        return f"kept {change['where']}: {change['why']}"
+    moved = change["old_vs_new"]
+    source = f" (from {change['from']})" if change["from"] != change["where"] else ""
+    return (f"re-estimated {change['where']}{source} over {change['batches']} batches: the old "
+            f"statistics were {moved['mean_shift']:.2f} SD (mean) and a variance ratio of "
+            f"{moved['var_ratio']:.2f} from the new")
+
+
+def render_text(result: RepairResult, width: int = 88) -> str:
+    lines = ["repair: a new model (the one given is unchanged); no weight was trained"]
+    methods = sorted({c["method"] for c in result.changes if c["change"] == "re-estimated"})
+    for change in result.changes:
+        lines += textwrap.wrap(_change_line(change), width=width, initial_indent="  - ",
+                               subsequent_indent="    ")
+    if methods:
+        lines += textwrap.wrap(f"running statistics: cumulative average in train mode "
+                               f"({'; '.join(methods)})", width=width, initial_indent="  ",
+                               subsequent_indent="    ")
+    if result.before or result.after:
+        lines.append(f"  {'':<30}{'before':>8}  {'after':>8}")
+        for key, label in (("val_acc", "val acc (eval mode)"), ("val_loss", "val loss (eval mode)"),
+                           ("train_eval_agreement", "train/eval agreement")):
+            lines.append(f"  {label:<30}{_number(result.before.get(key)):>8}  "
+                         f"{_number(result.after.get(key)):>8}")
+        if result.evaluated_on:
+            lines.append(f"  evaluated on {result.evaluated_on}")
+    return "\n".join(lines) + "\n"
