@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import html
 import io
 import json
@@ -27,8 +28,16 @@ from scipy import stats as scipy_stats
 
 from bnlab import bnstats
 from bnlab.errors import UsageError
-from bnlab.figures import (CONFIDENCE, SavedFigure, TraceSeries, plot_bn_trace, plot_train_vs_val, plot_val_curves,
-                           steps_per_epoch, trace_series)
+from bnlab.figures import (
+    CONFIDENCE,
+    SavedFigure,
+    TraceSeries,
+    plot_bn_trace,
+    plot_train_vs_val,
+    plot_val_curves,
+    steps_per_epoch,
+    trace_series,
+)
 from bnlab.presets import PresetRuns, Verdict, judge
 from bnlab.rundir import RunData, atomic_write_json, atomic_write_text, group_by_preset, read_run
 
@@ -257,26 +266,30 @@ def trace_mismatch(series: Sequence[TraceSeries], last_steps: int, eps: float) -
 # ---------------------------------------------------------------------------------- HTML
 
 # .scroll: a table wider than the screen (420 px phones) scrolls inside its box instead of
-# being cut off at the page's edge; long words (paths) may break.
+# being cut off at the page's edge. Words wrap only between words, except in .long cells
+# (paths, digests, platform strings), which may break anywhere.
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 .scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:1em 0;font-size:14px}
-td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
+td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}.long{overflow-wrap:anywhere}
 @media (max-width:600px){body{margin:1em auto;padding:0 .5em}table{font-size:12px}td,th{padding:3px 4px}}
 th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}.ok{color:#08660b;font-weight:600}
 .bad{color:#a10d0d;font-weight:600}.small{color:#555;font-size:13px}code{background:#f5f5f5;padding:0 3px}"""
 
 
-def _table_html(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def _table_html(header: Sequence[str], rows: Sequence[Sequence[str]], long: Sequence[int] = ()) -> str:
+    """A table in a box that scrolls sideways; the cells of the ``long`` columns may break anywhere."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+
+    def cell(i: int, c: str) -> str:
+        return f"<td class=\"long\">{html.escape(str(c))}</td>" if i in long else f"<td>{html.escape(str(c))}</td>"
+
+    body = "".join("<tr>" + "".join(cell(i, c) for i, c in enumerate(row)) + "</tr>" for row in rows)
     return f"<div class=\"scroll\"><table><tr>{head}</tr>{body}</table></div>"
 
 
 def _figure_html(fig: SavedFigure) -> str:
     data = base64.b64encode(fig.png_bytes).decode("ascii")
-    # The image links to its PNG beside report.html: on a small screen it opens full size.
-    return (f"<figure><a href=\"{html.escape(fig.png.name)}\"><img alt=\"{html.escape(fig.title)}\" "
-            f"src=\"data:image/png;base64,{data}\"></a>"
+    return (f"<figure><img alt=\"{html.escape(fig.title)}\" src=\"data:image/png;base64,{data}\">"
             f"<figcaption class=\"small\">{html.escape(fig.caption)} Files: <code>{html.escape(fig.png.name)}</code>, "
             f"<code>{html.escape(fig.svg.name)}</code>.</figcaption></figure>")
 
@@ -286,7 +299,8 @@ def _verdicts_html(verdicts: Sequence[Verdict]) -> str:
     for v in verdicts:
         css = "ok" if v.reproduced else ("bad" if v.reproduced is False else "small")
         text = (f"<h3>{html.escape(v.preset)}: <span class=\"{css}\">{html.escape(v.label)}</span></h3>"
-                f"<p>The question or answer says: <q>{html.escape(v.claim)}</q>.<br>Accepted band for the final val acc: "
+                f"<p>The question or answer says: <q>{html.escape(v.claim)}</q>.<br>"
+                "Accepted band for the final val acc: "
                 f"[{v.accept[0]:.3f}, {v.accept[1]:.3f}] ({html.escape(v.note)}).</p>" if v.claim else
                 f"<h3>{html.escape(v.preset)}: {html.escape(v.label)}</h3>")
         text += "<ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in v.reasons) + "</ul>"
@@ -294,7 +308,8 @@ def _verdicts_html(verdicts: Sequence[Verdict]) -> str:
             text += f"<p class=\"small\">Caveat: {html.escape(v.caveat)}.</p>"
         if v.deviations:
             text += ("<p class=\"small\">These runs differ from the original program in: "
-                     + html.escape(", ".join(v.deviations)) + ". The claim is about the original program's settings.</p>")
+                     + html.escape(", ".join(v.deviations))
+                     + ". The claim is about the original program's settings.</p>")
         items.append(text)
     return "".join(items)
 
@@ -311,8 +326,8 @@ def _environment_html(runs: Sequence[RunData]) -> str:
         for fname, digest in (run.environment.get("data_sha256") or {}).items():
             sums.setdefault(fname, {})[digest] = None
     sum_rows = [[f, ", ".join(d)] for f, d in sums.items()]
-    return (_table_html(("key", "value (all distinct values over the runs)"), env_rows)
-            + "<h3>Data sha256</h3>" + _table_html(("file", "sha256"), sum_rows))
+    return (_table_html(("key", "value (all distinct values over the runs)"), env_rows, long=(1,))
+            + "<h3>Data sha256</h3>" + _table_html(("file", "sha256"), sum_rows, long=(0, 1)))
 
 
 def _mismatch_html(mismatches: dict[str, list[dict[str, Any]]]) -> str:
@@ -337,8 +352,8 @@ def render_html(summaries: dict[str, PresetSummary], verdicts: Sequence[Verdict]
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{html.escape(title)}</title>"
         f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
         f"<p class=\"small\">Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {len(runs)} run(s). "
-        "The question: a Chainer MLP (784-100-100-10, BN + ReLU, Adam lr 0.01, batch 1000, 100 epochs) that applied ONE "
-        "BatchNormalization after both hidden layers; the answer gave each layer its own.</p>",
+        "The question: a Chainer MLP (784-100-100-10, BN + ReLU, Adam lr 0.01, batch 1000, 100 epochs) that "
+        "applied ONE BatchNormalization after both hidden layers; the answer gave each layer its own.</p>",
         f"<h2>Statistics over seeds</h2><p class=\"small\">Sample standard deviation (ddof=1); {CONFIDENCE:.0%} "
         "interval of the mean from Student's t; - where undefined (one seed).</p>",
         _table_html(STAT_COLUMNS, stats_rows(summaries)), f"<p class=\"small\">{html.escape(CLIP_NOTE)}</p>",
@@ -354,7 +369,7 @@ def render_html(summaries: dict[str, PresetSummary], verdicts: Sequence[Verdict]
         for fig in bn_figures:
             parts += [f"<h3>{html.escape(fig.title)}</h3>", _figure_html(fig)]
     run_header = ("preset", "seed", "status", "epochs", "final val acc", "directory", "message")
-    parts += ["<h2>Runs</h2>", _table_html(run_header, run_rows),
+    parts += ["<h2>Runs</h2>", _table_html(run_header, run_rows, long=(5, 6)),
               "<h2>Environment</h2>", _environment_html(runs), "</body></html>"]
     return "\n".join(parts)
 
@@ -393,7 +408,7 @@ def _bn_eps(run: RunData) -> float:
     except ValueError:  # InputError: an unreadable config; its eps is then the default
         from bnlab.config import ModelConfig
 
-        return float(ModelConfig.__dataclass_fields__["bn_eps"].default)
+        return ModelConfig().bn_eps
 
 
 def verdicts_of(summaries: dict[str, PresetSummary], runs: Sequence[RunData]) -> list[Verdict]:
@@ -441,8 +456,8 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     plots: list[tuple[str, Callable[[], SavedFigure | None], list[SavedFigure]]] = [
         ("validation curves", lambda: plot_val_curves(runs, out), figures),
         ("train against validation", lambda: plot_train_vs_val(runs, out), figures)]
-    plots += [(f"BN statistics of {run.preset}", lambda run=run, series=series: plot_bn_trace(run, series, out),
-               bn_figures) for run, series in traced]
+    plots += [(f"BN statistics of {run.preset}", functools.partial(plot_bn_trace, run, series, out), bn_figures)
+              for run, series in traced]
     for i, (what, draw, section) in enumerate(plots, 1):
         step(f"figure {i} of {len(plots)}: {what}")
         fig = draw()
