@@ -20,13 +20,20 @@ from typing import Any
 from bnlab.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BnlabError, UsageError
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the examples' line breaks and shows each option's default (when it has one)."""
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps the description to the terminal, keeps the examples' line breaks, and shows
+    each option's default when it has one and its help does not state it already."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("%(default)" not in text and action.option_strings and default not in (None, False, [], argparse.SUPPRESS)
+        if ("default" not in text and action.option_strings
+                and default not in (None, False, [], argparse.SUPPRESS)
                 and not isinstance(action, argparse._HelpAction)):
             text += " (default: %(default)s)"
         return text
@@ -36,7 +43,8 @@ def _examples(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
-def _add_parser(sub: Any, name: str, *, help: str, description: str, examples: Sequence[str]) -> argparse.ArgumentParser:
+def _add_parser(sub: Any, name: str, *, help: str, description: str,
+                examples: Sequence[str]) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=description, epilog=_examples(*examples),
                           formatter_class=HelpFormatter)
 
@@ -69,9 +77,10 @@ def _add_json(p: argparse.ArgumentParser) -> None:
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that trains (train, compare, repro)."""
-    p.add_argument("--epochs", type=_int, help="epochs per run (the question: 100)")
-    p.add_argument("--batch-size", type=_int, help="minibatch size (the question: 1000)")
-    p.add_argument("--lr", type=_float, help="Adam learning rate (alpha in Chainer)")
+    p.add_argument("--epochs", type=_int, help="epochs per run (default: the preset's; the question: 100)")
+    p.add_argument("--batch-size", type=_int, help="minibatch size (default: the preset's; the question: 1000)")
+    p.add_argument("--lr", type=_float,
+                   help="Adam learning rate, alpha in Chainer (default: the preset's; the question: 0.01)")
     p.add_argument("--device", help="where to train: auto (CUDA when present), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--threads", type=_int,
                    help="threads per run (default 1: on these small matrices one thread per process is fastest; "
@@ -80,11 +89,12 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="training engine (default torch; chainer and tensorflow need the bnlab[chainer] / "
                         "bnlab[tensorflow] extras)")
     p.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist", help="data set")
-    p.add_argument("--data-dir", type=Path, help="folder holding the four IDX .gz files (default: BNLAB_DATA_DIR, "
-                   "the vendored copy, the user cache, then a download)")
+    p.add_argument("--data-dir", type=Path, help="folder holding the four IDX .gz files (default: $BNLAB_DATA_DIR, "
+                   "the MNIST copy shipped with bnlab, the user cache, then a download)")
     p.add_argument("--set", dest="overrides", type=_kv, action="append", default=[], metavar="FIELD=VALUE",
                    help="override any preset field, e.g. --set norm=shared --set bn_momentum=0.01 "
-                        "--set widths=784,256,256,10 (see `bnlab presets --fields`)")
+                        "--set widths=784,256,256,10 (see `bnlab presets --fields`; default: none, the "
+                        "preset as it is)")
 
 
 def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -113,24 +123,36 @@ def _status(text: str) -> None:
 # ---------------------------------------------------------------------------------- train
 
 class EpochPrinter:
-    """The question's table, row by row as epochs finish, with epoch i/N, seconds and the
-    ETA in trailing columns."""
+    """The question's table, row by row as epochs finish, with seconds, epoch i/N and the
+    ETA in trailing columns under their own headers."""
 
     def __init__(self, epochs: int, out: Any) -> None:
-        from bnlab.table import TABLE_HEADER
+        from bnlab.table import table_header
 
         self.epochs = epochs
         self.out = out
-        self.started = time.perf_counter()
-        print(f"{TABLE_HEADER}  seconds  {'done':>9}  ETA", file=out, flush=True)
+        self._first_done: float | None = None  # when the first epoch of this process ended
+        self._first_seconds = 0.0
+        self._rows = 0
+        print(f"{table_header(seconds=True)}  {'epoch':>9}  {'ETA':>7}", file=out, flush=True)
+
+    def eta(self, done: int, epoch_seconds: float, now: float) -> float:
+        """Seconds left after ``done`` of the epochs: the mean epoch time so far times the
+        epochs left. The first epoch counts by its own duration, not since the command
+        started (importing torch and reading the data are not epochs)."""
+        self._rows += 1
+        if self._first_done is None:
+            self._first_done, self._first_seconds = now, epoch_seconds
+        per_epoch = (self._first_seconds + now - self._first_done) / self._rows
+        return per_epoch * (self.epochs - done)
 
     def __call__(self, rec: Any) -> None:
         from bnlab.table import format_row
 
         done = rec.epoch + 1
-        elapsed = time.perf_counter() - self.started
-        eta = elapsed / done * (self.epochs - done)
-        print(f"{format_row(rec, seconds=True)}  {f'{done}/{self.epochs}':>9}  {_clock(eta)}", file=self.out, flush=True)
+        eta = self.eta(done, rec.seconds, time.perf_counter())
+        print(f"{format_row(rec, seconds=True)}  {f'{done}/{self.epochs}':>9}  {_clock(eta):>7}",
+              file=self.out, flush=True)
 
 
 def _clock(seconds: float) -> str:
@@ -181,7 +203,7 @@ def add_train_parser(sub: Any) -> None:
                     examples=["bnlab train --preset answer --seed 1",
                               "bnlab train --preset question --set norm=per-layer --epochs 20",
                               "bnlab train --preset tensorflow --engine torch --json > result.json"])
-    p.add_argument("--preset", required=True, help="preset name (see `bnlab presets`)")
+    p.add_argument("--preset", required=True, help="preset name (see `bnlab presets`); required")
     p.add_argument("--seed", type=_int, help="random seed for initial weights and batch order (default 0)")
     p.add_argument("--out", type=Path, help="run directory (default runs/PRESET-seedN)")
     p.add_argument("--overwrite", action="store_true", help="train again into a run directory that holds a run")
@@ -281,7 +303,8 @@ def add_conventions_parser(sub: Any) -> None:
                     "the old or the new value, its default, eps's default, biased or unbiased running variance, "
                     "and the switch to evaluation mode (docs/conventions.md explains).",
                     examples=["bnlab conventions", "bnlab conventions --framework keras"])
-    p.add_argument("--framework", choices=FRAMEWORKS, help="print one framework's entry in full")
+    p.add_argument("--framework", choices=FRAMEWORKS,
+                   help="print one framework's entry in full (default: the table of all)")
     _add_json(p)
     p.set_defaults(func=cmd_conventions)
 
@@ -320,8 +343,11 @@ def add_convert_parser(sub: Any) -> None:
                               "bnlab convert --from keras --momentum 0.99 --to torch    # momentum=0.01"])
     p.add_argument("--from", dest="from_framework", required=True, choices=FRAMEWORKS, help="framework of the value")
     p.add_argument("--to", dest="to_framework", required=True, choices=FRAMEWORKS, help="framework to state it in")
-    p.add_argument("--decay", type=_float, help="Chainer's decay (weight of the old value)")
-    p.add_argument("--momentum", type=_float, help="momentum of torch (new value) or keras/tf1/flax (old value)")
+    p.add_argument("--decay", type=_float,
+                   help="Chainer's decay (weight of the old value); give it or --momentum (no default)")
+    p.add_argument("--momentum", type=_float,
+                   help="momentum of torch (new value) or keras/tf1/flax (old value); give it or --decay "
+                        "(no default)")
     _add_json(p)
     p.set_defaults(func=cmd_convert)
 
@@ -355,8 +381,12 @@ def _run_sweep(args: argparse.Namespace, presets: list[str], on_done: Callable[[
         nonlocal progress
         progress = SweepProgress(len(specs), sum(s.config.train.epochs for s in specs))
 
+    started = time.perf_counter()
+
     def on_stage(text: str) -> None:
-        (progress.note if progress else _status)(f"bnlab: {text}")
+        # The clock says how long each stage took (the report's figures take seconds each).
+        line = f"bnlab [{_clock(time.perf_counter() - started)}] {text}"
+        (progress.note if progress else _status)(line)
 
     def on_event(event: Any) -> None:
         if progress is not None:
@@ -399,7 +429,7 @@ def _finish_sweep(args: argparse.Namespace, outcomes: Sequence[Any], report: Any
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from bnlab.presets import parse_presets
-    from bnlab.report import STAT_COLUMNS, markdown_table, stats_rows
+    from bnlab.report import CLIP_NOTE, STAT_COLUMNS, markdown_table, stats_rows
     from bnlab.sweep import SweepProgress
 
     def on_done(o: Any) -> None:
@@ -409,7 +439,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                             file=sys.stderr if args.json else sys.stdout)
 
     outcomes, report = _run_sweep(args, parse_presets(args.presets), on_done)
-    return _finish_sweep(args, outcomes, report, markdown_table(STAT_COLUMNS, stats_rows(report.summaries)))
+    table = markdown_table(STAT_COLUMNS, stats_rows(report.summaries))
+    return _finish_sweep(args, outcomes, report, f"{table}\n\n{CLIP_NOTE}")
 
 
 def add_compare_parser(sub: Any) -> None:
@@ -421,7 +452,8 @@ def add_compare_parser(sub: Any) -> None:
                     examples=["bnlab compare --presets question,answer --seeds 0-9",
                               "bnlab compare --presets answer --seeds 0-4 --set bn_momentum=0.01 --out runs/m001",
                               "bnlab compare --presets all --seeds 0-2 --epochs 20 --json > summary.json"])
-    p.add_argument("--presets", required=True, help="comma-separated preset names, or all (see `bnlab presets`)")
+    p.add_argument("--presets", required=True,
+                   help="comma-separated preset names, or all (see `bnlab presets`); required")
     add_sweep_options(p, out_default="runs/compare")
     p.set_defaults(func=cmd_compare)
 

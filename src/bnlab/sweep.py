@@ -16,6 +16,7 @@ import os
 import queue
 import signal
 import sys
+import threading
 import time
 import typing
 from collections.abc import Callable, Sequence
@@ -440,11 +441,16 @@ def run_sweep(specs: Sequence[RunSpec], executor: Executor,
 class SweepProgress:
     """One tqdm bar over every epoch still to train, fed by SweepEvents.
 
-    The bar appears as soon as training starts. Its clock restarts at the first finished
-    epoch: before that the workers are starting (importing torch, reading the data), and
-    counting that time would make the first ETA several times too long. Epochs that will
-    never come (cached, diverged or failed runs) leave the total, so the ETA counts only
-    work that is really left. Print through ``note``/``write`` so lines do not tear the bar.
+    The bar appears as soon as training starts, and on a terminal it redraws every second
+    even while no event comes, so its clock visibly runs while the workers start (import
+    torch, read the data: tens of seconds on a busy machine). Its clock restarts at the
+    first finished epoch, back-dated by that epoch's duration divided by the runs in flight
+    (they advance together): counting the start-up would make the first ETA several times
+    too long, and not counting the first epoch at all, too short. Epochs
+    that will never come (cached, diverged or failed runs) leave the total, so the ETA
+    counts only work that is really left. When the last run is done the bar closes: the
+    time spent on the report is not training time. Print through ``note``/``write`` so
+    lines do not tear the bar.
     """
 
     def __init__(self, total_runs: int, total_epochs: int | None = None, *,
@@ -460,7 +466,18 @@ class SweepProgress:
         interactive = hasattr(stream, "isatty") and stream.isatty()
         self.bar = tqdm(total=total_epochs, unit="epoch", desc="training", file=stream, disable=disable,
                         dynamic_ncols=True, smoothing=0.0, mininterval=0.1 if interactive else 30.0)
+        self._closed = False
+        self._created = self.bar.start_t if hasattr(self.bar, "start_t") else time.time()
         self._postfix()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        if interactive and not disable and total_runs:
+            self._ticker = threading.Thread(target=self._tick, name="bnlab-progress", daemon=True)
+            self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            self.bar.refresh()
 
     def __call__(self, event: SweepEvent) -> None:
         key = event.spec.run_dir
@@ -470,8 +487,12 @@ class SweepProgress:
         elif event.kind == "epoch":
             if not self._clock_started:
                 self._clock_started = True
-                total = self.bar.total
-                self.bar.reset(total=total)  # the ETA counts from here (see the class docstring)
+                self.bar.reset(total=self.bar.total)  # the ETA counts from here (see the class docstring)
+                # The runs in flight advance together: one epoch of `seconds` from each of
+                # them is `seconds / len(running)` of the bar's time per epoch.
+                seconds = event.record.seconds if event.record is not None else 0.0
+                per_epoch = seconds / max(1, len(self._running))
+                self.bar.start_t -= max(0.0, min(per_epoch, self.bar.start_t - self._created))
             self._seen[key] = self._seen.get(key, 0) + 1
             self.bar.update(1)
         elif event.kind == "done":
@@ -482,6 +503,8 @@ class SweepProgress:
                 self.bar.total -= planned - self._seen.get(key, 0)
                 self.bar.refresh()
         self._postfix()
+        if self._done == self._runs:
+            self.close()
 
     def _postfix(self) -> None:
         running = ", ".join(self._running[:4]) + (" ..." if len(self._running) > 4 else "")
@@ -503,7 +526,13 @@ class SweepProgress:
         tqdm.write(text, file=file or sys.stdout)
 
     def close(self) -> None:
-        self.bar.close()
+        """Stop the bar (again is harmless); its last state stays on the screen."""
+        self._stop.set()
+        if self._ticker is not None and self._ticker is not threading.current_thread():
+            self._ticker.join(timeout=2.0)
+        if not self._closed:
+            self._closed = True
+            self.bar.close()
 
 
 class InOrder:
@@ -572,19 +601,29 @@ def compare(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathLike
         pending = [s for s in specs if finished_outcome(s) is None]
         for spec in pending[:1]:
             check_config(spec.config)  # a missing framework or device is said once, before any worker
+        if executor is None:
+            executor = LocalProcessExecutor(workers, threads)
         if pending:
             stage(f"checking the {dataset} files")
             load_data(dataset, data_dir)  # find, verify or download once, before any worker starts
-            stage(f"training {len(pending)} run(s) of {len(specs)}")
+            cached = len(specs) - len(pending)
+            stage(f"training {len(pending)} run(s)" + (f"; {cached} finished earlier" if cached else ""))
+            if isinstance(executor, LocalProcessExecutor):
+                n = min(executor.workers, len(pending))
+                stage(f"starting {n} worker process{'es' if n > 1 else ''} (each imports torch and reads the "
+                      "data before its first epoch)")
         if on_plan is not None:
             on_plan(specs)
-        outcomes = run_sweep(specs, executor or LocalProcessExecutor(workers, threads), on_event)
+        outcomes = run_sweep(specs, executor, on_event)
+        started = time.perf_counter()
         stage("building the report")
         try:
-            report = build_report([s.run_dir for s in specs], out / "report", outcomes=outcomes)
+            report = build_report([s.run_dir for s in specs], out / "report", outcomes=outcomes,
+                                  on_step=lambda text: stage(f"report: {text}"))
         except OutputError as err:
             done = sum(o.status == RUN_COMPLETE for o in outcomes)
             raise OutputError(f"the report could not be written: {err} The runs are saved ({done} of "
                               f"{len(outcomes)} complete, in {out / 'runs'}); make room and rerun the same "
                               "command: finished runs are not trained again, only the report is built.") from None
+        stage(f"report built in {time.perf_counter() - started:.1f} s")
     return outcomes, report

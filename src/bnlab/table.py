@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from bnlab.config import EpochRecord
 
 TABLE_HEADER = "epoch  train/loss  val/loss  train/acc   val/acc"
-SECONDS_HEADER = "  seconds"
+SECONDS_HEADER = "   seconds"  # right-aligned over the rows' " {:>8.2f}s"
 
 
 def table_header(*, seconds: bool = False) -> str:
