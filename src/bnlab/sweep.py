@@ -1,8 +1,10 @@
-"""Sweeps: many runs (presets x seeds), planned, resumed, executed in parallel, with
-progress from structured per-epoch events.
+"""Sweeps: many runs (presets x grid points x seeds), planned, resumed, executed in
+parallel, with progress from structured per-epoch events.
 
-A sweep trains every (preset, seed) pair into OUT/runs/PRESET/seedN/. ``plan_sweep`` turns
-names and seeds into RunSpecs; ``run_sweep`` skips the runs already finished on disk and
+A sweep trains every (preset, seed) pair into OUT/runs/PRESET/seedN/, and with a grid
+(``bnlab.grid``) every (preset, point, seed) into OUT/runs/PRESET/POINT/seedN/, e.g.
+OUT/runs/question/bn_momentum-0.01__batch_size-100/seed0. ``plan_sweep`` turns names,
+grid axes and seeds into RunSpecs; ``run_sweep`` skips the runs already finished on disk and
 hands the rest to an Executor, which reports progress as SweepEvents and returns one
 RunOutcome per spec. ``compare`` is the whole job (plan, train, report) as one call.
 One process owns a sweep directory at a time (a lock on OUT).
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from bnlab.config import EpochRecord, RunConfig, apply_overrides, config_differences, overrides_field
 from bnlab.errors import BnlabError, InputError, OutputError, UsageError
+from bnlab.grid import GridAxis, GridPoint, check_axes, grid_points, point_label, point_name, point_overrides
 from bnlab.presets import ALL_PRESETS, get_preset
 from bnlab.rundir import (
     FINISHED_STATUSES,
@@ -40,7 +43,10 @@ from bnlab.rundir import (
 )
 
 if typing.TYPE_CHECKING:
+    from bnlab.grid_report import ExtraResult, GridReport
     from bnlab.report import Report
+
+    ExtraResults = Callable[[list["RunSpec"], list["RunOutcome"]], list[ExtraResult]]
 
 # Measured on the 2-core development machine (shared with other jobs), training time of
 # run_sweep over question and answer x seeds 0-1 at 20 epochs (4 full-size runs), two
@@ -64,17 +70,25 @@ def default_workers() -> int:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One planned run: the config to train and the directory it owns."""
+    """One planned run: the config to train, the directory it owns and, in a grid sweep,
+    its grid point (``(("model.bn_momentum", 0.01), ("train.batch_size", 100))``)."""
 
     preset: str
     seed: int
     config: RunConfig
     run_dir: Path
     data_dir: Path | None = None
+    grid: GridPoint = ()
 
     @property
     def label(self) -> str:
-        return f"{self.preset} seed {self.seed}"
+        point = point_label(self.grid)
+        return f"{self.preset} {point} seed {self.seed}" if point else f"{self.preset} seed {self.seed}"
+
+    def outcome(self, status: str, history: list[EpochRecord] | None = None, message: str = "",
+                **extra: typing.Any) -> RunOutcome:
+        return RunOutcome(self.preset, self.seed, self.run_dir, status, list(history or []), message,
+                          label=self.label, **extra)
 
 
 @dataclass
@@ -89,6 +103,11 @@ class RunOutcome:
     message: str = ""
     cached: bool = False   # finished by an earlier invocation and not run again
     seconds: float = 0.0   # wall time this invocation spent on it (0 when cached)
+    label: str = ""        # the spec's label ("question bn_momentum=0.01 seed 0")
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            self.label = f"{self.preset} seed {self.seed}"
 
     @property
     def final_val_acc(self) -> float | None:
@@ -98,8 +117,9 @@ class RunOutcome:
 @dataclass(frozen=True)
 class SweepEvent:
     """Progress of one run: ``kind`` is "start", "epoch" (``record`` is the epoch just
-    finished) or "done" (``outcome`` set; ``outcome.cached`` when it was finished on disk
-    already)."""
+    finished), "restart" (an executor lost the worker and trains the run again from epoch
+    0: the epochs reported so far do not count) or "done" (``outcome`` set;
+    ``outcome.cached`` when it was finished on disk already)."""
 
     kind: str
     spec: RunSpec
@@ -131,25 +151,29 @@ class Executor(typing.Protocol):
 def plan_sweep(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathLike,
                overrides: dict[str, typing.Any] | None = None, *, dataset: str = "mnist",
                data_dir: str | os.PathLike | None = None,
-               trace_bn_channels: int = TRACE_CHANNELS) -> list[RunSpec]:
-    """Every (preset, seed) run in (preset, seed) order, each owning OUT/runs/PRESET/seedN.
+               trace_bn_channels: int = TRACE_CHANNELS, grid: Sequence[GridAxis] = ()) -> list[RunSpec]:
+    """Every (preset, grid point, seed) run in that order, each owning
+    OUT/runs/PRESET/seedN, or OUT/runs/PRESET/POINT/seedN with a grid.
 
     Models with batch norm record ``trace_bn_channels`` channels of their BN statistics
     (the report's picture of the shared-BN bug) unless the overrides set it themselves.
     Every config is validated here, before anything trains.
     """
     overrides = dict(overrides or {})
+    check_axes(grid, {k: v for k, v in overrides.items() if k != "threads"})
     trace = {} if overrides_field(overrides, "trace_bn_channels") else {"trace_bn_channels": trace_bn_channels}
     specs: list[RunSpec] = []
     for name in presets:
         preset = get_preset(name)
-        for seed in seeds:
-            cfg = apply_overrides(preset.config, {**overrides, "seed": seed})
-            if cfg.model.norm != "none" or cfg.model.logits_norm:
-                cfg = apply_overrides(cfg, trace)
-            cfg = dataclasses.replace(cfg, dataset=dataset)
-            specs.append(RunSpec(name, seed, cfg, Path(out) / "runs" / name / f"seed{seed}",
-                                 Path(data_dir) if data_dir is not None else None))
+        for point in grid_points(grid):
+            folder = Path(out) / "runs" / name / point_name(point) if point else Path(out) / "runs" / name
+            for seed in seeds:
+                cfg = apply_overrides(preset.config, {**overrides, **point_overrides(point), "seed": seed})
+                if cfg.model.norm != "none" or cfg.model.logits_norm:
+                    cfg = apply_overrides(cfg, trace)
+                cfg = dataclasses.replace(cfg, dataset=dataset)
+                specs.append(RunSpec(name, seed, cfg, folder / f"seed{seed}",
+                                     Path(data_dir) if data_dir is not None else None, point))
     return specs
 
 
@@ -190,7 +214,7 @@ def finished_outcome(spec: RunSpec) -> RunOutcome | None:
             f"(differing: {shown}). bnlab reuses finished runs only when their settings match, and does "
             "not overwrite them: choose another --out for the new settings, or delete that directory to "
             "train it again.")
-    return RunOutcome(spec.preset, spec.seed, spec.run_dir, status, history, message, cached=True)
+    return spec.outcome(status, history, message, cached=True)
 
 
 def _failure_message(err: BaseException) -> str:
@@ -235,8 +259,7 @@ def execute_spec(spec: RunSpec, on_epoch: Callable[[EpochRecord], None] | None =
         RunRecorder(spec.config, spec.run_dir, echo=None).record_failed_start(message)
     if status != RUN_COMPLETE:
         history = _saved(spec)[1]
-    return RunOutcome(spec.preset, spec.seed, spec.run_dir, status, history, message,
-                      seconds=time.perf_counter() - started)
+    return spec.outcome(status, history, message, seconds=time.perf_counter() - started)
 
 
 class InlineExecutor:
@@ -317,7 +340,7 @@ class _PoolState:
 
     def _fail(self, index: int, message: str) -> None:
         spec = self.specs[index]
-        self._finish(index, RunOutcome(spec.preset, spec.seed, spec.run_dir, RUN_FAILED, _saved(spec)[1], message))
+        self._finish(index, spec.outcome(RUN_FAILED, _saved(spec)[1], message))
 
     def reap(self, procs: list, events) -> None:
         """Account for workers that died without reporting (killed, out of memory)."""
@@ -495,6 +518,13 @@ class SweepProgress:
                 self.bar.start_t -= max(0.0, min(per_epoch, self.bar.start_t - self._created))
             self._seen[key] = self._seen.get(key, 0) + 1
             self.bar.update(1)
+        elif event.kind == "restart":
+            # The epochs of the lost attempt stay counted as work done; the run's planned
+            # epochs are all still to come.
+            if self.bar.total is not None:
+                self.bar.total += self._seen.get(key, 0)
+                self.bar.refresh()
+            self._seen[key] = 0
         elif event.kind == "done":
             self._done += 1
             if event.spec.label in self._running:
@@ -578,25 +608,28 @@ def compare(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathLike
             data_dir: str | os.PathLike | None = None, workers: int | None = None,
             threads: int = DEFAULT_THREADS_PER_WORKER, executor: Executor | None = None,
             on_event: EventHandler | None = None, on_stage: Callable[[str], None] | None = None,
-            on_plan: Callable[[list[RunSpec]], None] | None = None) -> tuple[list[RunOutcome], Report]:
-    """Plan, train (resuming) and report one sweep: every preset x seed into OUT/runs, the
-    report into OUT/report. Returns the outcomes (in plan order) and the report.
+            on_plan: Callable[[list[RunSpec]], None] | None = None, grid: Sequence[GridAxis] = (),
+            extra_results: ExtraResults | None = None) -> tuple[list[RunOutcome], Report | GridReport]:
+    """Plan, train (resuming) and report one sweep: every preset x grid point x seed into
+    OUT/runs, the report into OUT/report (``bnlab.grid_report`` for a grid). Returns the
+    outcomes (in plan order) and the report.
 
     One process owns OUT at a time: a second one stops at once with a message naming the
     first. The report is written even when some runs failed; it lists them with their
     reasons. ``on_plan`` receives every planned spec before anything trains; ``on_stage``
     hears what is happening between the epochs ("checking the data", "building the report").
+    ``extra_results(specs, outcomes)`` (grids only) runs under the lock after training and
+    returns more results for the grid report (the sharing study's repaired models).
     """
     from bnlab.engines import check_config
     from bnlab.engines.common import load_data
-    from bnlab.report import build_report
 
     stage = on_stage or (lambda text: None)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder; give a folder for the sweep.")
     specs = plan_sweep(presets, seeds, out, {**(overrides or {}), "threads": threads},
-                       dataset=dataset, data_dir=data_dir)
+                       dataset=dataset, data_dir=data_dir, grid=grid)
     with RunLock(out, "sweep directory"):
         pending = [s for s in specs if finished_outcome(s) is None]
         for spec in pending[:1]:
@@ -615,11 +648,20 @@ def compare(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathLike
         if on_plan is not None:
             on_plan(specs)
         outcomes = run_sweep(specs, executor, on_event)
+        extra = extra_results(specs, outcomes) if extra_results is not None and grid else []
         started = time.perf_counter()
         stage("building the report")
+        report: Report | GridReport
         try:
-            report = build_report([s.run_dir for s in specs], out / "report", outcomes=outcomes,
-                                  on_step=lambda text: stage(f"report: {text}"))
+            if grid:
+                from bnlab.grid_report import build_grid_report
+
+                report = build_grid_report(specs, outcomes, grid, out / "report", extra=extra)
+            else:
+                from bnlab.report import build_report
+
+                report = build_report([s.run_dir for s in specs], out / "report", outcomes=outcomes,
+                                      on_step=lambda text: stage(f"report: {text}"))
         except OutputError as err:
             done = sum(o.status == RUN_COMPLETE for o in outcomes)
             raise OutputError(f"the report could not be written: {err} The runs are saved ({done} of "
