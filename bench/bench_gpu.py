@@ -29,11 +29,11 @@ def main() -> int:
 
     import torch
 
-    from bnlab.data import load_mnist
     from bnlab.config import apply_overrides
+    from bnlab.data import load_mnist
+    from bnlab.engines import train
     from bnlab.presets import get_preset
     from bnlab.rundir import atomic_write_json
-    from bnlab.engines import train
 
     if not torch.cuda.is_available():
         print("bench_gpu: this machine has no CUDA device PyTorch can use; run it where one is.", file=sys.stderr)

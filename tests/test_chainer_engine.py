@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from bnlab.presets import PRESETS
 from bnlab.config import apply_overrides
 from bnlab.models import ModelConfig, build_model
+from bnlab.presets import PRESETS
 
 CHAINER_PRESETS = ["question", "question-first-snippet", "answer", "no-bn"]
 
@@ -159,8 +159,8 @@ def test_cli_refuses_the_tensorflow_preset_with_exit_2(ce, capsys, monkeypatch, 
 def test_diverging_chainer_run_raises_and_marks_the_directory(ce, mnist, tmp_path):
     import json
 
-    from bnlab.errors import TrainingDiverged
     from bnlab.engines import train
+    from bnlab.errors import TrainingDiverged
 
     cfg = PRESETS["no-bn"].config
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1, engine="chainer"))

@@ -31,14 +31,14 @@ import torch
 
 chainer = pytest.importorskip("chainer")
 
-from bnlab.engines import chainer as ce  # noqa: E402 - after the importorskip on purpose
-from bnlab.presets import PRESETS
-from bnlab.models import BiasedVarBatchNorm1d, build_model  # noqa: E402
 from bnlab.config import RunConfig
+from bnlab.engines import chainer as ce  # noqa: E402 - after the importorskip on purpose
+from bnlab.engines import train
 from bnlab.engines.common import epoch_orders, split_batches
 from bnlab.engines.torch_step import evaluate, make_optimizer, train_step
+from bnlab.models import BiasedVarBatchNorm1d, build_model  # noqa: E402
+from bnlab.presets import PRESETS
 from bnlab.rundir import load_checkpoint
-from bnlab.engines import train
 
 CHAINER_PRESETS = ["question", "question-first-snippet", "answer", "no-bn"]
 STEPS = 50

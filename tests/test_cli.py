@@ -85,3 +85,80 @@ def test_cuda_request_without_cuda_exits_2(capsys, tmp_path):
         pytest.skip("this machine has CUDA")
     assert main(["train", "--preset", "answer", "--device", "cuda", "--out", str(tmp_path / "r")]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------- help and --json outputs
+
+def _subparsers():
+    import argparse
+
+    from bnlab.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub.choices
+
+
+def test_every_help_has_examples_and_states_each_options_default():
+    import argparse
+
+    parser, commands = _subparsers()
+    assert "examples:\n  bnlab " in parser.format_help()
+    assert set(commands) >= {"train", "presets", "doctor", "conventions", "convert", "compare", "repro"}
+    for name, sub in commands.items():
+        text = sub.format_help()
+        assert f"examples:\n  bnlab {name}" in text, name
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if (not action.option_strings or action.required
+                    or isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction))):
+                continue
+            said = formatter._get_help_string(action) % {"default": action.default}
+            assert "default" in said, (name, action.option_strings, said)
+            assert said.count("(default") <= 1, said  # stated once, not once by the help and once by argparse
+
+
+def test_help_wraps_the_description_to_the_terminal(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    _, commands = _subparsers()
+    for name, sub in commands.items():
+        assert max(len(line) for line in sub.format_help().splitlines()) <= 80, name
+
+
+def _json_stdout(capsys) -> tuple[object, str]:
+    captured = capsys.readouterr()
+    return json.loads(captured.out), captured.err  # stdout must be exactly one JSON document
+
+
+def test_train_json_is_the_only_thing_on_stdout(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "answer", "--epochs", "2", "--out", str(out), "--json",
+                 "--set", "widths=784,16,16,10"]) == 0
+    result, err = _json_stdout(capsys)
+    assert result["run_dir"] == str(out) and len(result["history"]) == 2
+    assert result["final"] == result["history"][-1] and result["config"]["train"]["epochs"] == 2
+    # The table (with its epoch i/N and ETA columns) went to stderr.
+    header = next(line for line in err.splitlines() if line.startswith(TABLE_HEADER))
+    assert header.split()[-3:] == ["seconds", "epoch", "ETA"]
+    rows = [line for line in err.splitlines() if line.startswith(("   0 ", "   1 "))]
+    assert [row.split()[-2] for row in rows] == ["1/2", "2/2"] and rows[-1].split()[-1] == "0:00"
+
+
+def test_compare_and_repro_json_on_stdout_progress_on_stderr(tmp_path, capsys):
+    sweep = ["--seeds", "0", "--epochs", "1", "--workers", "1", "--out", str(tmp_path / "sweep"),
+             "--set", "widths=784,16,16,10", "--json"]
+    assert main(["compare", "--presets", "answer", *sweep]) == 0
+    summary, err = _json_stdout(capsys)
+    assert [(r["preset"], r["seed"], r["status"], r["cached"]) for r in summary["runs"]] == [
+        ("answer", 0, "complete", False)]
+    assert summary["presets"]["answer"]["runs"] == 1 and summary["report"].endswith("report.html")
+    for stage in ("checking the mnist files", "starting 1 worker process", "building the report",
+                  "report: figure 1 of", "report built in"):
+        assert stage in err, stage
+    assert "answer seed 0: complete" in err  # the per-run line goes with the progress
+    # repro on the same directory reuses the finished run: only the report is built again.
+    assert main(["repro", "--presets", "answer", *sweep]) == 0
+    summary, err = _json_stdout(capsys)
+    assert [(r["preset"], r["cached"]) for r in summary["runs"]] == [("answer", True)]
+    assert [v["preset"] for v in summary["verdicts"]] == ["answer"]
+    assert "== answer seed 0 ==" in err and TABLE_HEADER in err

@@ -10,8 +10,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bnlab import cli
-from bnlab.conventions import (CONVENTIONS, FRAMEWORKS, convert, format_conventions_table, format_rate,
-                               from_torch_momentum, parameter_name, to_torch_momentum)
+from bnlab.conventions import (
+    CONVENTIONS,
+    FRAMEWORKS,
+    convert,
+    format_conventions_table,
+    format_rate,
+    from_torch_momentum,
+    parameter_name,
+    to_torch_momentum,
+)
 
 PAIRS = list(itertools.product(FRAMEWORKS, repeat=2))
 rates = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bnlab.presets import ALL_PRESETS, PRESETS, get_preset, in_band, parse_presets
 from bnlab.config import apply_overrides, parse_seeds
+from bnlab.presets import ALL_PRESETS, PRESETS, get_preset, in_band, parse_presets
 
 
 def test_every_program_in_the_seed_is_a_preset():

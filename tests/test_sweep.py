@@ -17,7 +17,17 @@ from pathlib import Path
 import pytest
 
 from bnlab.cli import main
-from bnlab.sweep import DEFAULT_THREADS_PER_WORKER, InOrder, InlineExecutor, LocalProcessExecutor, SweepEvent, SweepProgress, default_workers, plan_sweep, run_sweep
+from bnlab.sweep import (
+    DEFAULT_THREADS_PER_WORKER,
+    InlineExecutor,
+    InOrder,
+    LocalProcessExecutor,
+    SweepEvent,
+    SweepProgress,
+    default_workers,
+    plan_sweep,
+    run_sweep,
+)
 
 TINY = {"epochs": "1", "widths": "784,16,16,10"}
 TINY_FLAGS = ["--set", "widths=784,16,16,10"]
@@ -79,6 +89,40 @@ def test_progress_total_drops_the_epochs_that_will_not_be_trained(tmp_path):
     progress(SweepEvent("done", specs[1], outcome=None))  # diverged after one epoch
     assert (progress.bar.n, progress.bar.total) == (1, 1)
     progress.close()
+
+
+def test_progress_clock_starts_at_the_first_epoch_back_dated_by_its_duration(tmp_path):
+    import time
+
+    from bnlab.config import EpochRecord
+
+    specs = plan_sweep(["answer"], [0, 1], tmp_path, {"epochs": "2"})
+    progress = SweepProgress(len(specs), 4, file=io.StringIO())
+    created = progress.bar.start_t
+    time.sleep(0.3)  # the workers start: not training time
+    progress(SweepEvent("start", specs[0]))
+    progress(SweepEvent("epoch", specs[0], record=EpochRecord(0, 1.0, 1.0, 0.5, 0.5, 0.2)))
+    # The clock counts the first epoch (0.2 s), not the start-up before it.
+    assert created + 0.3 <= progress.bar.start_t + 0.2 + 1e-6
+    assert progress.bar.start_t <= time.time() - 0.2
+    late = SweepProgress(1, 2, file=io.StringIO())
+    late(SweepEvent("epoch", specs[0], record=EpochRecord(0, 1.0, 1.0, 0.5, 0.5, 60.0)))
+    assert late.bar.start_t >= late._created  # never back-dated before the bar existed
+    late.close()
+    # Two runs in flight: each one's first epoch is half an epoch of the bar's time.
+    pair = SweepProgress(2, 4, file=io.StringIO())
+    time.sleep(0.3)
+    pair(SweepEvent("start", specs[0]))
+    pair(SweepEvent("start", specs[1]))
+    before = time.time()
+    pair(SweepEvent("epoch", specs[0], record=EpochRecord(0, 1.0, 1.0, 0.5, 0.5, 0.2)))
+    assert before - 0.1 - 0.05 <= pair.bar.start_t <= time.time() - 0.1 + 1e-6
+    pair.close()
+    # The bar closes by itself when the last run is done: the report's time is not training time.
+    for spec in specs:
+        progress(SweepEvent("done", spec, outcome=None))
+    assert progress.bar.disable  # tqdm's state after close()
+    progress.close()  # again: harmless
 
 
 # ------------------------------------------------------------------- resuming, in process

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from bnlab.conventions import convert
-from bnlab.presets import PRESETS
-from bnlab.models import BiasedVarBatchNorm1d, build_model
-from bnlab.engines.torch_step import make_optimizer, train_step
 from bnlab.engines.common import split_batches
+from bnlab.engines.torch_step import make_optimizer, train_step
+from bnlab.models import BiasedVarBatchNorm1d, build_model
+from bnlab.presets import PRESETS
 
 TF = PRESETS["tensorflow"].config
 TF_MOMENTUM, TF_EPS = 0.9, 1e-3

@@ -8,16 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from bnlab.config import apply_overrides
-from bnlab.presets import get_preset
-from bnlab.models import build_model
-from bnlab.table import TABLE_HEADER, format_row
-from bnlab.config import EpochRecord
-from bnlab.errors import TrainingDiverged
-from bnlab.engines.torch_step import chainer_style_eps
-from bnlab.rundir import load_checkpoint, read_run
-from bnlab.engines.common import split_batches
+from bnlab.config import EpochRecord, apply_overrides
 from bnlab.engines import train
+from bnlab.engines.common import split_batches
+from bnlab.engines.torch_step import chainer_style_eps
+from bnlab.errors import TrainingDiverged
+from bnlab.models import build_model
+from bnlab.presets import get_preset
+from bnlab.rundir import load_checkpoint, read_run
+from bnlab.table import TABLE_HEADER, format_row
 
 
 def quick(preset: str, **overrides):
@@ -149,9 +148,9 @@ def test_chainer_style_eps_reproduces_chainer_adam_exactly():
 
 
 def test_adam_step_is_bit_identical_to_optimizer_step():
-    from bnlab.models import ModelConfig
-    from bnlab.engines.torch_step import adam_step, make_optimizer
     from bnlab.config import TrainConfig
+    from bnlab.engines.torch_step import adam_step, make_optimizer
+    from bnlab.models import ModelConfig
 
     torch.manual_seed(0)
     fast, slow = build_model(ModelConfig(widths=(20, 8, 8, 3)), seed=1), build_model(ModelConfig(widths=(20, 8, 8, 3)), seed=1)

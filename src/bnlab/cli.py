@@ -20,13 +20,20 @@ from typing import Any
 from bnlab.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BnlabError, UsageError
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the examples' line breaks and shows each option's default (when it has one)."""
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps the description to the terminal, keeps the examples' line breaks, and shows
+    each option's default when it has one and its help does not state it already."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("%(default)" not in text and action.option_strings and default not in (None, False, [], argparse.SUPPRESS)
+        if ("default" not in text and action.option_strings
+                and default not in (None, False, [], argparse.SUPPRESS)
                 and not isinstance(action, argparse._HelpAction)):
             text += " (default: %(default)s)"
         return text
@@ -36,7 +43,8 @@ def _examples(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
-def _add_parser(sub: Any, name: str, *, help: str, description: str, examples: Sequence[str]) -> argparse.ArgumentParser:
+def _add_parser(sub: Any, name: str, *, help: str, description: str,
+                examples: Sequence[str]) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=description, epilog=_examples(*examples),
                           formatter_class=HelpFormatter)
 
@@ -69,9 +77,10 @@ def _add_json(p: argparse.ArgumentParser) -> None:
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that trains (train, compare, repro)."""
-    p.add_argument("--epochs", type=_int, help="epochs per run (the question: 100)")
-    p.add_argument("--batch-size", type=_int, help="minibatch size (the question: 1000)")
-    p.add_argument("--lr", type=_float, help="Adam learning rate (alpha in Chainer)")
+    p.add_argument("--epochs", type=_int, help="epochs per run (default: the preset's; the question: 100)")
+    p.add_argument("--batch-size", type=_int, help="minibatch size (default: the preset's; the question: 1000)")
+    p.add_argument("--lr", type=_float,
+                   help="Adam learning rate, alpha in Chainer (default: the preset's; the question: 0.01)")
     p.add_argument("--device", help="where to train: auto (CUDA when present), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--threads", type=_int,
                    help="threads per run (default 1: on these small matrices one thread per process is fastest; "
@@ -80,11 +89,12 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="training engine (default torch; chainer and tensorflow need the bnlab[chainer] / "
                         "bnlab[tensorflow] extras)")
     p.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist", help="data set")
-    p.add_argument("--data-dir", type=Path, help="folder holding the four IDX .gz files (default: BNLAB_DATA_DIR, "
-                   "the vendored copy, the user cache, then a download)")
+    p.add_argument("--data-dir", type=Path, help="folder holding the four IDX .gz files (default: $BNLAB_DATA_DIR, "
+                   "the MNIST copy shipped with bnlab, the user cache, then a download)")
     p.add_argument("--set", dest="overrides", type=_kv, action="append", default=[], metavar="FIELD=VALUE",
                    help="override any preset field, e.g. --set norm=shared --set bn_momentum=0.01 "
-                        "--set widths=784,256,256,10 (see `bnlab presets --fields`)")
+                        "--set widths=784,256,256,10 (see `bnlab presets --fields`; default: none, the "
+                        "preset as it is)")
 
 
 def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -113,24 +123,36 @@ def _status(text: str) -> None:
 # ---------------------------------------------------------------------------------- train
 
 class EpochPrinter:
-    """The question's table, row by row as epochs finish, with epoch i/N, seconds and the
-    ETA in trailing columns."""
+    """The question's table, row by row as epochs finish, with seconds, epoch i/N and the
+    ETA in trailing columns under their own headers."""
 
     def __init__(self, epochs: int, out: Any) -> None:
-        from bnlab.table import TABLE_HEADER
+        from bnlab.table import table_header
 
         self.epochs = epochs
         self.out = out
-        self.started = time.perf_counter()
-        print(f"{TABLE_HEADER}  seconds  {'done':>9}  ETA", file=out, flush=True)
+        self._first_done: float | None = None  # when the first epoch of this process ended
+        self._first_seconds = 0.0
+        self._rows = 0
+        print(f"{table_header(seconds=True)}  {'epoch':>9}  {'ETA':>7}", file=out, flush=True)
+
+    def eta(self, done: int, epoch_seconds: float, now: float) -> float:
+        """Seconds left after ``done`` of the epochs: the mean epoch time so far times the
+        epochs left. The first epoch counts by its own duration, not since the command
+        started (importing torch and reading the data are not epochs)."""
+        self._rows += 1
+        if self._first_done is None:
+            self._first_done, self._first_seconds = now, epoch_seconds
+        per_epoch = (self._first_seconds + now - self._first_done) / self._rows
+        return per_epoch * (self.epochs - done)
 
     def __call__(self, rec: Any) -> None:
         from bnlab.table import format_row
 
         done = rec.epoch + 1
-        elapsed = time.perf_counter() - self.started
-        eta = elapsed / done * (self.epochs - done)
-        print(f"{format_row(rec, seconds=True)}  {f'{done}/{self.epochs}':>9}  {_clock(eta)}", file=self.out, flush=True)
+        eta = self.eta(done, rec.seconds, time.perf_counter())
+        print(f"{format_row(rec, seconds=True)}  {f'{done}/{self.epochs}':>9}  {_clock(eta):>7}",
+              file=self.out, flush=True)
 
 
 def _clock(seconds: float) -> str:
@@ -181,7 +203,7 @@ def add_train_parser(sub: Any) -> None:
                     examples=["bnlab train --preset answer --seed 1",
                               "bnlab train --preset question --set norm=per-layer --epochs 20",
                               "bnlab train --preset tensorflow --engine torch --json > result.json"])
-    p.add_argument("--preset", required=True, help="preset name (see `bnlab presets`)")
+    p.add_argument("--preset", required=True, help="preset name (see `bnlab presets`); required")
     p.add_argument("--seed", type=_int, help="random seed for initial weights and batch order (default 0)")
     p.add_argument("--out", type=Path, help="run directory (default runs/PRESET-seedN)")
     p.add_argument("--overwrite", action="store_true", help="train again into a run directory that holds a run")
@@ -281,7 +303,8 @@ def add_conventions_parser(sub: Any) -> None:
                     "the old or the new value, its default, eps's default, biased or unbiased running variance, "
                     "and the switch to evaluation mode (docs/conventions.md explains).",
                     examples=["bnlab conventions", "bnlab conventions --framework keras"])
-    p.add_argument("--framework", choices=FRAMEWORKS, help="print one framework's entry in full")
+    p.add_argument("--framework", choices=FRAMEWORKS,
+                   help="print one framework's entry in full (default: the table of all)")
     _add_json(p)
     p.set_defaults(func=cmd_conventions)
 
@@ -320,8 +343,11 @@ def add_convert_parser(sub: Any) -> None:
                               "bnlab convert --from keras --momentum 0.99 --to torch    # momentum=0.01"])
     p.add_argument("--from", dest="from_framework", required=True, choices=FRAMEWORKS, help="framework of the value")
     p.add_argument("--to", dest="to_framework", required=True, choices=FRAMEWORKS, help="framework to state it in")
-    p.add_argument("--decay", type=_float, help="Chainer's decay (weight of the old value)")
-    p.add_argument("--momentum", type=_float, help="momentum of torch (new value) or keras/tf1/flax (old value)")
+    p.add_argument("--decay", type=_float,
+                   help="Chainer's decay (weight of the old value); give it or --momentum (no default)")
+    p.add_argument("--momentum", type=_float,
+                   help="momentum of torch (new value) or keras/tf1/flax (old value); give it or --decay "
+                        "(no default)")
     _add_json(p)
     p.set_defaults(func=cmd_convert)
 
@@ -335,16 +361,40 @@ def add_sweep_options(p: argparse.ArgumentParser, *, out_default: str, seeds_def
                    help="parallel worker processes (default: one per CPU core; measured fastest with 1 thread each)")
     p.add_argument("--out", type=Path, default=Path(out_default),
                    help="sweep directory: runs go to OUT/runs/PRESET/seedN, the report to OUT/report")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where the runs train: local worker processes, or the tasks of a Ray cluster "
+                        "(the bnlab[ray] extra; a local one unless --ray-address)")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="join this running Ray cluster (e.g. 10.0.0.5:6379 or auto) instead of starting a "
+                        "local one; its nodes need bnlab and the data, and OUT on a file system they share")
     _add_json(p)
     add_run_options(p)
 
 
-def _run_sweep(args: argparse.Namespace, presets: list[str], on_done: Callable[[Any], None] | None = None) -> tuple:
-    """Plan, train (resuming) and report one sweep with a progress bar; (outcomes, report)."""
+def _executor(args: argparse.Namespace, threads: int) -> Any:
+    """The executor --executor names (None: compare's default, local processes)."""
+    if args.ray_address is not None and args.executor != "ray":
+        raise UsageError("--ray-address needs --executor ray.")
+    if args.executor != "ray":
+        return None
+    from bnlab.ray_executor import RayExecutor
+
+    return RayExecutor(workers=args.workers, threads=threads, address=args.ray_address)
+
+
+def _run_sweep(args: argparse.Namespace, presets: list[str], on_done: Callable[[Any], None] | None = None,
+               grid: Sequence[Any] | None = None,
+               extra_results: Callable[[Any, Any, Callable[[str], None]], list] | None = None) -> tuple:
+    """Plan, train (resuming) and report one sweep with a progress bar; (outcomes, report).
+    ``grid``: the axes (default: parsed from --grid); ``extra_results(specs, outcomes,
+    on_stage)``: more results for a grid report (the sharing study's repairs)."""
     from bnlab.config import parse_seeds
+    from bnlab.grid import parse_axis
     from bnlab.sweep import DEFAULT_THREADS_PER_WORKER, SweepProgress, compare
 
     seeds = parse_seeds(args.seeds)
+    if grid is None:
+        grid = [parse_axis(text) for text in getattr(args, "grid", None) or []]
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be 1 or more; got {args.workers}.")
     threads = args.threads if args.threads is not None else DEFAULT_THREADS_PER_WORKER
@@ -355,8 +405,12 @@ def _run_sweep(args: argparse.Namespace, presets: list[str], on_done: Callable[[
         nonlocal progress
         progress = SweepProgress(len(specs), sum(s.config.train.epochs for s in specs))
 
+    started = time.perf_counter()
+
     def on_stage(text: str) -> None:
-        (progress.note if progress else _status)(f"bnlab: {text}")
+        # The clock says how long each stage took (the report's figures take seconds each).
+        line = f"bnlab [{_clock(time.perf_counter() - started)}] {text}"
+        (progress.note if progress else _status)(line)
 
     def on_event(event: Any) -> None:
         if progress is not None:
@@ -364,23 +418,31 @@ def _run_sweep(args: argparse.Namespace, presets: list[str], on_done: Callable[[
         if event.kind == "done" and on_done is not None:
             on_done(event.outcome)
 
-    _status(f"bnlab: {len(presets)} preset(s) x {len(seeds)} seed(s) -> {args.out}")
+    points = 1
+    for axis in grid:
+        points *= len(axis.values)
+    shape = f" x {points} grid point(s)" if grid else ""
+    _status(f"bnlab: {len(presets)} preset(s){shape} x {len(seeds)} seed(s) -> {args.out}")
+    executor = _executor(args, threads)
     try:
         return compare(presets, seeds, args.out, overrides, dataset=args.dataset, data_dir=args.data_dir,
-                       workers=args.workers, threads=threads, on_event=on_event, on_stage=on_stage,
-                       on_plan=on_plan)
+                       workers=args.workers, threads=threads, executor=executor, on_event=on_event,
+                       on_stage=on_stage, on_plan=on_plan, grid=grid,
+                       extra_results=None if extra_results is None else
+                       (lambda specs, outcomes: extra_results(specs, outcomes, on_stage)))
     finally:
         if progress is not None:
             progress.close()
 
 
 def _failures(outcomes: Sequence[Any]) -> list[str]:
-    return [f"{o.preset} seed {o.seed} {o.status}: {o.message}" for o in outcomes if o.status != "complete"]
+    return [f"{o.label} {o.status}: {o.message}" for o in outcomes if o.status != "complete"]
 
 
 def _sweep_json(outcomes: Sequence[Any], report: Any) -> dict[str, Any]:
     summary = json.loads(report.json.read_text())
-    summary["runs"] = [{"preset": o.preset, "seed": o.seed, "status": o.status, "run_dir": str(o.run_dir),
+    summary["runs"] = [{"preset": o.preset, "seed": o.seed, "label": o.label, "status": o.status,
+                        "run_dir": str(o.run_dir),
                         "message": o.message, "final_val_acc": o.history[-1].val_acc if o.history else None,
                         "cached": o.cached} for o in outcomes]
     summary["report"] = str(report.html)
@@ -399,17 +461,71 @@ def _finish_sweep(args: argparse.Namespace, outcomes: Sequence[Any], report: Any
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from bnlab.presets import parse_presets
-    from bnlab.report import STAT_COLUMNS, markdown_table, stats_rows
+    from bnlab.report import CLIP_NOTE, STAT_COLUMNS, markdown_table, stats_rows
+
+    outcomes, report = _run_sweep(args, parse_presets(args.presets), _print_outcome(args))
+    if args.grid:
+        table = report.stats_table()
+    else:
+        table = markdown_table(STAT_COLUMNS, stats_rows(report.summaries)) + f"\n\n{CLIP_NOTE}"
+    return _finish_sweep(args, outcomes, report, table)
+
+
+def _print_outcome(args: argparse.Namespace) -> Callable[[Any], None]:
     from bnlab.sweep import SweepProgress
 
     def on_done(o: Any) -> None:
         acc = f"final val acc {o.history[-1].val_acc:.4f}" if o.history else "no epoch finished"
         when = "finished earlier" if o.cached else f"{o.seconds:.1f} s"
-        SweepProgress.write(f"{o.preset} seed {o.seed}: {o.status}, {acc} ({when})",
-                            file=sys.stderr if args.json else sys.stdout)
+        SweepProgress.write(f"{o.label}: {o.status}, {acc} ({when})", file=sys.stderr if args.json else sys.stdout)
+    return on_done
 
-    outcomes, report = _run_sweep(args, parse_presets(args.presets), on_done)
-    return _finish_sweep(args, outcomes, report, markdown_table(STAT_COLUMNS, stats_rows(report.summaries)))
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from bnlab.grid import format_value, parse_axis
+    from bnlab.report import markdown_table
+    from bnlab.study import SHARING_PRESETS, repaired_results
+
+    repairs: list[Any] = []
+
+    def repair(specs: Any, outcomes: Any, on_stage: Callable[[str], None]) -> list:
+        repairs.extend(repaired_results(specs, outcomes, args.out, data_dir=args.data_dir, on_stage=on_stage))
+        return repairs
+
+    axes = [parse_axis(f"model.bn_momentum={args.momenta}"), parse_axis(f"train.batch_size={args.batch_sizes}")]
+    outcomes, report = _run_sweep(args, list(SHARING_PRESETS), _print_outcome(args), grid=axes,
+                                  extra_results=repair)
+    by_series = {(c.series, c.point): c.stats["final_val_acc"] for c in report.cells}
+    rows = []
+    for point in dict.fromkeys(c.point for c in report.cells):
+        values = dict(point)
+        cells = [by_series.get((series, point)) for series in ("question", repairs[0].series if repairs else "",
+                                                               "answer")]
+        rows.append([format_value(values["model.bn_momentum"]), f"{1 - values['model.bn_momentum']:g}",
+                     format_value(values["train.batch_size"]),
+                     *("-" if s is None or not s.n else f"{s.mean:.4f} (n={s.n}, {s.min:.4f}-{s.max:.4f})"
+                       for s in cells)])
+    header = ("bn_momentum (PyTorch)", "Chainer decay", "batch size", "shared BN (question)",
+              "shared, repaired by the doctor", "per-layer BN (answer)")
+    return _finish_sweep(args, outcomes, report, markdown_table(header, rows))
+
+
+def add_study_parser(sub: Any) -> None:
+    p = _add_parser(sub, "study", help="run a study: 'sharing' = when does one shared BN hurt, does the repair cure it",
+                    description="sharing: the question (one BN shared by both hidden layers) against the answer (one "
+                    "BN per layer) over Chainer decay 0.5/0.9/0.99 (PyTorch momentum 0.5/0.1/0.01) x batch size "
+                    "100/1000, and for every shared run the val acc after the doctor's repair (bnlab.doctor.repair: "
+                    "the BN split per call site, statistics re-estimated, no retraining). It is `bnlab compare "
+                    "--presets question,answer --grid bn_momentum=0.5,0.1,0.01 --grid batch_size=100,1000` plus "
+                    "the repairs; resumable, with the grid report in OUT/report.",
+                    examples=["bnlab study sharing                       # seeds 0-2, 100 epochs",
+                              "bnlab study sharing --seeds 0-1 --epochs 20 --out runs/sharing-20"])
+    p.add_argument("study", choices=["sharing"], help="the study to run")
+    p.add_argument("--momenta", default="0.5,0.1,0.01",
+                   help="BN momenta of the grid, PyTorch convention (Chainer decay = 1 - momentum)")
+    p.add_argument("--batch-sizes", default="100,1000", help="batch sizes of the grid")
+    add_sweep_options(p, out_default="runs/study-sharing", seeds_default="0-2")
+    p.set_defaults(func=cmd_study)
 
 
 def add_compare_parser(sub: Any) -> None:
@@ -420,8 +536,15 @@ def add_compare_parser(sub: Any) -> None:
                     "process at a time owns OUT. Exit 0 when every run completed, 1 if one diverged or failed.",
                     examples=["bnlab compare --presets question,answer --seeds 0-9",
                               "bnlab compare --presets answer --seeds 0-4 --set bn_momentum=0.01 --out runs/m001",
-                              "bnlab compare --presets all --seeds 0-2 --epochs 20 --json > summary.json"])
+                              "bnlab compare --presets all --seeds 0-2 --epochs 20 --json > summary.json",
+                              "bnlab compare --presets question,answer --grid bn_momentum=0.01,0.1,0.5 "
+                              "--grid batch_size=100,1000 --seeds 0-4 --out runs/grid"])
     p.add_argument("--presets", required=True, help="comma-separated preset names, or all (see `bnlab presets`)")
+    p.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2,...",
+                   help="vary a field over values (any field --set accepts; repeat for more axes): every grid "
+                        "point x preset x seed is one run, in OUT/runs/PRESET/FIELD-V__FIELD-V/seedN; the report "
+                        "plots final val acc against each axis and, for two axes, a heat map. A field holding a "
+                        "list separates its values with ';' (--grid 'widths=784,100,100,10;784,256,256,10')")
     add_sweep_options(p, out_default="runs/compare")
     p.set_defaults(func=cmd_compare)
 
@@ -473,7 +596,7 @@ def add_repro_parser(sub: Any) -> None:
 # Each builder adds one subcommand; order is the order of `bnlab --help`.
 PARSER_BUILDERS: list[Callable[[Any], None]] = [
     add_train_parser, add_presets_parser, add_doctor_parser, add_conventions_parser, add_convert_parser,
-    add_compare_parser, add_repro_parser]
+    add_compare_parser, add_repro_parser, add_study_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

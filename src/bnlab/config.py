@@ -253,7 +253,7 @@ def parse_value(text: str, typ: Any) -> Any:
     return text
 
 
-def _resolve_field(key: str) -> tuple[str, str, Any]:
+def resolve_field(key: str) -> tuple[str, str, Any]:
     """(section, field name, type) of a --set key such as ``lr``, ``train.lr`` or ``bn-momentum``."""
     section, _, name = key.strip().rpartition(".")
     name = name.replace("-", "_")
@@ -274,7 +274,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     here) or already-typed values. Raises UsageError naming the setting."""
     changes: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
     for key, raw in overrides.items():
-        section, name, typ = _resolve_field(key)
+        section, name, typ = resolve_field(key)
         try:
             changes[section][name] = parse_value(raw, typ) if isinstance(raw, str) else raw
         except ValueError as err:

@@ -1,8 +1,10 @@
-"""Sweeps: many runs (presets x seeds), planned, resumed, executed in parallel, with
-progress from structured per-epoch events.
+"""Sweeps: many runs (presets x grid points x seeds), planned, resumed, executed in
+parallel, with progress from structured per-epoch events.
 
-A sweep trains every (preset, seed) pair into OUT/runs/PRESET/seedN/. ``plan_sweep`` turns
-names and seeds into RunSpecs; ``run_sweep`` skips the runs already finished on disk and
+A sweep trains every (preset, seed) pair into OUT/runs/PRESET/seedN/, and with a grid
+(``bnlab.grid``) every (preset, point, seed) into OUT/runs/PRESET/POINT/seedN/, e.g.
+OUT/runs/question/bn_momentum-0.01__batch_size-100/seed0. ``plan_sweep`` turns names,
+grid axes and seeds into RunSpecs; ``run_sweep`` skips the runs already finished on disk and
 hands the rest to an Executor, which reports progress as SweepEvents and returns one
 RunOutcome per spec. ``compare`` is the whole job (plan, train, report) as one call.
 One process owns a sweep directory at a time (a lock on OUT).
@@ -16,6 +18,7 @@ import os
 import queue
 import signal
 import sys
+import threading
 import time
 import typing
 from collections.abc import Callable, Sequence
@@ -24,6 +27,7 @@ from pathlib import Path
 
 from bnlab.config import EpochRecord, RunConfig, apply_overrides, config_differences, overrides_field
 from bnlab.errors import BnlabError, InputError, OutputError, UsageError
+from bnlab.grid import GridAxis, GridPoint, check_axes, grid_points, point_label, point_name, point_overrides
 from bnlab.presets import ALL_PRESETS, get_preset
 from bnlab.rundir import (
     FINISHED_STATUSES,
@@ -39,7 +43,10 @@ from bnlab.rundir import (
 )
 
 if typing.TYPE_CHECKING:
+    from bnlab.grid_report import ExtraResult, GridReport
     from bnlab.report import Report
+
+    ExtraResults = Callable[[list["RunSpec"], list["RunOutcome"]], list[ExtraResult]]
 
 # Measured on the 2-core development machine (shared with other jobs), training time of
 # run_sweep over question and answer x seeds 0-1 at 20 epochs (4 full-size runs), two
@@ -63,17 +70,25 @@ def default_workers() -> int:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One planned run: the config to train and the directory it owns."""
+    """One planned run: the config to train, the directory it owns and, in a grid sweep,
+    its grid point (``(("model.bn_momentum", 0.01), ("train.batch_size", 100))``)."""
 
     preset: str
     seed: int
     config: RunConfig
     run_dir: Path
     data_dir: Path | None = None
+    grid: GridPoint = ()
 
     @property
     def label(self) -> str:
-        return f"{self.preset} seed {self.seed}"
+        point = point_label(self.grid)
+        return f"{self.preset} {point} seed {self.seed}" if point else f"{self.preset} seed {self.seed}"
+
+    def outcome(self, status: str, history: list[EpochRecord] | None = None, message: str = "",
+                **extra: typing.Any) -> RunOutcome:
+        return RunOutcome(self.preset, self.seed, self.run_dir, status, list(history or []), message,
+                          label=self.label, **extra)
 
 
 @dataclass
@@ -88,6 +103,11 @@ class RunOutcome:
     message: str = ""
     cached: bool = False   # finished by an earlier invocation and not run again
     seconds: float = 0.0   # wall time this invocation spent on it (0 when cached)
+    label: str = ""        # the spec's label ("question bn_momentum=0.01 seed 0")
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            self.label = f"{self.preset} seed {self.seed}"
 
     @property
     def final_val_acc(self) -> float | None:
@@ -97,8 +117,9 @@ class RunOutcome:
 @dataclass(frozen=True)
 class SweepEvent:
     """Progress of one run: ``kind`` is "start", "epoch" (``record`` is the epoch just
-    finished) or "done" (``outcome`` set; ``outcome.cached`` when it was finished on disk
-    already)."""
+    finished), "restart" (an executor lost the worker and trains the run again from epoch
+    0: the epochs reported so far do not count) or "done" (``outcome`` set;
+    ``outcome.cached`` when it was finished on disk already)."""
 
     kind: str
     spec: RunSpec
@@ -130,25 +151,29 @@ class Executor(typing.Protocol):
 def plan_sweep(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathLike,
                overrides: dict[str, typing.Any] | None = None, *, dataset: str = "mnist",
                data_dir: str | os.PathLike | None = None,
-               trace_bn_channels: int = TRACE_CHANNELS) -> list[RunSpec]:
-    """Every (preset, seed) run in (preset, seed) order, each owning OUT/runs/PRESET/seedN.
+               trace_bn_channels: int = TRACE_CHANNELS, grid: Sequence[GridAxis] = ()) -> list[RunSpec]:
+    """Every (preset, grid point, seed) run in that order, each owning
+    OUT/runs/PRESET/seedN, or OUT/runs/PRESET/POINT/seedN with a grid.
 
     Models with batch norm record ``trace_bn_channels`` channels of their BN statistics
     (the report's picture of the shared-BN bug) unless the overrides set it themselves.
     Every config is validated here, before anything trains.
     """
     overrides = dict(overrides or {})
+    check_axes(grid, {k: v for k, v in overrides.items() if k != "threads"})
     trace = {} if overrides_field(overrides, "trace_bn_channels") else {"trace_bn_channels": trace_bn_channels}
     specs: list[RunSpec] = []
     for name in presets:
         preset = get_preset(name)
-        for seed in seeds:
-            cfg = apply_overrides(preset.config, {**overrides, "seed": seed})
-            if cfg.model.norm != "none" or cfg.model.logits_norm:
-                cfg = apply_overrides(cfg, trace)
-            cfg = dataclasses.replace(cfg, dataset=dataset)
-            specs.append(RunSpec(name, seed, cfg, Path(out) / "runs" / name / f"seed{seed}",
-                                 Path(data_dir) if data_dir is not None else None))
+        for point in grid_points(grid):
+            folder = Path(out) / "runs" / name / point_name(point) if point else Path(out) / "runs" / name
+            for seed in seeds:
+                cfg = apply_overrides(preset.config, {**overrides, **point_overrides(point), "seed": seed})
+                if cfg.model.norm != "none" or cfg.model.logits_norm:
+                    cfg = apply_overrides(cfg, trace)
+                cfg = dataclasses.replace(cfg, dataset=dataset)
+                specs.append(RunSpec(name, seed, cfg, folder / f"seed{seed}",
+                                     Path(data_dir) if data_dir is not None else None, point))
     return specs
 
 
@@ -189,7 +214,7 @@ def finished_outcome(spec: RunSpec) -> RunOutcome | None:
             f"(differing: {shown}). bnlab reuses finished runs only when their settings match, and does "
             "not overwrite them: choose another --out for the new settings, or delete that directory to "
             "train it again.")
-    return RunOutcome(spec.preset, spec.seed, spec.run_dir, status, history, message, cached=True)
+    return spec.outcome(status, history, message, cached=True)
 
 
 def _failure_message(err: BaseException) -> str:
@@ -234,8 +259,7 @@ def execute_spec(spec: RunSpec, on_epoch: Callable[[EpochRecord], None] | None =
         RunRecorder(spec.config, spec.run_dir, echo=None).record_failed_start(message)
     if status != RUN_COMPLETE:
         history = _saved(spec)[1]
-    return RunOutcome(spec.preset, spec.seed, spec.run_dir, status, history, message,
-                      seconds=time.perf_counter() - started)
+    return spec.outcome(status, history, message, seconds=time.perf_counter() - started)
 
 
 class InlineExecutor:
@@ -316,7 +340,7 @@ class _PoolState:
 
     def _fail(self, index: int, message: str) -> None:
         spec = self.specs[index]
-        self._finish(index, RunOutcome(spec.preset, spec.seed, spec.run_dir, RUN_FAILED, _saved(spec)[1], message))
+        self._finish(index, spec.outcome(RUN_FAILED, _saved(spec)[1], message))
 
     def reap(self, procs: list, events) -> None:
         """Account for workers that died without reporting (killed, out of memory)."""
@@ -440,11 +464,16 @@ def run_sweep(specs: Sequence[RunSpec], executor: Executor,
 class SweepProgress:
     """One tqdm bar over every epoch still to train, fed by SweepEvents.
 
-    The bar appears as soon as training starts. Its clock restarts at the first finished
-    epoch: before that the workers are starting (importing torch, reading the data), and
-    counting that time would make the first ETA several times too long. Epochs that will
-    never come (cached, diverged or failed runs) leave the total, so the ETA counts only
-    work that is really left. Print through ``note``/``write`` so lines do not tear the bar.
+    The bar appears as soon as training starts, and on a terminal it redraws every second
+    even while no event comes, so its clock visibly runs while the workers start (import
+    torch, read the data: tens of seconds on a busy machine). Its clock restarts at the
+    first finished epoch, back-dated by that epoch's duration divided by the runs in flight
+    (they advance together): counting the start-up would make the first ETA several times
+    too long, and not counting the first epoch at all, too short. Epochs
+    that will never come (cached, diverged or failed runs) leave the total, so the ETA
+    counts only work that is really left. When the last run is done the bar closes: the
+    time spent on the report is not training time. Print through ``note``/``write`` so
+    lines do not tear the bar.
     """
 
     def __init__(self, total_runs: int, total_epochs: int | None = None, *,
@@ -460,7 +489,18 @@ class SweepProgress:
         interactive = hasattr(stream, "isatty") and stream.isatty()
         self.bar = tqdm(total=total_epochs, unit="epoch", desc="training", file=stream, disable=disable,
                         dynamic_ncols=True, smoothing=0.0, mininterval=0.1 if interactive else 30.0)
+        self._closed = False
+        self._created = self.bar.start_t if hasattr(self.bar, "start_t") else time.time()
         self._postfix()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        if interactive and not disable and total_runs:
+            self._ticker = threading.Thread(target=self._tick, name="bnlab-progress", daemon=True)
+            self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            self.bar.refresh()
 
     def __call__(self, event: SweepEvent) -> None:
         key = event.spec.run_dir
@@ -470,10 +510,21 @@ class SweepProgress:
         elif event.kind == "epoch":
             if not self._clock_started:
                 self._clock_started = True
-                total = self.bar.total
-                self.bar.reset(total=total)  # the ETA counts from here (see the class docstring)
+                self.bar.reset(total=self.bar.total)  # the ETA counts from here (see the class docstring)
+                # The runs in flight advance together: one epoch of `seconds` from each of
+                # them is `seconds / len(running)` of the bar's time per epoch.
+                seconds = event.record.seconds if event.record is not None else 0.0
+                per_epoch = seconds / max(1, len(self._running))
+                self.bar.start_t -= max(0.0, min(per_epoch, self.bar.start_t - self._created))
             self._seen[key] = self._seen.get(key, 0) + 1
             self.bar.update(1)
+        elif event.kind == "restart":
+            # The epochs of the lost attempt stay counted as work done; the run's planned
+            # epochs are all still to come.
+            if self.bar.total is not None:
+                self.bar.total += self._seen.get(key, 0)
+                self.bar.refresh()
+            self._seen[key] = 0
         elif event.kind == "done":
             self._done += 1
             if event.spec.label in self._running:
@@ -482,6 +533,8 @@ class SweepProgress:
                 self.bar.total -= planned - self._seen.get(key, 0)
                 self.bar.refresh()
         self._postfix()
+        if self._done == self._runs:
+            self.close()
 
     def _postfix(self) -> None:
         running = ", ".join(self._running[:4]) + (" ..." if len(self._running) > 4 else "")
@@ -503,7 +556,13 @@ class SweepProgress:
         tqdm.write(text, file=file or sys.stdout)
 
     def close(self) -> None:
-        self.bar.close()
+        """Stop the bar (again is harmless); its last state stays on the screen."""
+        self._stop.set()
+        if self._ticker is not None and self._ticker is not threading.current_thread():
+            self._ticker.join(timeout=2.0)
+        if not self._closed:
+            self._closed = True
+            self.bar.close()
 
 
 class InOrder:
@@ -549,42 +608,64 @@ def compare(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathLike
             data_dir: str | os.PathLike | None = None, workers: int | None = None,
             threads: int = DEFAULT_THREADS_PER_WORKER, executor: Executor | None = None,
             on_event: EventHandler | None = None, on_stage: Callable[[str], None] | None = None,
-            on_plan: Callable[[list[RunSpec]], None] | None = None) -> tuple[list[RunOutcome], Report]:
-    """Plan, train (resuming) and report one sweep: every preset x seed into OUT/runs, the
-    report into OUT/report. Returns the outcomes (in plan order) and the report.
+            on_plan: Callable[[list[RunSpec]], None] | None = None, grid: Sequence[GridAxis] = (),
+            extra_results: ExtraResults | None = None) -> tuple[list[RunOutcome], Report | GridReport]:
+    """Plan, train (resuming) and report one sweep: every preset x grid point x seed into
+    OUT/runs, the report into OUT/report (``bnlab.grid_report`` for a grid). Returns the
+    outcomes (in plan order) and the report.
 
     One process owns OUT at a time: a second one stops at once with a message naming the
     first. The report is written even when some runs failed; it lists them with their
     reasons. ``on_plan`` receives every planned spec before anything trains; ``on_stage``
     hears what is happening between the epochs ("checking the data", "building the report").
+    ``extra_results(specs, outcomes)`` (grids only) runs under the lock after training and
+    returns more results for the grid report (the sharing study's repaired models).
     """
     from bnlab.engines import check_config
     from bnlab.engines.common import load_data
-    from bnlab.report import build_report
 
     stage = on_stage or (lambda text: None)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder; give a folder for the sweep.")
     specs = plan_sweep(presets, seeds, out, {**(overrides or {}), "threads": threads},
-                       dataset=dataset, data_dir=data_dir)
+                       dataset=dataset, data_dir=data_dir, grid=grid)
     with RunLock(out, "sweep directory"):
         pending = [s for s in specs if finished_outcome(s) is None]
         for spec in pending[:1]:
             check_config(spec.config)  # a missing framework or device is said once, before any worker
+        if executor is None:
+            executor = LocalProcessExecutor(workers, threads)
         if pending:
             stage(f"checking the {dataset} files")
             load_data(dataset, data_dir)  # find, verify or download once, before any worker starts
-            stage(f"training {len(pending)} run(s) of {len(specs)}")
+            cached = len(specs) - len(pending)
+            stage(f"training {len(pending)} run(s)" + (f"; {cached} finished earlier" if cached else ""))
+            if isinstance(executor, LocalProcessExecutor):
+                n = min(executor.workers, len(pending))
+                stage(f"starting {n} worker process{'es' if n > 1 else ''} (each imports torch and reads the "
+                      "data before its first epoch)")
         if on_plan is not None:
             on_plan(specs)
-        outcomes = run_sweep(specs, executor or LocalProcessExecutor(workers, threads), on_event)
+        outcomes = run_sweep(specs, executor, on_event)
+        extra = extra_results(specs, outcomes) if extra_results is not None and grid else []
+        started = time.perf_counter()
         stage("building the report")
+        report: Report | GridReport
         try:
-            report = build_report([s.run_dir for s in specs], out / "report", outcomes=outcomes)
+            if grid:
+                from bnlab.grid_report import build_grid_report
+
+                report = build_grid_report(specs, outcomes, grid, out / "report", extra=extra)
+            else:
+                from bnlab.report import build_report
+
+                report = build_report([s.run_dir for s in specs], out / "report", outcomes=outcomes,
+                                      on_step=lambda text: stage(f"report: {text}"))
         except OutputError as err:
             done = sum(o.status == RUN_COMPLETE for o in outcomes)
             raise OutputError(f"the report could not be written: {err} The runs are saved ({done} of "
                               f"{len(outcomes)} complete, in {out / 'runs'}); make room and rerun the same "
                               "command: finished runs are not trained again, only the report is built.") from None
+        stage(f"report built in {time.perf_counter() - started:.1f} s")
     return outcomes, report

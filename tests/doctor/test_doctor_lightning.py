@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
 from torchvision_compat import import_torchvision  # noqa: E402
 
 # lightning imports torchmetrics, which imports torchvision when it is installed: this

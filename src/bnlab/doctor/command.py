@@ -45,13 +45,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--input-shape", metavar="N,D,...",
                         help="probe with standard-normal inputs of this shape, e.g. 1000,784 "
-                             "(training steps use other random batches)")
+                             "(training steps use other random batches); default: none, give "
+                             "this or --data (a run directory brings its own data set)")
     source.add_argument("--data", metavar="mnist|fashion-mnist|FILE.py:NAME",
                         help="real data: mnist or fashion-mnist (training split for training "
                              "steps and --fix, test split for the probe and the evaluation), or "
                              "FILE.py:NAME returning (inputs, labels) batches, e.g. a DataLoader "
-                             "(the last sixth of its batches is held out for the probe)")
-    parser.add_argument("--data-dir", default=None, help="folder with the MNIST files")
+                             "(the last sixth of its batches is held out for the probe); default: "
+                             "none, or the data set of a run directory TARGET")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with the MNIST files (default: as for `bnlab train`: "
+                             "$BNLAB_DATA_DIR, the copy shipped with bnlab, the user cache, a download)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="probe (and training) batch size with --data (default 1000); "
                              "replaces the first dimension of --input-shape")
@@ -61,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", metavar="PATH", default=None,
                         help="load trained weights into the model first: a state_dict saved with "
                              "torch.save (loaded with weights_only=True), or for Chainer a "
-                             "save_npz file")
+                             "save_npz file (default: none, the model's own initial weights)")
     parser.add_argument("--train-steps", type=int, default=None,
                         help=f"optimizer steps on a copy before probing (Adam, cross-entropy; "
                              f"default {DEFAULT_DATA_STEPS} with --data, 0 with --input-shape, "
@@ -71,15 +75,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for weights, data order and inputs (default 0)")
     parser.add_argument("--framework", choices=["auto", "keras", "torch", "chainer"], default="auto",
-                        help="framework of the model (default: detected)")
+                        help="framework of the model (default: auto, detected from the model)")
     parser.add_argument("--fix", metavar="OUT", default=None,
                         help="write a repaired copy of the model to the folder OUT: every BN "
                              "the doctor finds shared (error) split into one per call site, "
                              "running statistics re-estimated over one pass of the training "
-                             "data; no retraining. Needs --data")
+                             "data; no retraining. Needs --data (default: no repair)")
     parser.add_argument("--overwrite", action="store_true",
                         help="let --fix replace the files of an earlier repair in OUT")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--json", action="store_true",
+                        help="print the report as JSON on stdout (default: text)")
 
 
 def _fail(message: str) -> int:

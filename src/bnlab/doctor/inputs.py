@@ -7,7 +7,8 @@ Arrays are float32 numpy; both probes accept them. MNIST comes from
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 

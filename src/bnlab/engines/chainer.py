@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bnlab.conventions import convert
 from bnlab.config import EpochRecord, ModelConfig, RunConfig, TrainConfig
+from bnlab.conventions import convert
 from bnlab.engines.common import BNCallLog, RunResult, diverged, environment, epoch_orders, first_bad, split_batches
 from bnlab.errors import MissingExtra, UsageError
 from bnlab.models import build_model
