@@ -12,7 +12,7 @@ DEMO_ARGS ?= --seeds 0 --out runs/demo
 demo: $(STAMP)
 	$(BIN)/bnlab repro $(DEMO_ARGS)
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)

@@ -19,7 +19,8 @@ def run_case(engine: str, preset: str, data) -> list[list[float]]:
     from bnlab.engines import train
     from bnlab.presets import get_preset
 
-    cfg = apply_overrides(get_preset(preset).config,
-                          {"epochs": str(EPOCHS), "engine": engine, "seed": "0", "threads": "1"})
+    cfg = apply_overrides(
+        get_preset(preset).config, {"epochs": str(EPOCHS), "engine": engine, "seed": "0", "threads": "1"}
+    )
     result = train(cfg, data, echo=None)
     return [[r.train_loss, r.val_loss, r.train_acc, r.val_acc] for r in result.history]

@@ -29,6 +29,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 # ------------------------------------------------------------------------------ helpers
 
+
 def bnlab(argv, capsys):
     """Run the CLI in this process: (exit code, stdout, stderr)."""
     try:
@@ -55,8 +56,11 @@ def assert_clear_error(err: str, *named: str) -> None:
 
 def tree(root: Path) -> dict[str, tuple[int, int]]:
     """Every file under ``root``: relative path -> (size, mtime)."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".bnlab.lock" and p.suffix != ".tmp"}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".bnlab.lock" and p.suffix != ".tmp"
+    }
 
 
 def no_temp_files(root: Path) -> bool:
@@ -121,12 +125,31 @@ def running_with_an_epoch(run_dir: Path) -> bool:
 
 # ------------------------------------------------------------ two processes, one --out
 
+
 def test_a_second_compare_on_the_same_out_stops_at_once_naming_the_first(tmp_path, capsys, monkeypatch):
     out = tmp_path / "sweep"
-    args = ["compare", "--presets", "answer", "--seeds", "0", "--epochs", "5", "--set", "widths=784,16,16,10",
-            "--out", str(out), "--workers", "1"]
-    first = subprocess.Popen([sys.executable, "-m", "bnlab", *args], env=env_with_src(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [
+        "compare",
+        "--presets",
+        "answer",
+        "--seeds",
+        "0",
+        "--epochs",
+        "5",
+        "--set",
+        "widths=784,16,16,10",
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+    ]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "bnlab", *args],
+        env=env_with_src(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     run_dir = out / "runs" / "answer" / "seed0"
     try:
         wait_for(lambda: running_with_an_epoch(run_dir), timeout=240, proc=first)
@@ -151,6 +174,7 @@ def test_a_second_compare_on_the_same_out_stops_at_once_naming_the_first(tmp_pat
 
 
 # ------------------------------------------------------------- untrusted run directories
+
 
 def test_a_tampered_preset_name_writes_nothing_outside_out(finished_sweep, tmp_path, capsys, inline_workers):
     from bnlab.errors import InputError
@@ -186,8 +210,9 @@ def test_a_tampered_preset_name_writes_nothing_outside_out(finished_sweep, tmp_p
     assert not (tmp_path / "somewhere").exists() and not (tmp_path / "a" / "somewhere").exists()
 
 
-def test_a_history_json_holding_a_list_is_named_and_its_run_trained_again(finished_sweep, tmp_path, capsys,
-                                                                          inline_workers):
+def test_a_history_json_holding_a_list_is_named_and_its_run_trained_again(
+    finished_sweep, tmp_path, capsys, inline_workers
+):
     from bnlab.errors import InputError
     from bnlab.rundir import read_run
 
@@ -203,14 +228,17 @@ def test_a_history_json_holding_a_list_is_named_and_its_run_trained_again(finish
 
 # ---------------------------------------------------- runs that fail before their history
 
+
 def test_a_run_whose_directory_is_a_file_fails_with_its_own_reason_and_the_report_is_written(
-        finished_sweep, tmp_path, capsys):
+    finished_sweep, tmp_path, capsys
+):
     """Real worker processes: the worker's own error reaches the user."""
     out = copy_sweep(finished_sweep, tmp_path / "sweep")
     in_the_way = out / "runs" / "answer" / "seed1"
     in_the_way.write_text("a user's file where seed 1's folder goes\n")
-    code, stdout, err = bnlab(["compare", "--presets", "answer", "--seeds", "0-1", *TINY, "--out", out,
-                               "--workers", "1"], capsys)
+    code, stdout, err = bnlab(
+        ["compare", "--presets", "answer", "--seeds", "0-1", *TINY, "--out", out, "--workers", "1"], capsys
+    )
     assert code == 1
     assert "Traceback" not in err and "has no readable history.json" not in err
     assert f"answer seed 1 failed: {in_the_way} is a file, not a folder" in err
@@ -222,8 +250,9 @@ def test_a_run_whose_directory_is_a_file_fails_with_its_own_reason_and_the_repor
     assert "answer seed 0: complete" in stdout
 
 
-def test_a_run_that_fails_before_writing_is_recorded_failed_with_its_reason(finished_sweep, tmp_path, capsys,
-                                                                           inline_workers, monkeypatch):
+def test_a_run_that_fails_before_writing_is_recorded_failed_with_its_reason(
+    finished_sweep, tmp_path, capsys, inline_workers, monkeypatch
+):
     """A failure before the run's first file (here: moving the data to the device) is
     recorded in the run directory and in the report; the next invocation tries it again."""
     from bnlab.engines import torch as torch_engine
@@ -275,21 +304,24 @@ def test_an_engine_missing_from_the_installation_is_a_usage_error(tmp_path, caps
     from bnlab import engines
 
     monkeypatch.setitem(engines.ENGINES, "tensorflow", "bnlab.engines.no_such_engine_module")
-    code, _, err = bnlab(["train", "--preset", "answer", *TINY, "--engine", "tensorflow", "--out", tmp_path / "r"],
-                         capsys)
+    code, _, err = bnlab(
+        ["train", "--preset", "answer", *TINY, "--engine", "tensorflow", "--out", tmp_path / "r"], capsys
+    )
     assert code == 2
     assert_clear_error(err, "the tensorflow engine is not part of this bnlab installation", "--engine torch")
 
 
 # -------------------------------------------------------------------- the user's files
 
+
 def test_compare_keeps_a_users_files_when_a_run_restarts(tmp_path, capsys, inline_workers):
     out = tmp_path / "sweep"
     run_dir = out / "runs" / "answer" / "seed0"
     run_dir.mkdir(parents=True)
     (run_dir / "notes.txt").write_text("my notes\n")
-    (run_dir / "history.json").write_text(json.dumps({"preset": "answer", "seed": 0, "status": "running",
-                                                      "history": []}))  # a run killed mid-way
+    (run_dir / "history.json").write_text(
+        json.dumps({"preset": "answer", "seed": 0, "status": "running", "history": []})
+    )  # a run killed mid-way
     (run_dir / ".history.json.abc.tmp").write_text("half a file")
     code, _, err = bnlab(["compare", "--presets", "answer", "--seeds", "0", *TINY, "--out", out], capsys)
     assert code == 0, err
@@ -316,8 +348,7 @@ def test_train_refuses_an_existing_run_directory_or_dot_without_overwrite(tmp_pa
     assert_clear_error(err, "already holds other files", "--out")
     assert sorted(p.name for p in work.iterdir()) == ["train.py"]  # not even a lock file
 
-    code, _, err = bnlab(["train", "--preset", "answer", *TINY, "--seed", "1", "--out", run_dir, "--overwrite"],
-                         capsys)
+    code, _, err = bnlab(["train", "--preset", "answer", *TINY, "--seed", "1", "--out", run_dir, "--overwrite"], capsys)
     assert code == 0, err
     assert history(run_dir)["seed"] == 1 and (run_dir / "notes.txt").read_text() == "mine\n"
 
@@ -334,6 +365,7 @@ def test_out_an_existing_file_is_refused_and_kept(tmp_path, capsys):
 
 
 # ------------------------------------------------------------ crashes, bugs and Ctrl-C
+
 
 def _crash_in_evaluation(monkeypatch):
     from bnlab.engines import torch as torch_engine
@@ -370,9 +402,26 @@ def test_a_crashed_run_is_failed_on_disk_and_in_the_report(tmp_path, capsys, mon
 
 def test_ctrl_c_in_train_says_a_rerun_restarts_from_epoch_0(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "bnlab", "train", "--preset", "answer", "--epochs", "50",
-                             "--set", "widths=784,16,16,10", "--out", str(run_dir)], env=env_with_src(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bnlab",
+            "train",
+            "--preset",
+            "answer",
+            "--epochs",
+            "50",
+            "--set",
+            "widths=784,16,16,10",
+            "--out",
+            str(run_dir),
+        ],
+        env=env_with_src(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: running_with_an_epoch(run_dir), timeout=240, proc=proc)
         proc.send_signal(signal.SIGINT)
@@ -391,16 +440,20 @@ def test_ctrl_c_in_train_says_a_rerun_restarts_from_epoch_0(tmp_path):
 
 # -------------------------------------------------------------- values that name the flag
 
-@pytest.mark.parametrize("argv, named", [
-    (["train", "--preset", "answer", "--set", "bn_eps=nan"], "model.bn_eps must be a positive number; got nan"),
-    (["train", "--preset", "answer", "--set", "bn_eps=inf"], "model.bn_eps must be a positive number; got inf"),
-    (["train", "--preset", "answer", "--set", "widths=10,10"], "model.widths must start at 784"),
-    (["train", "--preset", "answer", "--seed", str(2**70)], "train.seed (--seed) must lie in [0, 2**63 - 1]"),
-    (["train", "--preset", "answer", "--seed", str(2**63)], "train.seed (--seed) must lie in [0, 2**63 - 1]"),
-    (["train", "--preset", "answer", "--batch-size", "70000"], "--batch-size 70000 is larger than the 60,000"),
-    (["compare", "--presets", "answer", "--seeds", "a"], "--seeds 'a': 'a' is not a seed"),
-    (["compare", "--presets", "answer", "--seeds", str(2**63)], "seeds must lie in [0, 2**63 - 1]"),
-])
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["train", "--preset", "answer", "--set", "bn_eps=nan"], "model.bn_eps must be a positive number; got nan"),
+        (["train", "--preset", "answer", "--set", "bn_eps=inf"], "model.bn_eps must be a positive number; got inf"),
+        (["train", "--preset", "answer", "--set", "widths=10,10"], "model.widths must start at 784"),
+        (["train", "--preset", "answer", "--seed", str(2**70)], "train.seed (--seed) must lie in [0, 2**63 - 1]"),
+        (["train", "--preset", "answer", "--seed", str(2**63)], "train.seed (--seed) must lie in [0, 2**63 - 1]"),
+        (["train", "--preset", "answer", "--batch-size", "70000"], "--batch-size 70000 is larger than the 60,000"),
+        (["compare", "--presets", "answer", "--seeds", "a"], "--seeds 'a': 'a' is not a seed"),
+        (["compare", "--presets", "answer", "--seeds", str(2**63)], "seeds must lie in [0, 2**63 - 1]"),
+    ],
+)
 def test_bad_values_name_the_flag_and_write_nothing(argv, named, tmp_path, capsys):
     code, _, err = bnlab([*argv, "--epochs", "1", "--out", tmp_path / "out"], capsys)
     assert code == 2
@@ -408,12 +461,15 @@ def test_bad_values_name_the_flag_and_write_nothing(argv, named, tmp_path, capsy
     assert not list(tmp_path.rglob("*.json"))
 
 
-@pytest.mark.parametrize("flags, named", [
-    (["--seed", "-1"], "--seed must lie in [0, 2**32 - 1]; got -1"),
-    (["--seed", str(2**70)], "--seed must lie in [0, 2**32 - 1]"),
-    (["--lr", "nan", "--train-steps", "2"], "--lr must be a positive number; got nan"),
-    (["--lr", "-1", "--train-steps", "2"], "--lr must be a positive number; got -1.0"),
-])
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--seed", "-1"], "--seed must lie in [0, 2**32 - 1]; got -1"),
+        (["--seed", str(2**70)], "--seed must lie in [0, 2**32 - 1]"),
+        (["--lr", "nan", "--train-steps", "2"], "--lr must be a positive number; got nan"),
+        (["--lr", "-1", "--train-steps", "2"], "--lr must be a positive number; got -1.0"),
+    ],
+)
 def test_doctor_seed_and_lr_name_the_flag(flags, named, capsys):
     model = Path(__file__).resolve().parents[1] / "examples" / "seed_question_torch.py"
     code, _, err = bnlab(["doctor", f"{model}:MyModel", "--input-shape", "100,784", *flags], capsys)
@@ -424,12 +480,14 @@ def test_doctor_seed_and_lr_name_the_flag(flags, named, capsys):
 def test_runs_trained_with_another_thread_count_are_not_reused(finished_sweep, tmp_path, capsys, inline_workers):
     out = copy_sweep(finished_sweep, tmp_path / "sweep")
     before = tree(out / "runs")
-    code, _, err = bnlab(["compare", "--presets", "answer", "--seeds", "0", *TINY, "--threads", "2", "--out", out],
-                         capsys)
+    code, _, err = bnlab(
+        ["compare", "--presets", "answer", "--seeds", "0", *TINY, "--threads", "2", "--out", out], capsys
+    )
     assert code == 2
     assert_clear_error(err, "trained with other settings", "train.threads", "another --out")
     assert tree(out / "runs") == before
-    code, _, err = bnlab(["compare", "--presets", "answer", "--seeds", "0", *TINY, "--threads", "1", "--out", out],
-                         capsys)
+    code, _, err = bnlab(
+        ["compare", "--presets", "answer", "--seeds", "0", *TINY, "--threads", "1", "--out", out], capsys
+    )
     assert code == 0, err
     assert tree(out / "runs") == before  # the same thread count: reused, not trained again

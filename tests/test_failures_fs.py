@@ -20,8 +20,9 @@ from test_failures import TINY, assert_clear_error, bnlab, history, no_temp_file
 
 def _mount(target: Path, size: str = "2m") -> None:
     target.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'mount failed'}); needs root")
 
@@ -95,8 +96,9 @@ def test_compare_on_a_2mb_disk_says_the_report_could_not_be_written(tmpfs, capsy
     out = disk / "sweep"
     code, _, err = bnlab(["compare", "--presets", "answer", "--seeds", "0", *TINY, "--out", out], capsys)
     assert code == 2
-    assert_clear_error(err, "the report could not be written", "the disk is full", "1 of 1 complete",
-                       "rerun the same command")
+    assert_clear_error(
+        err, "the report could not be written", "the disk is full", "1 of 1 complete", "rerun the same command"
+    )
     assert history(out / "runs" / "answer" / "seed0")["status"] == "complete"  # the run itself is kept
     assert not (out / "report" / "report.html").exists() and no_temp_files(disk) and all_json_parses(out)
     # The report on its own (the library call) raises an OutputError naming the file, too.
@@ -112,8 +114,9 @@ def test_compare_on_a_2mb_disk_says_the_report_could_not_be_written(tmpfs, capsy
     assert (out / "runs" / "answer" / "seed0" / "history.json").stat().st_mtime_ns == before
 
 
-def test_a_run_that_fills_the_disk_fails_with_the_reason_and_the_sweep_is_reported(tmpfs, capsys, inline_workers,
-                                                                                     tmp_path):
+def test_a_run_that_fills_the_disk_fails_with_the_reason_and_the_sweep_is_reported(
+    tmpfs, capsys, inline_workers, tmp_path
+):
     """ENOSPC inside one run of a sweep: that run fails with "the disk is full", and the
     report (on another disk) still lists it."""
     out = tmp_path / "sweep"

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bnlab.config import EpochRecord, RunConfig, apply_overrides, config_differences, overrides_field
+from bnlab.config import DatasetName, EpochRecord, RunConfig, apply_overrides, config_differences, overrides_field
 from bnlab.errors import BnlabError, InputError, OutputError, UsageError
 from bnlab.grid import GridAxis, GridPoint, check_axes, grid_points, point_label, point_name, point_overrides
 from bnlab.presets import ALL_PRESETS, get_preset
@@ -59,7 +59,6 @@ DEFAULT_THREADS_PER_WORKER = 1
 TRACE_CHANNELS = 4
 
 
-
 def default_workers() -> int:
     """The CPU cores this process may use (its affinity mask where the OS has one)."""
     try:
@@ -85,10 +84,12 @@ class RunSpec:
         point = point_label(self.grid)
         return f"{self.preset} {point} seed {self.seed}" if point else f"{self.preset} seed {self.seed}"
 
-    def outcome(self, status: str, history: list[EpochRecord] | None = None, message: str = "",
-                **extra: typing.Any) -> RunOutcome:
-        return RunOutcome(self.preset, self.seed, self.run_dir, status, list(history or []), message,
-                          label=self.label, **extra)
+    def outcome(
+        self, status: str, history: list[EpochRecord] | None = None, message: str = "", **extra: typing.Any
+    ) -> RunOutcome:
+        return RunOutcome(
+            self.preset, self.seed, self.run_dir, status, list(history or []), message, label=self.label, **extra
+        )
 
 
 @dataclass
@@ -101,9 +102,9 @@ class RunOutcome:
     status: str
     history: list[EpochRecord] = field(default_factory=list)
     message: str = ""
-    cached: bool = False   # finished by an earlier invocation and not run again
-    seconds: float = 0.0   # wall time this invocation spent on it (0 when cached)
-    label: str = ""        # the spec's label ("question bn_momentum=0.01 seed 0")
+    cached: bool = False  # finished by an earlier invocation and not run again
+    seconds: float = 0.0  # wall time this invocation spent on it (0 when cached)
+    label: str = ""  # the spec's label ("question bn_momentum=0.01 seed 0")
 
     def __post_init__(self) -> None:
         if not self.label:
@@ -148,10 +149,17 @@ class Executor(typing.Protocol):
     def map_runs(self, run_specs: Sequence[RunSpec], on_event: EventHandler) -> list[RunOutcome]: ...
 
 
-def plan_sweep(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathLike,
-               overrides: dict[str, typing.Any] | None = None, *, dataset: str = "mnist",
-               data_dir: str | os.PathLike | None = None,
-               trace_bn_channels: int = TRACE_CHANNELS, grid: Sequence[GridAxis] = ()) -> list[RunSpec]:
+def plan_sweep(
+    presets: Sequence[str],
+    seeds: Sequence[int],
+    out: str | os.PathLike,
+    overrides: dict[str, typing.Any] | None = None,
+    *,
+    dataset: str = "mnist",
+    data_dir: str | os.PathLike | None = None,
+    trace_bn_channels: int = TRACE_CHANNELS,
+    grid: Sequence[GridAxis] = (),
+) -> list[RunSpec]:
     """Every (preset, grid point, seed) run in that order, each owning
     OUT/runs/PRESET/seedN, or OUT/runs/PRESET/POINT/seedN with a grid.
 
@@ -171,9 +179,12 @@ def plan_sweep(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathL
                 cfg = apply_overrides(preset.config, {**overrides, **point_overrides(point), "seed": seed})
                 if cfg.model.norm != "none" or cfg.model.logits_norm:
                     cfg = apply_overrides(cfg, trace)
-                cfg = dataclasses.replace(cfg, dataset=dataset)
-                specs.append(RunSpec(name, seed, cfg, folder / f"seed{seed}",
-                                     Path(data_dir) if data_dir is not None else None, point))
+                cfg = dataclasses.replace(cfg, dataset=typing.cast(DatasetName, dataset))
+                specs.append(
+                    RunSpec(
+                        name, seed, cfg, folder / f"seed{seed}", Path(data_dir) if data_dir is not None else None, point
+                    )
+                )
     return specs
 
 
@@ -213,7 +224,8 @@ def finished_outcome(spec: RunSpec) -> RunOutcome | None:
             f"{spec.run_dir} already holds a finished run of {spec.label} trained with other settings "
             f"(differing: {shown}). bnlab reuses finished runs only when their settings match, and does "
             "not overwrite them: choose another --out for the new settings, or delete that directory to "
-            "train it again.")
+            "train it again."
+        )
     return spec.outcome(status, history, message, cached=True)
 
 
@@ -245,8 +257,9 @@ def execute_spec(spec: RunSpec, on_epoch: Callable[[EpochRecord], None] | None =
     history: list[EpochRecord] = []
     try:
         clear_run_files(spec.run_dir)
-        result = train(spec.config, data_dir=spec.data_dir, out_dir=spec.run_dir, echo=None,
-                       on_epoch=on_epoch, overwrite=True)
+        result = train(
+            spec.config, data_dir=spec.data_dir, out_dir=spec.run_dir, echo=None, on_epoch=on_epoch, overwrite=True
+        )
         history = result.history
     except TrainingDiverged as err:
         status, message = RUN_DIVERGED, str(err)
@@ -270,7 +283,11 @@ class InlineExecutor:
         outcomes = []
         for spec in run_specs:
             on_event(SweepEvent("start", spec))
-            outcome = execute_spec(spec, lambda rec, s=spec: on_event(SweepEvent("epoch", s, record=rec)))
+
+            def on_epoch(rec: EpochRecord, s: RunSpec = spec) -> None:
+                on_event(SweepEvent("epoch", s, record=rec))
+
+            outcome = execute_spec(spec, on_epoch)
             on_event(SweepEvent("done", spec, outcome=outcome))
             outcomes.append(outcome)
         return outcomes
@@ -356,8 +373,11 @@ class _PoolState:
         for w in dead:
             if w in self.running:
                 p = procs[w]
-                self._fail(self.running.pop(w), f"worker process {p.name} exited with code {p.exitcode} "
-                           "during the run (killed, or out of memory?); it will run again on the next invocation")
+                self._fail(
+                    self.running.pop(w),
+                    f"worker process {p.name} exited with code {p.exitcode} "
+                    "during the run (killed, or out of memory?); it will run again on the next invocation",
+                )
         if len(dead) == len(procs):
             for index in range(len(self.specs)):
                 if index not in self.results:
@@ -397,8 +417,9 @@ class LocalProcessExecutor:
     ``if __name__ == "__main__":`` (the ``bnlab`` command does).
     """
 
-    def __init__(self, workers: int | None = None, threads: int = DEFAULT_THREADS_PER_WORKER,
-                 *, poll_s: float = 0.5) -> None:
+    def __init__(
+        self, workers: int | None = None, threads: int = DEFAULT_THREADS_PER_WORKER, *, poll_s: float = 0.5
+    ) -> None:
         if workers is not None and workers < 1:
             raise UsageError(f"workers must be >= 1; got {workers}")
         if threads < 0:
@@ -418,8 +439,12 @@ class LocalProcessExecutor:
         n = min(self.workers, len(specs))
         for _ in range(n):
             tasks.put(None)  # one stop sign per worker
-        procs = [ctx.Process(target=_worker_main, args=(w, tasks, events, self.threads),
-                             name=f"bnlab-worker-{w}", daemon=True) for w in range(n)]
+        procs = [
+            ctx.Process(
+                target=_worker_main, args=(w, tasks, events, self.threads), name=f"bnlab-worker-{w}", daemon=True
+            )
+            for w in range(n)
+        ]
         state = _PoolState(specs, on_event)
         started: list = []
         finished = False
@@ -440,8 +465,7 @@ class LocalProcessExecutor:
         return state.outcomes()
 
 
-def run_sweep(specs: Sequence[RunSpec], executor: Executor,
-              on_event: EventHandler | None = None) -> list[RunOutcome]:
+def run_sweep(specs: Sequence[RunSpec], executor: Executor, on_event: EventHandler | None = None) -> list[RunOutcome]:
     """Train the specs not finished on disk yet; return every spec's outcome, in order.
 
     Runs finished earlier are announced first, as "done" events whose outcome is cached.
@@ -476,8 +500,14 @@ class SweepProgress:
     lines do not tear the bar.
     """
 
-    def __init__(self, total_runs: int, total_epochs: int | None = None, *,
-                 file: typing.TextIO | None = None, disable: bool = False) -> None:
+    def __init__(
+        self,
+        total_runs: int,
+        total_epochs: int | None = None,
+        *,
+        file: typing.TextIO | None = None,
+        disable: bool = False,
+    ) -> None:
         from tqdm import tqdm
 
         self._seen: dict[Path, int] = {}
@@ -487,8 +517,16 @@ class SweepProgress:
         stream = file or sys.stderr
         # On a terminal the bar redraws often; into a log file a line every 30 s is enough.
         interactive = hasattr(stream, "isatty") and stream.isatty()
-        self.bar = tqdm(total=total_epochs, unit="epoch", desc="training", file=stream, disable=disable,
-                        dynamic_ncols=True, smoothing=0.0, mininterval=0.1 if interactive else 30.0)
+        self.bar = tqdm(
+            total=total_epochs,
+            unit="epoch",
+            desc="training",
+            file=stream,
+            disable=disable,
+            dynamic_ncols=True,
+            smoothing=0.0,
+            mininterval=0.1 if interactive else 30.0,
+        )
         self._closed = False
         self._created = self.bar.start_t if hasattr(self.bar, "start_t") else time.time()
         self._postfix()
@@ -539,8 +577,9 @@ class SweepProgress:
     def _postfix(self) -> None:
         running = ", ".join(self._running[:4]) + (" ..." if len(self._running) > 4 else "")
         # refresh=False: the bar redraws at its own pace (mininterval), not at every event.
-        self.bar.set_postfix_str(f"{self._done}/{self._runs} runs" + (f"; now: {running}" if running else ""),
-                                 refresh=False)
+        self.bar.set_postfix_str(
+            f"{self._done}/{self._runs} runs" + (f"; now: {running}" if running else ""), refresh=False
+        )
 
     def note(self, text: str) -> None:
         """A status line (to the bar's stream) above the bar."""
@@ -585,8 +624,11 @@ class InOrder:
 def find_run_dirs(sweep_dir: str | os.PathLike) -> list[Path]:
     """OUT/runs/PRESET/seedN directories that hold a history, in preset then seed order.
     Folder names are untrusted: only plain names are taken."""
-    found = [p.parent for p in Path(sweep_dir).glob("runs/*/seed*/history.json")
-             if _plain(p.parent.parent.name) and p.parent.name[4:].isdigit()]
+    found = [
+        p.parent
+        for p in Path(sweep_dir).glob("runs/*/seed*/history.json")
+        if _plain(p.parent.parent.name) and p.parent.name[4:].isdigit()
+    ]
     rank = {name: i for i, name in enumerate(ALL_PRESETS)}
 
     def key(p: Path) -> tuple:
@@ -603,13 +645,23 @@ def _plain(name: str) -> bool:
     return True
 
 
-def compare(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathLike,
-            overrides: dict[str, typing.Any] | None = None, *, dataset: str = "mnist",
-            data_dir: str | os.PathLike | None = None, workers: int | None = None,
-            threads: int = DEFAULT_THREADS_PER_WORKER, executor: Executor | None = None,
-            on_event: EventHandler | None = None, on_stage: Callable[[str], None] | None = None,
-            on_plan: Callable[[list[RunSpec]], None] | None = None, grid: Sequence[GridAxis] = (),
-            extra_results: ExtraResults | None = None) -> tuple[list[RunOutcome], Report | GridReport]:
+def compare(
+    presets: Sequence[str],
+    seeds: Sequence[int],
+    out: str | os.PathLike,
+    overrides: dict[str, typing.Any] | None = None,
+    *,
+    dataset: str = "mnist",
+    data_dir: str | os.PathLike | None = None,
+    workers: int | None = None,
+    threads: int = DEFAULT_THREADS_PER_WORKER,
+    executor: Executor | None = None,
+    on_event: EventHandler | None = None,
+    on_stage: Callable[[str], None] | None = None,
+    on_plan: Callable[[list[RunSpec]], None] | None = None,
+    grid: Sequence[GridAxis] = (),
+    extra_results: ExtraResults | None = None,
+) -> tuple[list[RunOutcome], Report | GridReport]:
     """Plan, train (resuming) and report one sweep: every preset x grid point x seed into
     OUT/runs, the report into OUT/report (``bnlab.grid_report`` for a grid). Returns the
     outcomes (in plan order) and the report.
@@ -628,8 +680,9 @@ def compare(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathLike
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder; give a folder for the sweep.")
-    specs = plan_sweep(presets, seeds, out, {**(overrides or {}), "threads": threads},
-                       dataset=dataset, data_dir=data_dir, grid=grid)
+    specs = plan_sweep(
+        presets, seeds, out, {**(overrides or {}), "threads": threads}, dataset=dataset, data_dir=data_dir, grid=grid
+    )
     with RunLock(out, "sweep directory"):
         pending = [s for s in specs if finished_outcome(s) is None]
         for spec in pending[:1]:
@@ -643,8 +696,10 @@ def compare(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathLike
             stage(f"training {len(pending)} run(s)" + (f"; {cached} finished earlier" if cached else ""))
             if isinstance(executor, LocalProcessExecutor):
                 n = min(executor.workers, len(pending))
-                stage(f"starting {n} worker process{'es' if n > 1 else ''} (each imports torch and reads the "
-                      "data before its first epoch)")
+                stage(
+                    f"starting {n} worker process{'es' if n > 1 else ''} (each imports torch and reads the "
+                    "data before its first epoch)"
+                )
         if on_plan is not None:
             on_plan(specs)
         outcomes = run_sweep(specs, executor, on_event)
@@ -660,12 +715,18 @@ def compare(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathLike
             else:
                 from bnlab.report import build_report
 
-                report = build_report([s.run_dir for s in specs], out / "report", outcomes=outcomes,
-                                      on_step=lambda text: stage(f"report: {text}"))
+                report = build_report(
+                    [s.run_dir for s in specs],
+                    out / "report",
+                    outcomes=outcomes,
+                    on_step=lambda text: stage(f"report: {text}"),
+                )
         except OutputError as err:
             done = sum(o.status == RUN_COMPLETE for o in outcomes)
-            raise OutputError(f"the report could not be written: {err} The runs are saved ({done} of "
-                              f"{len(outcomes)} complete, in {out / 'runs'}); make room and rerun the same "
-                              "command: finished runs are not trained again, only the report is built.") from None
+            raise OutputError(
+                f"the report could not be written: {err} The runs are saved ({done} of "
+                f"{len(outcomes)} complete, in {out / 'runs'}); make room and rerun the same "
+                "command: finished runs are not trained again, only the report is built."
+            ) from None
         stage(f"report built in {time.perf_counter() - started:.1f} s")
     return outcomes, report

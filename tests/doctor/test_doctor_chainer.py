@@ -37,8 +37,9 @@ class ConvNet(chainer.Chain):
         super().__init__()
         self.share = share
         with self.init_scope():
-            self.convs = chainer.ChainList(L.Convolution2D(3, 8, 3, pad=1, nobias=True),
-                                           L.Convolution2D(8, 8, 3, pad=1, nobias=True))
+            self.convs = chainer.ChainList(
+                L.Convolution2D(3, 8, 3, pad=1, nobias=True), L.Convolution2D(8, 8, 3, pad=1, nobias=True)
+            )
             self.bns = chainer.ChainList(L.BatchNormalization(8), L.BatchNormalization(8))
             self.fc = L.Linear(8, 5)
 
@@ -172,7 +173,7 @@ def chainer_loop(model, x, steps=12, batch=16, train=True):
     with chainer.using_config("train", train):
         for step in range(steps):
             start = (step * batch) % len(x)
-            loss = F.softmax_cross_entropy(model(x[start:start + batch]), t[start:start + batch])
+            loss = F.softmax_cross_entropy(model(x[start : start + batch]), t[start : start + batch])
             model.cleargrads()
             loss.backward()
             opt.update()

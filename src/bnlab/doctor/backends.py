@@ -87,9 +87,7 @@ class Backend(Protocol):
         observations of the model as handed over."""
         ...
 
-    def watcher(
-        self, model: Any, on_pass_start: Callable[[tuple], None], optimizer: Any = None
-    ) -> Watcher:
+    def watcher(self, model: Any, on_pass_start: Callable[[tuple], None], optimizer: Any = None) -> Watcher:
         """Hooks for :func:`bnlab.doctor.watch` (not attached yet)."""
         ...
 
@@ -99,8 +97,7 @@ class Backend(Protocol):
 
 
 def _keras_2_model(obj: Any) -> bool:
-    return any((getattr(c, "__module__", "") or "").startswith("tf_keras")
-               for c in type(obj).__mro__)
+    return any((getattr(c, "__module__", "") or "").startswith("tf_keras") for c in type(obj).__mro__)
 
 
 # Recognised, not supported yet: (name, test, message). Skipped once a backend of

@@ -38,25 +38,16 @@ def attribute(path: str, root: str = "self") -> str:
 
 def _keras_constructor(layer: LayerInfo, name: str | None = None) -> str:
     named = f", name={name!r}" if name else ""
-    return (
-        f"keras.layers.BatchNormalization(momentum={number(layer.rate)}, "
-        f"epsilon={number(layer.eps)}{named})"
-    )
+    return f"keras.layers.BatchNormalization(momentum={number(layer.rate)}, epsilon={number(layer.eps)}{named})"
 
 
 def _constructor(layer: LayerInfo) -> str:
     if layer.framework == "keras":
         return _keras_constructor(layer)
     if layer.framework == "chainer":
-        return (
-            f"L.BatchNormalization({layer.num_channels}, decay={number(layer.rate)}, "
-            f"eps={number(layer.eps)})"
-        )
+        return f"L.BatchNormalization({layer.num_channels}, decay={number(layer.rate)}, eps={number(layer.eps)})"
     kind = layer.kind if layer.kind.startswith(("BatchNorm", "SyncBatchNorm")) else "BatchNorm1d"
-    return (
-        f"nn.{kind}({layer.num_channels}, eps={number(layer.eps)}, "
-        f"momentum={number(layer.rate)})"
-    )
+    return f"nn.{kind}({layer.num_channels}, eps={number(layer.eps)}, momentum={number(layer.rate)})"
 
 
 def site_names(layer: LayerInfo, calls: list[CallRecord]) -> list[str]:
@@ -100,8 +91,7 @@ def one_bn_per_site(layer: LayerInfo, calls: list[CallRecord]) -> str:
         # second and later places by new layers.
         lines = ["# give every place its own BN (the same object is registered several times)"]
         lines += [
-            f"{attribute(alias, 'model')} = {_constructor(layer)}"
-            f"  # was {attribute(layer.path, 'model')}"
+            f"{attribute(alias, 'model')} = {_constructor(layer)}  # was {attribute(layer.path, 'model')}"
             for alias in layer.aliases
         ]
         return "\n".join(lines)
@@ -119,9 +109,7 @@ def one_bn_per_site(layer: LayerInfo, calls: list[CallRecord]) -> str:
         elif call.producer and call.via == "direct":
             lines.append(f"... self.{name}({attribute(call.producer)}(...)) ...")
         else:
-            lines.append(
-                f"... self.{name}(...)  # was call {call.index} of {attribute(layer.path)}"
-            )
+            lines.append(f"... self.{name}(...)  # was call {call.index} of {attribute(layer.path)}")
     return "\n".join(lines)
 
 
@@ -201,10 +189,7 @@ def rate_code(layer: LayerInfo, value: float) -> str:
             f"# or, on the built model: the layer {layer.path!r}.momentum = {number(value)}"
         )
     if layer.framework == "chainer":
-        return (
-            f"L.BatchNormalization({layer.num_channels}, decay={number(value)}, "
-            f"eps={number(layer.eps)})"
-        )
+        return f"L.BatchNormalization({layer.num_channels}, decay={number(value)}, eps={number(layer.eps)})"
     return (
         f"nn.{layer.kind}({layer.num_channels}, momentum={number(value)})\n"
         f"# or, on the built model: {attribute(layer.path, 'model')}.momentum = {number(value)}"

@@ -27,13 +27,10 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
     except ValueError:
-        raise InputError(
-            f"--input-shape must be integers separated by commas, like 1000,784; got {text!r}"
-        ) from None
+        raise InputError(f"--input-shape must be integers separated by commas, like 1000,784; got {text!r}") from None
     if len(shape) < 2 or any(d <= 0 for d in shape):
         raise InputError(
-            "--input-shape needs a batch size and at least one more positive dimension, "
-            f"like 1000,784; got {text!r}"
+            f"--input-shape needs a batch size and at least one more positive dimension, like 1000,784; got {text!r}"
         )
     return shape
 
@@ -106,23 +103,18 @@ def mnist(
     try:
         from bnlab.data import load_mnist, to_float
     except ImportError as err:
-        raise InputError(
-            f"--data mnist needs bnlab.data, which could not be imported ({err})."
-        ) from err
+        raise InputError(f"--data mnist needs bnlab.data, which could not be imported ({err}).") from err
     try:
         data = load_mnist(data_dir)
     except Exception as err:  # noqa: BLE001 - missing files, bad checksum, no network...
         raise InputError(
-            f"could not load MNIST ({type(err).__name__}: {err}); "
-            "point --data-dir at the folder with the MNIST files."
+            f"could not load MNIST ({type(err).__name__}: {err}); point --data-dir at the folder with the MNIST files."
         ) from err
     rng = np.random.default_rng(seed)
     test_x = _flat(to_float(data.test_images))
     test_y = np.asarray(data.test_labels).astype(np.int64)
     if batch_size > len(test_x):
-        raise InputError(
-            f"--batch-size {batch_size} is larger than the MNIST test set ({len(test_x)})."
-        )
+        raise InputError(f"--batch-size {batch_size} is larger than the MNIST test set ({len(test_x)}).")
     pick = rng.permutation(len(test_x))[:batch_size]
     train_x = _flat(to_float(data.train_images))
     train_y = np.asarray(data.train_labels).astype(np.int64)
@@ -131,7 +123,7 @@ def mnist(
         while True:  # shuffled epochs, full batches only
             order = rng.permutation(len(train_x))
             for start in range(0, len(order) - batch_size + 1, batch_size):
-                idx = order[start:start + batch_size]
+                idx = order[start : start + batch_size]
                 yield train_x[idx].reshape((batch_size,) + shape), train_y[idx]
 
     return test_x[pick], test_y[pick], batches

@@ -40,16 +40,12 @@ def _doctor(d: bnstats.BNDistance) -> Distance:
     return Distance(**d.as_dict())
 
 
-def distance(
-    mean: np.ndarray, var: np.ndarray, ref_mean: np.ndarray, ref_var: np.ndarray, eps: float
-) -> Distance:
+def distance(mean: np.ndarray, var: np.ndarray, ref_mean: np.ndarray, ref_var: np.ndarray, eps: float) -> Distance:
     """Batch statistics (mean, var) vs running statistics (ref_*): see bnlab.bnstats."""
     return _doctor(bnstats.distance(mean, var, ref_mean, ref_var, eps))
 
 
-def site_distance(
-    mean_a: np.ndarray, var_a: np.ndarray, mean_b: np.ndarray, var_b: np.ndarray, eps: float
-) -> Distance:
+def site_distance(mean_a: np.ndarray, var_a: np.ndarray, mean_b: np.ndarray, var_b: np.ndarray, eps: float) -> Distance:
     """Symmetric distance between two call sites' batch statistics (pooled SD)."""
     return _doctor(bnstats.site_distance(mean_a, var_a, mean_b, var_b, eps))
 

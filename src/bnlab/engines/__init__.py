@@ -41,8 +41,10 @@ def engine_module(name: str) -> Any:
     except ModuleNotFoundError as err:
         if err.name != ENGINES[name]:
             raise  # the engine exists but something it imports is missing: its own check says so
-        raise MissingExtra(f"the {name} engine is not part of this bnlab installation ({ENGINES[name]} "
-                           f"is missing); train with --engine torch, or install a bnlab that has it.") from None
+        raise MissingExtra(
+            f"the {name} engine is not part of this bnlab installation ({ENGINES[name]} "
+            f"is missing); train with --engine torch, or install a bnlab that has it."
+        ) from None
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -50,10 +52,17 @@ def check_config(cfg: RunConfig) -> None:
     engine_module(cfg.train.engine).check_config(cfg)
 
 
-def train(cfg: RunConfig, data: Any = None, *, data_dir: str | os.PathLike | None = None,
-          out_dir: str | os.PathLike | None = None, echo: Callable[[str], None] | None = print,
-          on_epoch: Callable[[EpochRecord], None] | None = None,
-          initial_state: dict[str, Any] | None = None, overwrite: bool = False) -> RunResult:
+def train(
+    cfg: RunConfig,
+    data: Any = None,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    echo: Callable[[str], None] | None = print,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    initial_state: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> RunResult:
     """Train one run and return its history and model.
 
     ``echo`` prints the question's table (None: silent); ``on_epoch`` receives each

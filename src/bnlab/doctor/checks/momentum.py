@@ -10,8 +10,9 @@ from bnlab.doctor.records import LayerInfo
 from bnlab.doctor.registry import Context, register
 
 
-@register("momentum-convention", "warning",
-          "a BN momentum/decay of 0 or one that looks like another framework's convention")
+@register(
+    "momentum-convention", "warning", "a BN momentum/decay of 0 or one that looks like another framework's convention"
+)
 def check_momentum(ctx: Context) -> list[Finding]:
     findings = []
     for layer in ctx.probe.layers.values():
