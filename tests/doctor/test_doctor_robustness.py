@@ -192,3 +192,22 @@ def test_torchscript_file_is_exit_2(tmp_path: Path, capsys) -> None:
     captured = capsys.readouterr()
     assert "TorchScript" in captured.err and "Traceback" not in captured.err
     assert captured.out == ""
+
+
+def test_lazy_model_with_mnist_data_finds_its_input_shape(tmp_path: Path, capsys) -> None:
+    # --data mnist tries the MNIST shapes on copies: a Lazy model's uninitialized tensors
+    # used to make that copy fail with torch's raw message.
+    target = write(
+        tmp_path,
+        "lazy_net.py",
+        """
+        from torch import nn
+
+        def Net():
+            return nn.Sequential(nn.Flatten(), nn.LazyLinear(32), nn.LazyBatchNorm1d(), nn.ReLU(), nn.Linear(32, 10))
+        """,
+    )
+    code = main([f"{target}:Net", "--data", "mnist", "--train-steps", "3"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "probe: 1000x784" in out.out and "Traceback" not in out.err

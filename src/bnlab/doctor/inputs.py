@@ -74,10 +74,11 @@ def _keras_trial(model: Any) -> Any:
 
 def fit_shape(model: Any, framework: str, flat: np.ndarray) -> tuple[int, ...]:
     """The per-sample MNIST shape that ``model`` accepts, tried on two samples."""
-    trial = _keras_trial(model) if framework == "keras" else copy.deepcopy(model)
-    if framework == "torch":
-        trial.eval()
     for shape in MNIST_SHAPES:
+        # A fresh copy per shape: a Lazy module takes its shapes from the first batch it sees.
+        trial = _keras_trial(model) if framework == "keras" else _copy(model, framework)
+        if framework == "torch":
+            trial.eval()
         if _accepts(trial, framework, flat[:2].reshape((2,) + shape)):
             return shape
     tried = ", ".join("(N," + ",".join(map(str, s)) + ")" for s in MNIST_SHAPES)
@@ -85,6 +86,14 @@ def fit_shape(model: Any, framework: str, flat: np.ndarray) -> tuple[int, ...]:
         f"the model accepts none of the MNIST shapes {tried}; give the shape it expects with "
         "--input-shape instead of --data."
     )
+
+
+def _copy(model: Any, framework: str) -> Any:
+    if framework != "torch":
+        return copy.deepcopy(model)
+    from bnlab.doctor.torch_probe import _lazy_memo  # deepcopy refuses uninitialized Lazy tensors
+
+    return copy.deepcopy(model, _lazy_memo(model))
 
 
 Batch = tuple[np.ndarray, np.ndarray]
