@@ -38,7 +38,16 @@ import torch
 
 from bnlab.config import EpochRecord, ModelConfig, RunConfig, TrainConfig
 from bnlab.conventions import convert
-from bnlab.engines.common import BNCallLog, RunResult, diverged, environment, epoch_orders, first_bad, split_batches
+from bnlab.engines.common import (
+    BNCallLog,
+    RunResult,
+    diverged,
+    environment,
+    epoch_orders,
+    first_bad,
+    numpy_arrays,
+    split_batches,
+)
 from bnlab.errors import MissingExtra, UsageError
 from bnlab.models import build_model
 from bnlab.rundir import RunRecorder
@@ -420,18 +429,6 @@ def run(
     return RunResult(cfg, recorder.history, model, recorder.out_dir, bn_trace)
 
 
-def _arrays(data: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Float32 images / 255 and int32 labels (what F.softmax_cross_entropy takes), once."""
-    from bnlab.data import to_float
-
-    return (
-        to_float(data.train_images),
-        np.asarray(data.train_labels, dtype=np.int32),
-        to_float(data.test_images),
-        np.asarray(data.test_labels, dtype=np.int32),
-    )
-
-
 def _train_loop(
     cfg: RunConfig,
     data: Any,
@@ -443,7 +440,7 @@ def _train_loop(
     tc = cfg.train
     chain = build_chainer_model(cfg.model, seed=tc.seed, state_dict=initial_state)
     optimizer = make_chainer_optimizer(chain, tc)
-    x_train, y_train, x_val, y_val = _arrays(data)
+    x_train, y_train, x_val, y_val = numpy_arrays(data)
     trace = None
     if tc.trace_bn_channels:
         trace = chain.trace = ChainerBNTrace(list(chain.bn_calls), tc.trace_bn_channels)

@@ -45,6 +45,19 @@ def load_data(dataset: str, data_dir: str | os.PathLike | None) -> Dataset:
     return load_dataset(dataset, data_dir)
 
 
+def numpy_arrays(data: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Float32 images / 255 (the question's ``astype('float32') / 255``) and int32 labels,
+    as the numpy-fed engines (Chainer, TensorFlow) take them; made once per run."""
+    from bnlab.data import to_float
+
+    return (
+        to_float(data.train_images),
+        np.asarray(data.train_labels, dtype=np.int32),
+        to_float(data.test_images),
+        np.asarray(data.test_labels, dtype=np.int32),
+    )
+
+
 def epoch_orders(seed: int, n: int, epochs: int) -> Iterator[torch.Tensor]:
     """The seeded permutation of the training set for each epoch, made on the CPU.
 

@@ -62,6 +62,7 @@ from bnlab.engines.common import (
     environment,
     epoch_orders,
     first_bad,
+    numpy_arrays,
     split_batches,
 )
 from bnlab.errors import MissingExtra, UsageError
@@ -501,18 +502,6 @@ def run(
     return RunResult(cfg, recorder.history, model, recorder.out_dir, bn_trace)
 
 
-def _arrays(data: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The program's ``astype('float32') / 255`` images and int32 labels, once."""
-    from bnlab.data import to_float
-
-    return (
-        to_float(data.train_images),
-        np.asarray(data.train_labels, dtype=np.int32),
-        to_float(data.test_images),
-        np.asarray(data.test_labels, dtype=np.int32),
-    )
-
-
 def _environment(cfg: RunConfig, data: Any, tf: ModuleType) -> dict[str, Any]:
     import tf_keras
 
@@ -536,7 +525,7 @@ def _train_loop(
     cfg: RunConfig, data: Any, program: TFProgram, recorder: RunRecorder, tf: ModuleType
 ) -> dict[str, np.ndarray] | None:
     tc = cfg.train
-    x_train, y_train, x_val, y_val = _arrays(data)
+    x_train, y_train, x_val, y_val = numpy_arrays(data)
     trace = TFBNTrace(program) if tc.trace_bn_channels and program.trace_fetches else None
     recorder.start(_environment(cfg, data, tf))
     for epoch, order in enumerate(epoch_orders(tc.seed, len(x_train), tc.epochs)):
