@@ -450,7 +450,7 @@ def add_compare_parser(sub: Any) -> None:
                     "epoch 0. Ends with per-preset statistics (mean, sd, 95% CI) and OUT/report/report.html. One "
                     "process at a time owns OUT. Exit 0 when every run completed, 1 if one diverged or failed.",
                     examples=["bnlab compare --presets question,answer --seeds 0-9",
-                              "bnlab compare --presets answer --seeds 0-4 --set bn_momentum=0.01 --out runs/m001",
+                              "bnlab compare --presets answer --set bn_momentum=0.01 --out runs/m001",
                               "bnlab compare --presets all --seeds 0-2 --epochs 20 --json > summary.json"])
     p.add_argument("--presets", required=True,
                    help="comma-separated preset names, or all (see `bnlab presets`); required")
