@@ -36,6 +36,7 @@ TINY = {"epochs": "2", "widths": "784,16,16,10"}
 
 # ----------------------------------------------------------------------------- statistics
 
+
 def test_describe_three_values_by_hand():
     s = report.describe([0.90, 0.92, 0.94])
     assert s.n == 3
@@ -86,6 +87,7 @@ def test_curve_band_is_describe_per_epoch():
 
 # ------------------------------------------------------------------------------ verdicts
 
+
 def test_an_accuracy_interval_is_clipped_to_0_1_and_the_outputs_say_so():
     # Three seeds at 1.0, 1.0, 0.99: the t-interval's upper end is about 1.011.
     raw = report.describe([1.0, 1.0, 0.99])
@@ -111,8 +113,14 @@ def fake_run(preset: str, seed: int, final_acc: float, status: str = "complete",
     cfg = PRESETS[preset].config
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, **train_changes))
     history = [EpochRecord(e, 0.1, 0.2, 0.97, acc, 1.0) for e, acc in enumerate([0.5, 0.6, final_acc])]
-    return RunData(preset, seed, Path(f"/nowhere/{preset}/seed{seed}"), status,
-                          history if status == "complete" else history[:1], config=cfg.to_dict())
+    return RunData(
+        preset,
+        seed,
+        Path(f"/nowhere/{preset}/seed{seed}"),
+        status,
+        history if status == "complete" else history[:1],
+        config=cfg.to_dict(),
+    )
 
 
 def verdicts_for(runs):
@@ -120,8 +128,12 @@ def verdicts_for(runs):
 
 
 def test_question_is_reproduced_inside_its_band_and_far_below_answer():
-    runs = [fake_run("question", 0, 0.87), fake_run("question", 1, 0.88),
-            fake_run("answer", 0, 0.980), fake_run("answer", 1, 0.985)]
+    runs = [
+        fake_run("question", 0, 0.87),
+        fake_run("question", 1, 0.88),
+        fake_run("answer", 0, 0.980),
+        fake_run("answer", 1, 0.985),
+    ]
     v = verdicts_for(runs)
     assert v["question"].reproduced is True and v["question"].value == pytest.approx(0.875)
     assert v["question"].seeds_in_band == 2 and not v["question"].deviations
@@ -161,6 +173,7 @@ def test_a_preset_without_complete_runs_is_not_judged():
 
 # ------------------------------------------------------------------------ BN trace maths
 
+
 def test_trace_series_splits_a_shared_module_into_call_sites():
     # One shared module, 2 call sites, 3 steps, 1 channel; rows in call order.
     rows, module, site = [], [], []
@@ -169,8 +182,12 @@ def test_trace_series_splits_a_shared_module_into_call_sites():
             rows.append([[10.0 * s + step], [4.0], [step + 0.1 * s], [2.0 + s]])
             module.append(0)
             site.append(s)
-    trace = {"values": np.asarray(rows, dtype=np.float32), "module": np.asarray(module),
-             "site": np.asarray(site), "module_names": np.asarray(["bn"])}
+    trace = {
+        "values": np.asarray(rows, dtype=np.float32),
+        "module": np.asarray(module),
+        "site": np.asarray(site),
+        "module_names": np.asarray(["bn"]),
+    }
     first, second = report.trace_series(trace)
     assert first.label == "bn call 1 (after l1)" and second.label == "bn call 2 (after l2)"
     assert first.shared and second.shared
@@ -185,11 +202,17 @@ def test_trace_series_splits_a_shared_module_into_call_sites():
     assert m1["mean_shift"] == pytest.approx(0.1 / math.sqrt(3 + 1e-5), rel=1e-5)
     assert m2["mean_shift"] == pytest.approx(9.9 / math.sqrt(3 + 1e-5), rel=1e-5)
     assert m1["var_ratio"] == pytest.approx((4 + 1e-5) / (3 + 1e-5), rel=1e-5)
-    assert m1 == {"site": first.label, "module": "bn", **bnstats.distance(
-        first.batch_mean[-1:], first.batch_var[-1:], first.run_mean[-1:], first.run_var[-1:], 1e-5).as_dict()}
+    assert m1 == {
+        "site": first.label,
+        "module": "bn",
+        **bnstats.distance(
+            first.batch_mean[-1:], first.batch_var[-1:], first.run_mean[-1:], first.run_var[-1:], 1e-5
+        ).as_dict(),
+    }
 
 
 # ------------------------------------------------------------- outputs, on real MNIST runs
+
 
 @pytest.fixture(scope="module")
 def real_runs(tmp_path_factory):
@@ -283,6 +306,7 @@ def test_read_run_of_a_directory_without_history_is_none(tmp_path):
 
 # --------------------------------------------------- what a reader sees: figures and 420 px
 
+
 def drawn_figures(run_dirs, tmp_path, monkeypatch):
     """The matplotlib Figures of a report (caught at save time) with their names."""
     caught = {}
@@ -312,8 +336,11 @@ def test_short_runs_get_whole_epoch_ticks_and_every_trace_panel_a_y_label(real_r
     # The report names each step as it starts: figures take seconds each on a busy machine.
     assert steps[0] == "reading 4 run directories"
     assert [s for s in steps if s.startswith("figure ")] == [
-        "figure 1 of 4: validation curves", "figure 2 of 4: train against validation",
-        "figure 3 of 4: BN statistics of question", "figure 4 of 4: BN statistics of answer"]
+        "figure 1 of 4: validation curves",
+        "figure 2 of 4: train against validation",
+        "figure 3 of 4: BN statistics of question",
+        "figure 4 of 4: BN statistics of answer",
+    ]
     assert steps[-1].startswith("writing report.html")
 
 
@@ -337,24 +364,41 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def test_at_420_px_nothing_is_cut_off_in_a_real_browser(built, tmp_path):
     """Chromium lays the report out in a 420 px frame (a window cannot be made that narrow);
     a script reports whether the page, or anything outside a scrolling box, is wider."""
-    probe = ("<!doctype html><html><body style=\"margin:0\"><iframe id=\"f\" style=\"border:0;width:420px;"
-             f"height:3000px\" srcdoc=\"{html.escape(built.html.read_text(), quote=True)}\"></iframe><script>"
-             "document.getElementById('f').addEventListener('load',()=>{"
-             "const d=document.getElementById('f').contentDocument;const w=d.documentElement.clientWidth;"
-             "const cut=[...d.querySelectorAll('body *')].filter(e=>e.getBoundingClientRect().right>w+0.5"
-             "&&(!e.closest('.scroll')||e.classList.contains('scroll'))).map(e=>e.tagName);"
-             "document.title='probe '+JSON.stringify({window:w,page:d.documentElement.scrollWidth,cut:cut,"
-             "tables:d.querySelectorAll('.scroll > table').length});});</script></body></html>")
+    probe = (
+        '<!doctype html><html><body style="margin:0"><iframe id="f" style="border:0;width:420px;'
+        f'height:3000px" srcdoc="{html.escape(built.html.read_text(), quote=True)}"></iframe><script>'
+        "document.getElementById('f').addEventListener('load',()=>{"
+        "const d=document.getElementById('f').contentDocument;const w=d.documentElement.clientWidth;"
+        "const cut=[...d.querySelectorAll('body *')].filter(e=>e.getBoundingClientRect().right>w+0.5"
+        "&&(!e.closest('.scroll')||e.classList.contains('scroll'))).map(e=>e.tagName);"
+        "document.title='probe '+JSON.stringify({window:w,page:d.documentElement.scrollWidth,cut:cut,"
+        "tables:d.querySelectorAll('.scroll > table').length});});</script></body></html>"
+    )
     page = tmp_path / "probe.html"
     page.write_text(probe)
-    out = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                          "--disable-component-update", "--disable-sync", "--no-first-run",
-                          f"--user-data-dir={tmp_path / 'profile'}", "--window-size=600,2000",
-                          "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=600,2000",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     found = re.search(r"<title>probe (\{.*?\})</title>", out.stdout)
     assert found, out.stderr[-2000:]
     seen = json.loads(found.group(1))
     assert 380 <= seen["window"] <= 420 and seen["tables"] >= 4, seen
     assert seen["page"] <= seen["window"], seen  # no sideways scrolling of the page
-    assert seen["cut"] == [], seen              # wide content scrolls inside its own box
+    assert seen["cut"] == [], seen  # wide content scrolls inside its own box

@@ -397,9 +397,7 @@ def find_data_dir(
     return directory
 
 
-def _find_or_fetch(
-    name: str, download: bool, mirrors: str | Sequence[str] | None, timeout: float
-) -> Path:
+def _find_or_fetch(name: str, download: bool, mirrors: str | Sequence[str] | None, timeout: float) -> Path:
     """Vendored copy, then system copy, then the cache (downloading what it lacks)."""
     for candidate in (VENDORED_ROOT / name, SYSTEM_ROOT / name):
         # A partial copy here is skipped, not an error: the user did not ask for it.
@@ -432,8 +430,10 @@ def _find_or_fetch(
         raise _cache_unwritable(name, cache, exc) from exc
     # Said before the first byte: a download is a surprise worth a line (and, offline, the
     # reason for the wait before the error).
-    _say(f"bnlab: {label} is not in {VENDORED_ROOT / name} or {SYSTEM_ROOT / name}; downloading "
-         f"{', '.join(missing)} into {cache} (verified by sha256)")
+    _say(
+        f"bnlab: {label} is not in {VENDORED_ROOT / name} or {SYSTEM_ROOT / name}; downloading "
+        f"{', '.join(missing)} into {cache} (verified by sha256)"
+    )
     for fname in missing:
         _download(name, fname, cache, urls, timeout)
     return cache
@@ -529,8 +529,16 @@ def _stream(url: str, out, timeout: float) -> tuple[str, int]:
         announced = resp.headers.get("Content-Length")
         total = int(announced) if announced is not None and announced.isdigit() else None
         # Into a log file (not a terminal) the bar writes a line at most every 30 s.
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=url.rsplit("/", 1)[-1],
-                  file=sys.stderr, leave=True, mininterval=0.2 if interactive else 30.0) as bar:
+        with tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=url.rsplit("/", 1)[-1],
+            file=sys.stderr,
+            leave=True,
+            mininterval=0.2 if interactive else 30.0,
+        ) as bar:
             while chunk := resp.read(_CHUNK):
                 size += len(chunk)
                 if size > _MAX_DOWNLOAD_BYTES:
@@ -612,9 +620,7 @@ def load_dataset(
         with _lock:
             _dataset_cache[key] = dataset
     # A fresh dict and the caller's own spelling of the directory; arrays are shared.
-    return dataclasses.replace(
-        dataset, sha256=dict(dataset.sha256), source=str(directory.absolute())
-    )
+    return dataclasses.replace(dataset, sha256=dict(dataset.sha256), source=str(directory.absolute()))
 
 
 def load_mnist(data_dir: str | os.PathLike | None = None, **kw) -> Dataset:

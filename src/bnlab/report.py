@@ -55,13 +55,19 @@ METRICS: tuple[tuple[str, str, bool], ...] = (
 # What a metric can be: a t-interval of a mean may leave this range when seeds disagree
 # (an accuracy CI up to 1.0021 was seen), so its bounds are clipped to it.
 METRIC_RANGE: dict[str, tuple[float, float]] = {
-    "final_val_acc": (0.0, 1.0), "best_val_acc": (0.0, 1.0), "last10_val_acc": (0.0, 1.0),
-    "final_val_loss": (0.0, math.inf), "best_val_loss": (0.0, math.inf),
+    "final_val_acc": (0.0, 1.0),
+    "best_val_acc": (0.0, 1.0),
+    "last10_val_acc": (0.0, 1.0),
+    "final_val_loss": (0.0, math.inf),
+    "best_val_loss": (0.0, math.inf),
 }
-CLIP_NOTE = ("Interval bounds are clipped to the possible range (accuracy [0, 1], loss >= 0): with few seeds "
-             "that disagree, a t-interval can reach past it.")
+CLIP_NOTE = (
+    "Interval bounds are clipped to the possible range (accuracy [0, 1], loss >= 0): with few seeds "
+    "that disagree, a t-interval can reach past it."
+)
 
 # ----------------------------------------------------------------------------- statistics
+
 
 @dataclass(frozen=True)
 class Stats:
@@ -87,8 +93,9 @@ def t_half_width(std: float, n: int, confidence: float = CONFIDENCE) -> float:
     return float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
 
 
-def describe(values: Sequence[float], confidence: float = CONFIDENCE,
-             bounds: tuple[float, float] = (-math.inf, math.inf)) -> Stats:
+def describe(
+    values: Sequence[float], confidence: float = CONFIDENCE, bounds: tuple[float, float] = (-math.inf, math.inf)
+) -> Stats:
     """Summary of ``values``; the interval's ends are clipped to ``bounds`` (the range the
     metric can take, see METRIC_RANGE)."""
     x = np.asarray(values, dtype=np.float64)
@@ -109,6 +116,7 @@ def describe(values: Sequence[float], confidence: float = CONFIDENCE,
 
 # --------------------------------------------------------------------------- per preset
 
+
 def run_metrics(run: RunData) -> dict[str, float]:
     acc, loss = run.column("val_acc"), run.column("val_loss")
     return {
@@ -127,7 +135,7 @@ class PresetSummary:
     epochs: int
     per_seed: dict[str, dict[int, float]]  # metric -> seed -> value, complete runs only
     stats: dict[str, Stats]
-    not_complete: list[str]                # e.g. "seed 3: diverged"
+    not_complete: list[str]  # e.g. "seed 3: diverged"
 
     @property
     def seeds(self) -> list[int]:
@@ -141,14 +149,21 @@ def summarize(runs: Sequence[RunData], confidence: float = CONFIDENCE) -> dict[s
         done = [r for r in group if r.complete]
         per_seed = {name: {r.seed: run_metrics(r)[name] for r in done} for name, _, _ in METRICS}
         summaries[preset] = PresetSummary(
-            preset, len(group), max((len(r.history) for r in done), default=0), per_seed,
-            {name: describe(list(values.values()), confidence, METRIC_RANGE[name])
-             for name, values in per_seed.items()},
-            [f"seed {r.seed}: {r.status}" for r in group if not r.complete])
+            preset,
+            len(group),
+            max((len(r.history) for r in done), default=0),
+            per_seed,
+            {
+                name: describe(list(values.values()), confidence, METRIC_RANGE[name])
+                for name, values in per_seed.items()
+            },
+            [f"seed {r.seed}: {r.status}" for r in group if not r.complete],
+        )
     return summaries
 
 
 # -------------------------------------------------------------------------------- tables
+
 
 def _num(x: float, digits: int = 4) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
@@ -162,8 +177,17 @@ def _ci(s: Stats) -> str:
     return "-" if s.n < 2 else f"[{_num(s.ci_low)}, {_num(s.ci_high)}]"
 
 
-STAT_COLUMNS = ("preset", "runs", "final val acc (mean ± sd)", "95% CI", "min – max", "best val acc",
-                f"last-{LAST_EPOCHS} val acc", "final val loss", "best val loss")
+STAT_COLUMNS = (
+    "preset",
+    "runs",
+    "final val acc (mean ± sd)",
+    "95% CI",
+    "min – max",
+    "best val acc",
+    f"last-{LAST_EPOCHS} val acc",
+    "final val loss",
+    "best val loss",
+)
 
 
 def stats_rows(summaries: dict[str, PresetSummary]) -> list[list[str]]:
@@ -171,9 +195,19 @@ def stats_rows(summaries: dict[str, PresetSummary]) -> list[list[str]]:
     for s in summaries.values():
         f = s.stats["final_val_acc"]
         runs = f"{f.n}" + (f" (+{len(s.not_complete)} not complete)" if s.not_complete else "")
-        rows.append([s.preset, runs, _mean_sd(f), _ci(f), f"{_num(f.min)} – {_num(f.max)}",
-                     _mean_sd(s.stats["best_val_acc"]), _mean_sd(s.stats["last10_val_acc"]),
-                     _mean_sd(s.stats["final_val_loss"]), _mean_sd(s.stats["best_val_loss"])])
+        rows.append(
+            [
+                s.preset,
+                runs,
+                _mean_sd(f),
+                _ci(f),
+                f"{_num(f.min)} – {_num(f.max)}",
+                _mean_sd(s.stats["best_val_acc"]),
+                _mean_sd(s.stats["last10_val_acc"]),
+                _mean_sd(s.stats["final_val_loss"]),
+                _mean_sd(s.stats["best_val_loss"]),
+            ]
+        )
     return rows
 
 
@@ -204,8 +238,15 @@ def summary_markdown(summaries: dict[str, PresetSummary], verdicts: Sequence[Ver
         differ = f" Settings differ from the original program: {', '.join(v.deviations)}." if v.deviations else ""
         caveat = f" Caveat: {v.caveat}." if v.caveat else ""
         parts.append(f"- **{v.preset}**: {v.label}. " + "; ".join(v.reasons) + "." + differ + caveat)
-    parts += ["", f"## Statistics over seeds (sample sd, Student-t {CONFIDENCE:.0%} CI)", "",
-              markdown_table(STAT_COLUMNS, stats_rows(summaries)), "", CLIP_NOTE, ""]
+    parts += [
+        "",
+        f"## Statistics over seeds (sample sd, Student-t {CONFIDENCE:.0%} CI)",
+        "",
+        markdown_table(STAT_COLUMNS, stats_rows(summaries)),
+        "",
+        CLIP_NOTE,
+        "",
+    ]
     return "\n".join(parts)
 
 
@@ -236,19 +277,28 @@ def json_safe(obj: Any) -> Any:
 
 
 def summary_json(summaries: dict[str, PresetSummary], verdicts: Sequence[Verdict]) -> dict[str, Any]:
-    return json_safe({
-        "confidence": CONFIDENCE,
-        "ci_clipped_to": {m: list(METRIC_RANGE[m]) for m, _, _ in METRICS},
-        "presets": {s.preset: {
-            "runs": s.n_runs, "epochs": s.epochs, "seeds": s.seeds, "not_complete": s.not_complete,
-            "metrics": {m: s.stats[m].to_dict() for m, _, _ in METRICS},
-            "per_seed": {m: {str(k): v for k, v in s.per_seed[m].items()} for m, _, _ in METRICS},
-        } for s in summaries.values()},
-        "verdicts": [v.to_dict() for v in verdicts],
-    })
+    return json_safe(
+        {
+            "confidence": CONFIDENCE,
+            "ci_clipped_to": {m: list(METRIC_RANGE[m]) for m, _, _ in METRICS},
+            "presets": {
+                s.preset: {
+                    "runs": s.n_runs,
+                    "epochs": s.epochs,
+                    "seeds": s.seeds,
+                    "not_complete": s.not_complete,
+                    "metrics": {m: s.stats[m].to_dict() for m, _, _ in METRICS},
+                    "per_seed": {m: {str(k): v for k, v in s.per_seed[m].items()} for m, _, _ in METRICS},
+                }
+                for s in summaries.values()
+            },
+            "verdicts": [v.to_dict() for v in verdicts],
+        }
+    )
 
 
 # ------------------------------------------------------------------------- BN mismatch
+
 
 def trace_mismatch(series: Sequence[TraceSeries], last_steps: int, eps: float) -> list[dict[str, Any]]:
     """How far each call site's batch statistics are from the running statistics that eval
@@ -281,35 +331,42 @@ def _table_html(header: Sequence[str], rows: Sequence[Sequence[str]], long: Sequ
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
 
     def cell(i: int, c: str) -> str:
-        return f"<td class=\"long\">{html.escape(str(c))}</td>" if i in long else f"<td>{html.escape(str(c))}</td>"
+        return f'<td class="long">{html.escape(str(c))}</td>' if i in long else f"<td>{html.escape(str(c))}</td>"
 
     body = "".join("<tr>" + "".join(cell(i, c) for i, c in enumerate(row)) + "</tr>" for row in rows)
-    return f"<div class=\"scroll\"><table><tr>{head}</tr>{body}</table></div>"
+    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
 
 
 def _figure_html(fig: SavedFigure) -> str:
     data = base64.b64encode(fig.png_bytes).decode("ascii")
-    return (f"<figure><img alt=\"{html.escape(fig.title)}\" src=\"data:image/png;base64,{data}\">"
-            f"<figcaption class=\"small\">{html.escape(fig.caption)} Files: <code>{html.escape(fig.png.name)}</code>, "
-            f"<code>{html.escape(fig.svg.name)}</code>.</figcaption></figure>")
+    return (
+        f'<figure><img alt="{html.escape(fig.title)}" src="data:image/png;base64,{data}">'
+        f'<figcaption class="small">{html.escape(fig.caption)} Files: <code>{html.escape(fig.png.name)}</code>, '
+        f"<code>{html.escape(fig.svg.name)}</code>.</figcaption></figure>"
+    )
 
 
 def _verdicts_html(verdicts: Sequence[Verdict]) -> str:
     items = []
     for v in verdicts:
         css = "ok" if v.reproduced else ("bad" if v.reproduced is False else "small")
-        text = (f"<h3>{html.escape(v.preset)}: <span class=\"{css}\">{html.escape(v.label)}</span></h3>"
-                f"<p>The question or answer says: <q>{html.escape(v.claim)}</q>.<br>"
-                "Accepted band for the final val acc: "
-                f"[{v.accept[0]:.3f}, {v.accept[1]:.3f}] ({html.escape(v.note)}).</p>" if v.claim else
-                f"<h3>{html.escape(v.preset)}: {html.escape(v.label)}</h3>")
+        text = (
+            f'<h3>{html.escape(v.preset)}: <span class="{css}">{html.escape(v.label)}</span></h3>'
+            f"<p>The question or answer says: <q>{html.escape(v.claim)}</q>.<br>"
+            "Accepted band for the final val acc: "
+            f"[{v.accept[0]:.3f}, {v.accept[1]:.3f}] ({html.escape(v.note)}).</p>"
+            if v.claim
+            else f"<h3>{html.escape(v.preset)}: {html.escape(v.label)}</h3>"
+        )
         text += "<ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in v.reasons) + "</ul>"
         if v.caveat:
-            text += f"<p class=\"small\">Caveat: {html.escape(v.caveat)}.</p>"
+            text += f'<p class="small">Caveat: {html.escape(v.caveat)}.</p>'
         if v.deviations:
-            text += ("<p class=\"small\">These runs differ from the original program in: "
-                     + html.escape(", ".join(v.deviations))
-                     + ". The claim is about the original program's settings.</p>")
+            text += (
+                '<p class="small">These runs differ from the original program in: '
+                + html.escape(", ".join(v.deviations))
+                + ". The claim is about the original program's settings.</p>"
+            )
         items.append(text)
     return "".join(items)
 
@@ -326,40 +383,65 @@ def _environment_html(runs: Sequence[RunData]) -> str:
         for fname, digest in (run.environment.get("data_sha256") or {}).items():
             sums.setdefault(fname, {})[digest] = None
     sum_rows = [[f, ", ".join(d)] for f, d in sums.items()]
-    return (_table_html(("key", "value (all distinct values over the runs)"), env_rows, long=(1,))
-            + "<h3>Data sha256</h3>" + _table_html(("file", "sha256"), sum_rows, long=(0, 1)))
+    return (
+        _table_html(("key", "value (all distinct values over the runs)"), env_rows, long=(1,))
+        + "<h3>Data sha256</h3>"
+        + _table_html(("file", "sha256"), sum_rows, long=(0, 1))
+    )
 
 
 def _mismatch_html(mismatches: dict[str, list[dict[str, Any]]]) -> str:
-    rows = [[preset, m["site"], f"{m['mean_shift']:.2f}", f"{m['var_ratio']:.2f}"]
-            for preset, ms in mismatches.items() for m in ms]
-    return ("<p>Over the last epoch of training, how far each call site's batch statistics are from the "
-            "running statistics that eval mode normalizes with (the traced channels, averaged over the "
-            "epoch's steps): <b>mean shift</b> = |batch mean - running mean| in running standard deviations "
-            "(0 is a match), <b>variance ratio</b> = batch variance / running variance (1 is a match; "
-            "averaged geometrically). These are the definitions <code>bnlab doctor</code> reports.</p>"
-            + _table_html(("preset", "call site", "mean shift (running SD)", "variance ratio (batch / running)"),
-                          rows))
+    rows = [
+        [preset, m["site"], f"{m['mean_shift']:.2f}", f"{m['var_ratio']:.2f}"]
+        for preset, ms in mismatches.items()
+        for m in ms
+    ]
+    return (
+        "<p>Over the last epoch of training, how far each call site's batch statistics are from the "
+        "running statistics that eval mode normalizes with (the traced channels, averaged over the "
+        "epoch's steps): <b>mean shift</b> = |batch mean - running mean| in running standard deviations "
+        "(0 is a match), <b>variance ratio</b> = batch variance / running variance (1 is a match; "
+        "averaged geometrically). These are the definitions <code>bnlab doctor</code> reports.</p>"
+        + _table_html(("preset", "call site", "mean shift (running SD)", "variance ratio (batch / running)"), rows)
+    )
 
 
-def render_html(summaries: dict[str, PresetSummary], verdicts: Sequence[Verdict], runs: Sequence[RunData],
-                figures: Sequence[SavedFigure], bn_figures: Sequence[SavedFigure],
-                mismatches: dict[str, list[dict[str, Any]]], title: str) -> str:
-    run_rows = [[r.preset, str(r.seed), r.status, str(len(r.history)),
-                 _num(r.history[-1].val_acc) if r.history else "-", str(r.run_dir), r.message] for r in runs]
+def render_html(
+    summaries: dict[str, PresetSummary],
+    verdicts: Sequence[Verdict],
+    runs: Sequence[RunData],
+    figures: Sequence[SavedFigure],
+    bn_figures: Sequence[SavedFigure],
+    mismatches: dict[str, list[dict[str, Any]]],
+    title: str,
+) -> str:
+    run_rows = [
+        [
+            r.preset,
+            str(r.seed),
+            r.status,
+            str(len(r.history)),
+            _num(r.history[-1].val_acc) if r.history else "-",
+            str(r.run_dir),
+            r.message,
+        ]
+        for r in runs
+    ]
     parts = [
-        f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{html.escape(title)}</title>"
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>'
         f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-        f"<p class=\"small\">Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {len(runs)} run(s). "
+        f'<p class="small">Generated {time.strftime("%Y-%m-%d %H:%M:%S %Z")} from {len(runs)} run(s). '
         "The question: a Chainer MLP (784-100-100-10, BN + ReLU, Adam lr 0.01, batch 1000, 100 epochs) that "
         "applied ONE BatchNormalization after both hidden layers; the answer gave each layer its own.</p>",
-        f"<h2>Statistics over seeds</h2><p class=\"small\">Sample standard deviation (ddof=1); {CONFIDENCE:.0%} "
+        f'<h2>Statistics over seeds</h2><p class="small">Sample standard deviation (ddof=1); {CONFIDENCE:.0%} '
         "interval of the mean from Student's t; - where undefined (one seed).</p>",
-        _table_html(STAT_COLUMNS, stats_rows(summaries)), f"<p class=\"small\">{html.escape(CLIP_NOTE)}</p>",
-        "<h2>The question's claims</h2><p class=\"small\">Each preset is one program of the question or the answer; "
+        _table_html(STAT_COLUMNS, stats_rows(summaries)),
+        f'<p class="small">{html.escape(CLIP_NOTE)}</p>',
+        '<h2>The question\'s claims</h2><p class="small">Each preset is one program of the question or the answer; '
         "a claim is judged only for runs with that program's settings (other settings: not judged).</p>",
-        _table_html(VERDICT_COLUMNS, verdict_rows(verdicts)), _verdicts_html(verdicts),
+        _table_html(VERDICT_COLUMNS, verdict_rows(verdicts)),
+        _verdicts_html(verdicts),
     ]
     for fig in figures:
         parts += [f"<h2>{html.escape(fig.title)}</h2>", _figure_html(fig)]
@@ -369,12 +451,18 @@ def render_html(summaries: dict[str, PresetSummary], verdicts: Sequence[Verdict]
         for fig in bn_figures:
             parts += [f"<h3>{html.escape(fig.title)}</h3>", _figure_html(fig)]
     run_header = ("preset", "seed", "status", "epochs", "final val acc", "directory", "message")
-    parts += ["<h2>Runs</h2>", _table_html(run_header, run_rows, long=(5, 6)),
-              "<h2>Environment</h2>", _environment_html(runs), "</body></html>"]
+    parts += [
+        "<h2>Runs</h2>",
+        _table_html(run_header, run_rows, long=(5, 6)),
+        "<h2>Environment</h2>",
+        _environment_html(runs),
+        "</body></html>",
+    ]
     return "\n".join(parts)
 
 
 # -------------------------------------------------------------------------------- report
+
 
 @dataclass
 class Report:
@@ -414,8 +502,12 @@ def _bn_eps(run: RunData) -> float:
 def verdicts_of(summaries: dict[str, PresetSummary], runs: Sequence[RunData]) -> list[Verdict]:
     """The presets' verdicts (bnlab.presets.judge) for these runs."""
     groups = group_by_preset(runs)
-    return judge({name: PresetRuns(s.per_seed["final_val_acc"], [r.config for r in groups[name]], s.not_complete)
-                  for name, s in summaries.items()})
+    return judge(
+        {
+            name: PresetRuns(s.per_seed["final_val_acc"], [r.config for r in groups[name]], s.not_complete)
+            for name, s in summaries.items()
+        }
+    )
 
 
 def _missing_runs(run_dirs: Sequence[Path], outcomes: Sequence[Any]) -> list[RunData]:
@@ -430,9 +522,13 @@ def _missing_runs(run_dirs: Sequence[Path], outcomes: Sequence[Any]) -> list[Run
     return missing
 
 
-def build_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                 title: str = "bnlab report", outcomes: Sequence[Any] = (),
-                 on_step: Callable[[str], None] | None = None) -> Report:
+def build_report(
+    run_dirs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    title: str = "bnlab report",
+    outcomes: Sequence[Any] = (),
+    on_step: Callable[[str], None] | None = None,
+) -> Report:
     """Read the run directories and write summary.{md,csv,json}, the figures (PNG + SVG)
     and report.html (self-contained) into ``out_dir``. A run directory without a history
     (its run failed before it started) is reported from ``outcomes`` when given.
@@ -455,21 +551,33 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     # (what, draw, the list it joins): the report's sections, in order.
     plots: list[tuple[str, Callable[[], SavedFigure | None], list[SavedFigure]]] = [
         ("validation curves", lambda: plot_val_curves(runs, out), figures),
-        ("train against validation", lambda: plot_train_vs_val(runs, out), figures)]
-    plots += [(f"BN statistics of {run.preset}", functools.partial(plot_bn_trace, run, series, out), bn_figures)
-              for run, series in traced]
+        ("train against validation", lambda: plot_train_vs_val(runs, out), figures),
+    ]
+    plots += [
+        (f"BN statistics of {run.preset}", functools.partial(plot_bn_trace, run, series, out), bn_figures)
+        for run, series in traced
+    ]
     for i, (what, draw, section) in enumerate(plots, 1):
         step(f"figure {i} of {len(plots)}: {what}")
         fig = draw()
         if fig is not None:
             section.append(fig)
-    mismatches = {run.preset: trace_mismatch(series, steps_per_epoch(series, run), _bn_eps(run))
-                  for run, series in traced}
+    mismatches = {
+        run.preset: trace_mismatch(series, steps_per_epoch(series, run), _bn_eps(run)) for run, series in traced
+    }
     step("writing report.html and summary.{md,csv,json}")
     payload = summary_json(summaries, verdicts)
     payload["bn_mismatch"] = json_safe(mismatches)
-    report = Report(out, out / "report.html", out / "summary.md", out / "summary.csv", out / "summary.json",
-                    summaries, verdicts, figures + bn_figures)
+    report = Report(
+        out,
+        out / "report.html",
+        out / "summary.md",
+        out / "summary.csv",
+        out / "summary.json",
+        summaries,
+        verdicts,
+        figures + bn_figures,
+    )
     atomic_write_text(report.markdown, summary_markdown(summaries, verdicts))
     atomic_write_text(report.csv, summary_csv(summaries))
     atomic_write_json(report.json, payload)

@@ -1,8 +1,10 @@
-"""Sweeps: many runs (presets x seeds), planned, resumed, executed in parallel, with
-progress from structured per-epoch events.
+"""Sweeps: many runs (presets x grid points x seeds), planned, resumed, executed in
+parallel, with progress from structured per-epoch events.
 
-A sweep trains every (preset, seed) pair into OUT/runs/PRESET/seedN/. ``plan_sweep`` turns
-names and seeds into RunSpecs; ``run_sweep`` skips the runs already finished on disk and
+A sweep trains every (preset, seed) pair into OUT/runs/PRESET/seedN/, and with a grid
+(``bnlab.grid``) every (preset, point, seed) into OUT/runs/PRESET/POINT/seedN/, e.g.
+OUT/runs/question/bn_momentum-0.01__batch_size-100/seed0. ``plan_sweep`` turns names,
+grid axes and seeds into RunSpecs; ``run_sweep`` skips the runs already finished on disk and
 hands the rest to an Executor, which reports progress as SweepEvents and returns one
 RunOutcome per spec. ``compare`` is the whole job (plan, train, report) as one call.
 One process owns a sweep directory at a time (a lock on OUT).
@@ -23,14 +25,28 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bnlab.config import EpochRecord, RunConfig, apply_overrides, config_differences, overrides_field
-from bnlab.errors import BnlabError, InputError, UsageError
+from bnlab.config import DatasetName, EpochRecord, RunConfig, apply_overrides, config_differences, overrides_field
+from bnlab.errors import BnlabError, InputError, OutputError, UsageError
+from bnlab.grid import GridAxis, GridPoint, check_axes, grid_points, point_label, point_name, point_overrides
 from bnlab.presets import ALL_PRESETS, get_preset
-from bnlab.rundir import (FINISHED_STATUSES, RUN_COMPLETE, RUN_DIVERGED, RUN_FAILED, RunLock, clear_run_files,
-                          read_run, safe_name)
+from bnlab.rundir import (
+    FINISHED_STATUSES,
+    RUN_COMPLETE,
+    RUN_DIVERGED,
+    RUN_FAILED,
+    RunInUse,
+    RunLock,
+    RunRecorder,
+    clear_run_files,
+    read_run,
+    safe_name,
+)
 
 if typing.TYPE_CHECKING:
+    from bnlab.grid_report import ExtraResult, GridReport
     from bnlab.report import Report
+
+    ExtraResults = Callable[[list["RunSpec"], list["RunOutcome"]], list[ExtraResult]]
 
 # Measured on the 2-core development machine (shared with other jobs), training time of
 # run_sweep over question and answer x seeds 0-1 at 20 epochs (4 full-size runs), two
@@ -43,7 +59,6 @@ DEFAULT_THREADS_PER_WORKER = 1
 TRACE_CHANNELS = 4
 
 
-
 def default_workers() -> int:
     """The CPU cores this process may use (its affinity mask where the OS has one)."""
     try:
@@ -54,17 +69,27 @@ def default_workers() -> int:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One planned run: the config to train and the directory it owns."""
+    """One planned run: the config to train, the directory it owns and, in a grid sweep,
+    its grid point (``(("model.bn_momentum", 0.01), ("train.batch_size", 100))``)."""
 
     preset: str
     seed: int
     config: RunConfig
     run_dir: Path
     data_dir: Path | None = None
+    grid: GridPoint = ()
 
     @property
     def label(self) -> str:
-        return f"{self.preset} seed {self.seed}"
+        point = point_label(self.grid)
+        return f"{self.preset} {point} seed {self.seed}" if point else f"{self.preset} seed {self.seed}"
+
+    def outcome(
+        self, status: str, history: list[EpochRecord] | None = None, message: str = "", **extra: typing.Any
+    ) -> RunOutcome:
+        return RunOutcome(
+            self.preset, self.seed, self.run_dir, status, list(history or []), message, label=self.label, **extra
+        )
 
 
 @dataclass
@@ -77,8 +102,13 @@ class RunOutcome:
     status: str
     history: list[EpochRecord] = field(default_factory=list)
     message: str = ""
-    cached: bool = False   # finished by an earlier invocation and not run again
-    seconds: float = 0.0   # wall time this invocation spent on it (0 when cached)
+    cached: bool = False  # finished by an earlier invocation and not run again
+    seconds: float = 0.0  # wall time this invocation spent on it (0 when cached)
+    label: str = ""  # the spec's label ("question bn_momentum=0.01 seed 0")
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            self.label = f"{self.preset} seed {self.seed}"
 
     @property
     def final_val_acc(self) -> float | None:
@@ -88,8 +118,9 @@ class RunOutcome:
 @dataclass(frozen=True)
 class SweepEvent:
     """Progress of one run: ``kind`` is "start", "epoch" (``record`` is the epoch just
-    finished) or "done" (``outcome`` set; ``outcome.cached`` when it was finished on disk
-    already)."""
+    finished), "restart" (an executor lost the worker and trains the run again from epoch
+    0: the epochs reported so far do not count) or "done" (``outcome`` set;
+    ``outcome.cached`` when it was finished on disk already)."""
 
     kind: str
     spec: RunSpec
@@ -118,28 +149,42 @@ class Executor(typing.Protocol):
     def map_runs(self, run_specs: Sequence[RunSpec], on_event: EventHandler) -> list[RunOutcome]: ...
 
 
-def plan_sweep(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathLike,
-               overrides: dict[str, typing.Any] | None = None, *, dataset: str = "mnist",
-               data_dir: str | os.PathLike | None = None,
-               trace_bn_channels: int = TRACE_CHANNELS) -> list[RunSpec]:
-    """Every (preset, seed) run in (preset, seed) order, each owning OUT/runs/PRESET/seedN.
+def plan_sweep(
+    presets: Sequence[str],
+    seeds: Sequence[int],
+    out: str | os.PathLike,
+    overrides: dict[str, typing.Any] | None = None,
+    *,
+    dataset: str = "mnist",
+    data_dir: str | os.PathLike | None = None,
+    trace_bn_channels: int = TRACE_CHANNELS,
+    grid: Sequence[GridAxis] = (),
+) -> list[RunSpec]:
+    """Every (preset, grid point, seed) run in that order, each owning
+    OUT/runs/PRESET/seedN, or OUT/runs/PRESET/POINT/seedN with a grid.
 
     Models with batch norm record ``trace_bn_channels`` channels of their BN statistics
     (the report's picture of the shared-BN bug) unless the overrides set it themselves.
     Every config is validated here, before anything trains.
     """
     overrides = dict(overrides or {})
+    check_axes(grid, {k: v for k, v in overrides.items() if k != "threads"})
     trace = {} if overrides_field(overrides, "trace_bn_channels") else {"trace_bn_channels": trace_bn_channels}
     specs: list[RunSpec] = []
     for name in presets:
         preset = get_preset(name)
-        for seed in seeds:
-            cfg = apply_overrides(preset.config, {**overrides, "seed": seed})
-            if cfg.model.norm != "none" or cfg.model.logits_norm:
-                cfg = apply_overrides(cfg, trace)
-            cfg = dataclasses.replace(cfg, dataset=dataset)
-            specs.append(RunSpec(name, seed, cfg, Path(out) / "runs" / name / f"seed{seed}",
-                                 Path(data_dir) if data_dir is not None else None))
+        for point in grid_points(grid):
+            folder = Path(out) / "runs" / name / point_name(point) if point else Path(out) / "runs" / name
+            for seed in seeds:
+                cfg = apply_overrides(preset.config, {**overrides, **point_overrides(point), "seed": seed})
+                if cfg.model.norm != "none" or cfg.model.logits_norm:
+                    cfg = apply_overrides(cfg, trace)
+                cfg = dataclasses.replace(cfg, dataset=typing.cast(DatasetName, dataset))
+                specs.append(
+                    RunSpec(
+                        name, seed, cfg, folder / f"seed{seed}", Path(data_dir) if data_dir is not None else None, point
+                    )
+                )
     return specs
 
 
@@ -179,8 +224,9 @@ def finished_outcome(spec: RunSpec) -> RunOutcome | None:
             f"{spec.run_dir} already holds a finished run of {spec.label} trained with other settings "
             f"(differing: {shown}). bnlab reuses finished runs only when their settings match, and does "
             "not overwrite them: choose another --out for the new settings, or delete that directory to "
-            "train it again.")
-    return RunOutcome(spec.preset, spec.seed, spec.run_dir, status, history, message, cached=True)
+            "train it again."
+        )
+    return spec.outcome(status, history, message, cached=True)
 
 
 def _failure_message(err: BaseException) -> str:
@@ -211,17 +257,22 @@ def execute_spec(spec: RunSpec, on_epoch: Callable[[EpochRecord], None] | None =
     history: list[EpochRecord] = []
     try:
         clear_run_files(spec.run_dir)
-        result = train(spec.config, data_dir=spec.data_dir, out_dir=spec.run_dir, echo=None,
-                       on_epoch=on_epoch, overwrite=True)
+        result = train(
+            spec.config, data_dir=spec.data_dir, out_dir=spec.run_dir, echo=None, on_epoch=on_epoch, overwrite=True
+        )
         history = result.history
     except TrainingDiverged as err:
         status, message = RUN_DIVERGED, str(err)
+    except RunInUse as err:  # another process trains it: its directory is not ours to write
+        status, message = RUN_FAILED, str(err)
     except Exception as err:  # noqa: BLE001 - a failed run is reported and the sweep goes on
         status, message = RUN_FAILED, _failure_message(err)
+        # A run that failed before writing anything is recorded too, so that the run
+        # directory itself says what happened (a rerun clears it and tries again).
+        RunRecorder(spec.config, spec.run_dir, echo=None).record_failed_start(message)
     if status != RUN_COMPLETE:
         history = _saved(spec)[1]
-    return RunOutcome(spec.preset, spec.seed, spec.run_dir, status, history, message,
-                      seconds=time.perf_counter() - started)
+    return spec.outcome(status, history, message, seconds=time.perf_counter() - started)
 
 
 class InlineExecutor:
@@ -232,7 +283,11 @@ class InlineExecutor:
         outcomes = []
         for spec in run_specs:
             on_event(SweepEvent("start", spec))
-            outcome = execute_spec(spec, lambda rec, s=spec: on_event(SweepEvent("epoch", s, record=rec)))
+
+            def on_epoch(rec: EpochRecord, s: RunSpec = spec) -> None:
+                on_event(SweepEvent("epoch", s, record=rec))
+
+            outcome = execute_spec(spec, on_epoch)
             on_event(SweepEvent("done", spec, outcome=outcome))
             outcomes.append(outcome)
         return outcomes
@@ -302,7 +357,7 @@ class _PoolState:
 
     def _fail(self, index: int, message: str) -> None:
         spec = self.specs[index]
-        self._finish(index, RunOutcome(spec.preset, spec.seed, spec.run_dir, RUN_FAILED, _saved(spec)[1], message))
+        self._finish(index, spec.outcome(RUN_FAILED, _saved(spec)[1], message))
 
     def reap(self, procs: list, events) -> None:
         """Account for workers that died without reporting (killed, out of memory)."""
@@ -318,8 +373,11 @@ class _PoolState:
         for w in dead:
             if w in self.running:
                 p = procs[w]
-                self._fail(self.running.pop(w), f"worker process {p.name} exited with code {p.exitcode} "
-                           "during the run (killed, or out of memory?); it will run again on the next invocation")
+                self._fail(
+                    self.running.pop(w),
+                    f"worker process {p.name} exited with code {p.exitcode} "
+                    "during the run (killed, or out of memory?); it will run again on the next invocation",
+                )
         if len(dead) == len(procs):
             for index in range(len(self.specs)):
                 if index not in self.results:
@@ -359,8 +417,9 @@ class LocalProcessExecutor:
     ``if __name__ == "__main__":`` (the ``bnlab`` command does).
     """
 
-    def __init__(self, workers: int | None = None, threads: int = DEFAULT_THREADS_PER_WORKER,
-                 *, poll_s: float = 0.5) -> None:
+    def __init__(
+        self, workers: int | None = None, threads: int = DEFAULT_THREADS_PER_WORKER, *, poll_s: float = 0.5
+    ) -> None:
         if workers is not None and workers < 1:
             raise UsageError(f"workers must be >= 1; got {workers}")
         if threads < 0:
@@ -380,8 +439,12 @@ class LocalProcessExecutor:
         n = min(self.workers, len(specs))
         for _ in range(n):
             tasks.put(None)  # one stop sign per worker
-        procs = [ctx.Process(target=_worker_main, args=(w, tasks, events, self.threads),
-                             name=f"bnlab-worker-{w}", daemon=True) for w in range(n)]
+        procs = [
+            ctx.Process(
+                target=_worker_main, args=(w, tasks, events, self.threads), name=f"bnlab-worker-{w}", daemon=True
+            )
+            for w in range(n)
+        ]
         state = _PoolState(specs, on_event)
         started: list = []
         finished = False
@@ -402,8 +465,7 @@ class LocalProcessExecutor:
         return state.outcomes()
 
 
-def run_sweep(specs: Sequence[RunSpec], executor: Executor,
-              on_event: EventHandler | None = None) -> list[RunOutcome]:
+def run_sweep(specs: Sequence[RunSpec], executor: Executor, on_event: EventHandler | None = None) -> list[RunOutcome]:
     """Train the specs not finished on disk yet; return every spec's outcome, in order.
 
     Runs finished earlier are announced first, as "done" events whose outcome is cached.
@@ -438,8 +500,14 @@ class SweepProgress:
     lines do not tear the bar.
     """
 
-    def __init__(self, total_runs: int, total_epochs: int | None = None, *,
-                 file: typing.TextIO | None = None, disable: bool = False) -> None:
+    def __init__(
+        self,
+        total_runs: int,
+        total_epochs: int | None = None,
+        *,
+        file: typing.TextIO | None = None,
+        disable: bool = False,
+    ) -> None:
         from tqdm import tqdm
 
         self._seen: dict[Path, int] = {}
@@ -449,8 +517,16 @@ class SweepProgress:
         stream = file or sys.stderr
         # On a terminal the bar redraws often; into a log file a line every 30 s is enough.
         interactive = hasattr(stream, "isatty") and stream.isatty()
-        self.bar = tqdm(total=total_epochs, unit="epoch", desc="training", file=stream, disable=disable,
-                        dynamic_ncols=True, smoothing=0.0, mininterval=0.1 if interactive else 30.0)
+        self.bar = tqdm(
+            total=total_epochs,
+            unit="epoch",
+            desc="training",
+            file=stream,
+            disable=disable,
+            dynamic_ncols=True,
+            smoothing=0.0,
+            mininterval=0.1 if interactive else 30.0,
+        )
         self._closed = False
         self._created = self.bar.start_t if hasattr(self.bar, "start_t") else time.time()
         self._postfix()
@@ -480,6 +556,13 @@ class SweepProgress:
                 self.bar.start_t -= max(0.0, min(per_epoch, self.bar.start_t - self._created))
             self._seen[key] = self._seen.get(key, 0) + 1
             self.bar.update(1)
+        elif event.kind == "restart":
+            # The epochs of the lost attempt stay counted as work done; the run's planned
+            # epochs are all still to come.
+            if self.bar.total is not None:
+                self.bar.total += self._seen.get(key, 0)
+                self.bar.refresh()
+            self._seen[key] = 0
         elif event.kind == "done":
             self._done += 1
             if event.spec.label in self._running:
@@ -494,8 +577,9 @@ class SweepProgress:
     def _postfix(self) -> None:
         running = ", ".join(self._running[:4]) + (" ..." if len(self._running) > 4 else "")
         # refresh=False: the bar redraws at its own pace (mininterval), not at every event.
-        self.bar.set_postfix_str(f"{self._done}/{self._runs} runs" + (f"; now: {running}" if running else ""),
-                                 refresh=False)
+        self.bar.set_postfix_str(
+            f"{self._done}/{self._runs} runs" + (f"; now: {running}" if running else ""), refresh=False
+        )
 
     def note(self, text: str) -> None:
         """A status line (to the bar's stream) above the bar."""
@@ -540,8 +624,11 @@ class InOrder:
 def find_run_dirs(sweep_dir: str | os.PathLike) -> list[Path]:
     """OUT/runs/PRESET/seedN directories that hold a history, in preset then seed order.
     Folder names are untrusted: only plain names are taken."""
-    found = [p.parent for p in Path(sweep_dir).glob("runs/*/seed*/history.json")
-             if _plain(p.parent.parent.name) and p.parent.name[4:].isdigit()]
+    found = [
+        p.parent
+        for p in Path(sweep_dir).glob("runs/*/seed*/history.json")
+        if _plain(p.parent.parent.name) and p.parent.name[4:].isdigit()
+    ]
     rank = {name: i for i, name in enumerate(ALL_PRESETS)}
 
     def key(p: Path) -> tuple:
@@ -558,30 +645,44 @@ def _plain(name: str) -> bool:
     return True
 
 
-def compare(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathLike,
-            overrides: dict[str, typing.Any] | None = None, *, dataset: str = "mnist",
-            data_dir: str | os.PathLike | None = None, workers: int | None = None,
-            threads: int = DEFAULT_THREADS_PER_WORKER, executor: Executor | None = None,
-            on_event: EventHandler | None = None, on_stage: Callable[[str], None] | None = None,
-            on_plan: Callable[[list[RunSpec]], None] | None = None) -> tuple[list[RunOutcome], Report]:
-    """Plan, train (resuming) and report one sweep: every preset x seed into OUT/runs, the
-    report into OUT/report. Returns the outcomes (in plan order) and the report.
+def compare(
+    presets: Sequence[str],
+    seeds: Sequence[int],
+    out: str | os.PathLike,
+    overrides: dict[str, typing.Any] | None = None,
+    *,
+    dataset: str = "mnist",
+    data_dir: str | os.PathLike | None = None,
+    workers: int | None = None,
+    threads: int = DEFAULT_THREADS_PER_WORKER,
+    executor: Executor | None = None,
+    on_event: EventHandler | None = None,
+    on_stage: Callable[[str], None] | None = None,
+    on_plan: Callable[[list[RunSpec]], None] | None = None,
+    grid: Sequence[GridAxis] = (),
+    extra_results: ExtraResults | None = None,
+) -> tuple[list[RunOutcome], Report | GridReport]:
+    """Plan, train (resuming) and report one sweep: every preset x grid point x seed into
+    OUT/runs, the report into OUT/report (``bnlab.grid_report`` for a grid). Returns the
+    outcomes (in plan order) and the report.
 
     One process owns OUT at a time: a second one stops at once with a message naming the
     first. The report is written even when some runs failed; it lists them with their
     reasons. ``on_plan`` receives every planned spec before anything trains; ``on_stage``
     hears what is happening between the epochs ("checking the data", "building the report").
+    ``extra_results(specs, outcomes)`` (grids only) runs under the lock after training and
+    returns more results for the grid report (the sharing study's repaired models).
     """
     from bnlab.engines import check_config
     from bnlab.engines.common import load_data
-    from bnlab.report import build_report
 
     stage = on_stage or (lambda text: None)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder; give a folder for the sweep.")
-    specs = plan_sweep(presets, seeds, out, {**(overrides or {}), "threads": threads},
-                       dataset=dataset, data_dir=data_dir)
+    specs = plan_sweep(
+        presets, seeds, out, {**(overrides or {}), "threads": threads}, dataset=dataset, data_dir=data_dir, grid=grid
+    )
     with RunLock(out, "sweep directory"):
         pending = [s for s in specs if finished_outcome(s) is None]
         for spec in pending[:1]:
@@ -595,14 +696,37 @@ def compare(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathLike
             stage(f"training {len(pending)} run(s)" + (f"; {cached} finished earlier" if cached else ""))
             if isinstance(executor, LocalProcessExecutor):
                 n = min(executor.workers, len(pending))
-                stage(f"starting {n} worker process{'es' if n > 1 else ''} (each imports torch and reads the "
-                      "data before its first epoch)")
+                stage(
+                    f"starting {n} worker process{'es' if n > 1 else ''} (each imports torch and reads the "
+                    "data before its first epoch)"
+                )
         if on_plan is not None:
             on_plan(specs)
         outcomes = run_sweep(specs, executor, on_event)
+        extra = extra_results(specs, outcomes) if extra_results is not None and grid else []
         started = time.perf_counter()
         stage("building the report")
-        report = build_report([s.run_dir for s in specs], out / "report", outcomes=outcomes,
-                              on_step=lambda text: stage(f"report: {text}"))
+        report: Report | GridReport
+        try:
+            if grid:
+                from bnlab.grid_report import build_grid_report
+
+                report = build_grid_report(specs, outcomes, grid, out / "report", extra=extra)
+            else:
+                from bnlab.report import build_report
+
+                report = build_report(
+                    [s.run_dir for s in specs],
+                    out / "report",
+                    outcomes=outcomes,
+                    on_step=lambda text: stage(f"report: {text}"),
+                )
+        except OutputError as err:
+            done = sum(o.status == RUN_COMPLETE for o in outcomes)
+            raise OutputError(
+                f"the report could not be written: {err} The runs are saved ({done} of "
+                f"{len(outcomes)} complete, in {out / 'runs'}); make room and rerun the same "
+                "command: finished runs are not trained again, only the report is built."
+            ) from None
         stage(f"report built in {time.perf_counter() - started:.1f} s")
     return outcomes, report

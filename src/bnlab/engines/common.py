@@ -82,8 +82,10 @@ def check_minibatches(cfg: RunConfig, n_train: int) -> None:
     minibatch (its batch variance is 0 and the unbiased running variance becomes NaN)."""
     tc = cfg.train
     if tc.batch_size > n_train:
-        raise UsageError(f"--batch-size {tc.batch_size} is larger than the {n_train:,} training images of "
-                         f"{cfg.dataset}; choose at most {n_train}.")
+        raise UsageError(
+            f"--batch-size {tc.batch_size} is larger than the {n_train:,} training images of "
+            f"{cfg.dataset}; choose at most {n_train}."
+        )
     m = cfg.model
     if m.norm == "none" and not m.logits_norm:
         return
@@ -96,7 +98,8 @@ def check_minibatches(cfg: RunConfig, n_train: int) -> None:
             f"batch_size {tc.batch_size} with batching {tc.batching!r} leaves a minibatch of {smallest} "
             f"sample out of {n_train}, and batch normalization needs at least 2 samples per minibatch "
             "in training. Choose a batch size that does not leave a remainder of 1, or use "
-            "--set batching=array-split (near-equal minibatches).")
+            "--set batching=array-split (near-equal minibatches)."
+        )
 
 
 def diverged(cfg: RunConfig, epoch: int, batch: int, value: float) -> TrainingDiverged:
@@ -105,7 +108,8 @@ def diverged(cfg: RunConfig, epoch: int, batch: int, value: float) -> TrainingDi
         f"Training of preset {cfg.preset!r} (seed {cfg.train.seed}, {cfg.train.engine} engine) diverged: the "
         f"loss became {value} at epoch {epoch}, batch {batch}. The run directory keeps the {epoch} finished "
         f"epochs. Lower the learning rate (--lr, now {cfg.train.lr}) or check the input data for NaN or "
-        "infinite values.")
+        "infinite values."
+    )
 
 
 def first_bad(losses: Any) -> int | None:
@@ -152,5 +156,8 @@ class BNCallLog:
         self._calls_this_step.clear()
 
     def _call_arrays(self) -> dict[str, np.ndarray]:
-        return {"module": np.asarray(self._module_ids, dtype=np.int32),
-                "site": np.asarray(self._site_ids, dtype=np.int32), "module_names": np.asarray(self.names)}
+        return {
+            "module": np.asarray(self._module_ids, dtype=np.int32),
+            "site": np.asarray(self._site_ids, dtype=np.int32),
+            "module_names": np.asarray(self.names),
+        }
