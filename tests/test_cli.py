@@ -147,7 +147,9 @@ def test_help_wraps_the_description_to_the_terminal(monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     _, commands = _subparsers()
     for name, sub in commands.items():
-        assert max(len(line) for line in sub.format_help().splitlines()) <= 80, name
+        # The usage block is argparse's (a long metavar cannot wrap); the rest must fit.
+        text = sub.format_help().split("\n\n", 1)[1]
+        assert max(len(line) for line in text.splitlines()) <= 80, name
 
 
 def _json_stdout(capsys) -> tuple[object, str]:

@@ -710,7 +710,9 @@ def add_compare_parser(sub: Any) -> None:
             "      --grid bn_momentum=0.01,0.1,0.5 --grid batch_size=100,1000",
         ],
     )
-    p.add_argument("--presets", required=True, help="comma-separated preset names, or all (see `bnlab presets`)")
+    p.add_argument(
+        "--presets", required=True, help="comma-separated preset names, or all (see `bnlab presets`); required"
+    )
     p.add_argument(
         "--grid",
         action="append",
