@@ -694,8 +694,9 @@ def compare(
             load_data(dataset, data_dir)  # find, verify or download once, before any worker starts
             cached = len(specs) - len(pending)
             stage(f"training {len(pending)} run(s)" + (f"; {cached} finished earlier" if cached else ""))
-            if isinstance(executor, LocalProcessExecutor):
-                n = min(executor.workers, len(pending))
+            workers_started = getattr(executor, "workers", None)  # local worker processes, if any
+            if isinstance(workers_started, int):
+                n = min(workers_started, len(pending))
                 stage(
                     f"starting {n} worker process{'es' if n > 1 else ''} (each imports torch and reads the "
                     "data before its first epoch)"
