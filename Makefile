@@ -12,7 +12,7 @@ DEMO_ARGS ?= --seeds 0 --out runs/demo
 demo: $(STAMP)
 	$(BIN)/bnlab repro $(DEMO_ARGS)
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)
@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps "tf_keras==2.21.0" "torchvision==0.28.0" "timm==1.0.31"
 	$(BIN)/python -m pip install --quiet "setuptools<70" wheel "numpy<2"
 	$(BIN)/python -m pip install --quiet --no-build-isolation "chainer==7.8.1"
-	$(BIN)/python -c "import torch, chainer, tensorflow, keras, ray, lightning, bnlab; print('bnlab', bnlab.__version__, '| torch', torch.__version__, '| chainer', chainer.__version__, '| tensorflow', tensorflow.__version__, '| keras', keras.__version__, '| ray', ray.__version__)"
+	$(BIN)/python -c "import torch, chainer, tensorflow, keras, ray, bnlab; print('bnlab', bnlab.__version__, '| torch', torch.__version__, '| chainer', chainer.__version__, '| tensorflow', tensorflow.__version__, '| keras', keras.__version__, '| ray', ray.__version__)"
 	touch $(STAMP)
 
 lint: $(STAMP)

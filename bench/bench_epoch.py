@@ -37,18 +37,23 @@ WIDTHS = (784, 100, 100, 10)
 
 # ----------------------------------------------------------------- the contenders (children)
 
+
 def _load():
     from bnlab.data import load_mnist, to_float
 
     d = load_mnist()
-    return (to_float(d.train_images), d.train_labels.astype("int64"),
-            to_float(d.test_images), d.test_labels.astype("int64"))
+    return (
+        to_float(d.train_images),
+        d.train_labels.astype("int64"),
+        to_float(d.test_images),
+        d.test_labels.astype("int64"),
+    )
 
 
 def run_bnlab(epochs: int) -> list[float]:
     from bnlab.config import apply_overrides
-    from bnlab.presets import get_preset
     from bnlab.engines import train
+    from bnlab.presets import get_preset
 
     cfg = apply_overrides(get_preset("answer").config, {"epochs": str(epochs), "threads": "1", "device": "cpu"})
     return [r.seconds for r in train(cfg, echo=None).history]
@@ -63,9 +68,15 @@ def run_usual_torch(epochs: int) -> list[float]:
     torch.set_num_threads(1)
     x_train, y_train, x_val, y_val = (torch.from_numpy(a) for a in _load())
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(784, 100), nn.BatchNorm1d(100, eps=1e-3, momentum=0.1), nn.ReLU(),
-                          nn.Linear(100, 100), nn.BatchNorm1d(100, eps=1e-3, momentum=0.1), nn.ReLU(),
-                          nn.Linear(100, 10))
+    model = nn.Sequential(
+        nn.Linear(784, 100),
+        nn.BatchNorm1d(100, eps=1e-3, momentum=0.1),
+        nn.ReLU(),
+        nn.Linear(100, 100),
+        nn.BatchNorm1d(100, eps=1e-3, momentum=0.1),
+        nn.ReLU(),
+        nn.Linear(100, 10),
+    )
     for m in model:
         if isinstance(m, nn.Linear):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -88,7 +99,7 @@ def run_usual_torch(epochs: int) -> list[float]:
         model.eval()
         with torch.no_grad():
             out = model(x_val)
-            val_loss, val_acc = F.cross_entropy(out, y_val).item(), (out.argmax(1) == y_val).float().mean().item()
+            F.cross_entropy(out, y_val).item(), (out.argmax(1) == y_val).float().mean().item()  # what an epoch pays for
         seconds.append(time.perf_counter() - started)
     return seconds
 
@@ -107,8 +118,11 @@ def run_chainer(epochs: int) -> list[float]:
             super().__init__()
             he = chainer.initializers.HeNormal()
             with self.init_scope():
-                self.l1, self.l2, self.l3 = L.Linear(784, 100, initialW=he), L.Linear(100, 100, initialW=he), \
-                    L.Linear(100, 10, initialW=he)
+                self.l1, self.l2, self.l3 = (
+                    L.Linear(784, 100, initialW=he),
+                    L.Linear(100, 100, initialW=he),
+                    L.Linear(100, 10, initialW=he),
+                )
                 self.bn1 = L.BatchNormalization(100, decay=0.9, eps=0.001)
                 self.bn2 = L.BatchNormalization(100, decay=0.9, eps=0.001)
 
@@ -126,7 +140,7 @@ def run_chainer(epochs: int) -> list[float]:
         order = np.random.permutation(range(len(x_train)))
         loss_list, accuracy_list = [], []
         for i in range(0, len(order), 1000):
-            index = order[i:i + 1000]
+            index = order[i : i + 1000]
             x_batch, y_batch = x_train[index, :], y_train[index]
             output = model(x_batch)
             loss = F.softmax_cross_entropy(output, y_batch)
@@ -154,11 +168,11 @@ def gemm_calls(batch: int, widths=WIDTHS, eval_batch: int | None = None):
     if eval_batch is not None:
         return [(eval_batch, fin, fout, False, True) for fin, fout in layers]
     for fin, fout in layers:
-        calls.append((batch, fin, fout, False, True))          # y = x @ W.T
+        calls.append((batch, fin, fout, False, True))  # y = x @ W.T
     for i, (fin, fout) in enumerate(layers):
-        calls.append((fout, batch, fin, True, False))          # dW = dy.T @ x
+        calls.append((fout, batch, fin, True, False))  # dW = dy.T @ x
         if i > 0:
-            calls.append((batch, fout, fin, False, False))     # dx = dy @ W
+            calls.append((batch, fout, fin, False, False))  # dx = dy @ W
     return calls
 
 
@@ -207,8 +221,15 @@ def worker_throughput(workers: int, epochs: int) -> float:
     each left out). Process start-up, which a sweep pays once per worker, not per epoch,
     is left out too; on runs of a few epochs it would otherwise dominate."""
     env = {**os.environ, **SINGLE_THREAD_ENV}
-    procs = [subprocess.Popen([sys.executable, __file__, "--child", "bnlab", "--epochs", str(epochs)],
-                              env=env, stdout=subprocess.PIPE, text=True) for _ in range(workers)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--child", "bnlab", "--epochs", str(epochs)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(workers)
+    ]
     rate = 0.0
     for p in procs:
         out, _ = p.communicate()
@@ -231,8 +252,9 @@ def child(name: str, epochs: int) -> None:
 
 def measure(name: str, epochs: int) -> dict:
     env = {**os.environ, **SINGLE_THREAD_ENV}
-    out = subprocess.run([sys.executable, __file__, "--child", name, "--epochs", str(epochs)],
-                         env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", name, "--epochs", str(epochs)], env=env, capture_output=True, text=True
+    )
     if out.returncode:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -255,6 +277,7 @@ def main() -> int:
     if not args.skip_chainer:
         try:
             import chainer  # noqa: F401
+
             names.append("chainer")
         except ImportError:
             print("chainer: not installed, skipped (install the bnlab[chainer] extra: DEVELOPERS.md)")
@@ -269,23 +292,33 @@ def main() -> int:
             samples[name].extend([r] if name == "limit" else r["seconds"][1:])  # epoch 1 is warm-up
         print(f"round {round_no + 1}/{args.rounds} done", flush=True)
     limits = samples.pop("limit")
-    limit = {"flop_per_epoch": limits[0]["flop_per_epoch"],
-             "seconds": statistics.median(x["seconds"] for x in limits)}
+    limit = {"flop_per_epoch": limits[0]["flop_per_epoch"], "seconds": statistics.median(x["seconds"] for x in limits)}
     limit["gflops"] = limit["flop_per_epoch"] / limit["seconds"] / 1e9
     limit["numpy_seconds"] = statistics.median(x["numpy_seconds"] for x in limits)
     results: dict = {"limit": limit, "rounds": args.rounds, "epochs_per_round": args.epochs}
-    print(f"arithmetic limit: {limit['flop_per_epoch'] / 1e9:.1f} GFLOP per epoch at {limit['gflops']:.1f} GFLOP/s "
-          f"(sgemm, these shapes, 1 thread; median of {len(limits)}) = {limit['seconds']:.3f} s/epoch")
-    print(f"  for reference, numpy's sgemm (OpenBLAS, as the Chainer program uses): {limit['numpy_seconds']:.3f} s/epoch "
-          f"({limit['flop_per_epoch'] / limit['numpy_seconds'] / 1e9:.1f} GFLOP/s)")
+    print(
+        f"arithmetic limit: {limit['flop_per_epoch'] / 1e9:.1f} GFLOP per epoch at {limit['gflops']:.1f} GFLOP/s "
+        f"(sgemm, these shapes, 1 thread; median of {len(limits)}) = {limit['seconds']:.3f} s/epoch"
+    )
+    print(
+        f"  for reference, numpy's sgemm (OpenBLAS, as the Chainer program uses): {limit['numpy_seconds']:.3f} s/epoch "
+        f"({limit['flop_per_epoch'] / limit['numpy_seconds'] / 1e9:.1f} GFLOP/s)"
+    )
     for name, seconds in samples.items():
-        results[name] = {"per_epoch": statistics.median(seconds), "epochs_measured": len(seconds),
-                         "max_rss_mb": rss[name]}
-        print(f"{name:>12}: {results[name]['per_epoch']:.3f} s/epoch (median of {len(seconds)} epochs; "
-              f"peak RSS {rss[name]:.0f} MB)")
+        results[name] = {
+            "per_epoch": statistics.median(seconds),
+            "epochs_measured": len(seconds),
+            "max_rss_mb": rss[name],
+        }
+        print(
+            f"{name:>12}: {results[name]['per_epoch']:.3f} s/epoch (median of {len(seconds)} epochs; "
+            f"peak RSS {rss[name]:.0f} MB)"
+        )
     bn = results["bnlab"]["per_epoch"]
-    checks = [("bnlab / arithmetic limit", bn / limit["seconds"], "<=", 1.3),
-              ("usual torch loop / bnlab", results["usual-torch"]["per_epoch"] / bn, ">=", 2.0)]
+    checks = [
+        ("bnlab / arithmetic limit", bn / limit["seconds"], "<=", 1.3),
+        ("usual torch loop / bnlab", results["usual-torch"]["per_epoch"] / bn, ">=", 2.0),
+    ]
     if "chainer" in results:
         checks.append(("seed's chainer program / bnlab", results["chainer"]["per_epoch"] / bn, ">=", 1.7))
     checks.append(("peak RSS of one bnlab run (MB)", results["bnlab"]["max_rss_mb"], "<=", 600))

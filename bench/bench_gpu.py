@@ -29,11 +29,11 @@ def main() -> int:
 
     import torch
 
-    from bnlab.data import load_mnist
     from bnlab.config import apply_overrides
+    from bnlab.data import load_mnist
+    from bnlab.engines import train
     from bnlab.presets import get_preset
     from bnlab.rundir import atomic_write_json
-    from bnlab.engines import train
 
     if not torch.cuda.is_available():
         print("bench_gpu: this machine has no CUDA device PyTorch can use; run it where one is.", file=sys.stderr)
@@ -51,15 +51,23 @@ def main() -> int:
     run(2)
     seconds, history = run(args.epochs)
     per_100 = seconds / args.epochs * 100
-    figures = {"device": torch.cuda.get_device_name(args.device), "torch": torch.__version__,
-               "epochs": args.epochs, "seconds": seconds, "seconds_per_100_epochs": per_100,
-               "final_val_acc": history[-1].val_acc, "target_seconds_per_100_epochs": TARGET_SECONDS_PER_100,
-               "host_syncs_per_epoch": host_syncs_per_epoch(run)}
+    figures = {
+        "device": torch.cuda.get_device_name(args.device),
+        "torch": torch.__version__,
+        "epochs": args.epochs,
+        "seconds": seconds,
+        "seconds_per_100_epochs": per_100,
+        "final_val_acc": history[-1].val_acc,
+        "target_seconds_per_100_epochs": TARGET_SECONDS_PER_100,
+        "host_syncs_per_epoch": host_syncs_per_epoch(run),
+    }
     ok = per_100 < TARGET_SECONDS_PER_100
-    print(f"{figures['device']}: {args.epochs} epochs of answer in {seconds:.2f} s "
-          f"({per_100:.2f} s per 100 epochs; target < {TARGET_SECONDS_PER_100}: {'ok' if ok else 'MISSED'}); "
-          f"final val/acc {history[-1].val_acc:.4f}; host synchronisations per epoch: "
-          f"{figures['host_syncs_per_epoch']} (of 60 steps)")
+    print(
+        f"{figures['device']}: {args.epochs} epochs of answer in {seconds:.2f} s "
+        f"({per_100:.2f} s per 100 epochs; target < {TARGET_SECONDS_PER_100}: {'ok' if ok else 'MISSED'}); "
+        f"final val/acc {history[-1].val_acc:.4f}; host synchronisations per epoch: "
+        f"{figures['host_syncs_per_epoch']} (of 60 steps)"
+    )
     if args.json:
         atomic_write_json(Path(args.json), figures)
     return 0 if ok else 1

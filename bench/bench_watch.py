@@ -107,21 +107,28 @@ def main() -> int:
         "ratio_watched_over_plain": watched_s / plain_s,
         "ratio_paired_median": paired,
         "report_s": statistics.median(reports[1:]),
-        "same_weights": all(torch.equal(a, b) for a, b in zip(
-            plain_model.state_dict().values(), watched_model.state_dict().values())),
+        "same_weights": all(
+            torch.equal(a, b) for a, b in zip(plain_model.state_dict().values(), watched_model.state_dict().values())
+        ),
         "findings": sorted({f.check for f in w.report().findings}),
     }
-    print(f"question MLP, batch {args.batch_size}, {steps} steps per epoch, "
-          f"{args.rounds} interleaved rounds (first left out), {args.threads} thread(s)")
-    print(f"plain loop:   {figures['plain_ms_per_step']:.2f} ms/step "
-          f"(epochs: {', '.join(f'{t:.3f}' for t in plain)} s)")
-    print(f"watched loop: {figures['watched_ms_per_step']:.2f} ms/step "
-          f"(epochs: {', '.join(f'{t:.3f}' for t in watched)} s)")
-    print(f"watched / plain per step: {figures['ratio_watched_over_plain']:.3f} (medians), "
-          f"{paired:.3f} (median of the rounds' ratios); target <= 1.10")
+    print(
+        f"question MLP, batch {args.batch_size}, {steps} steps per epoch, "
+        f"{args.rounds} interleaved rounds (first left out), {args.threads} thread(s)"
+    )
+    print(
+        f"plain loop:   {figures['plain_ms_per_step']:.2f} ms/step (epochs: {', '.join(f'{t:.3f}' for t in plain)} s)"
+    )
+    print(
+        f"watched loop: {figures['watched_ms_per_step']:.2f} ms/step "
+        f"(epochs: {', '.join(f'{t:.3f}' for t in watched)} s)"
+    )
+    print(
+        f"watched / plain per step: {figures['ratio_watched_over_plain']:.3f} (medians), "
+        f"{paired:.3f} (median of the rounds' ratios); target <= 1.10"
+    )
     print(f"report at the end of the block: {figures['report_s']:.3f} s (once per `with`)")
-    print(f"same weights after training: {figures['same_weights']}; "
-          f"watch found: {', '.join(figures['findings'])}")
+    print(f"same weights after training: {figures['same_weights']}; watch found: {', '.join(figures['findings'])}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     return 0

@@ -1,6 +1,6 @@
 """The seed's Chainer model, fixed: one BatchNormalization per hidden layer.
 
-    bnlab doctor examples/seed_answer_chainer.py:MyModel --data mnist --train-steps 60
+bnlab doctor examples/seed_answer_chainer.py:MyModel --data mnist --train-steps 60
 """
 
 import chainer

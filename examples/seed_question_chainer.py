@@ -1,6 +1,6 @@
 """The seed's Chainer model -- with the bug: one BatchNormalization for two layers.
 
-    bnlab doctor examples/seed_question_chainer.py:MyModel --data mnist --train-steps 60
+bnlab doctor examples/seed_question_chainer.py:MyModel --data mnist --train-steps 60
 """
 
 import chainer

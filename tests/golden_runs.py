@@ -16,10 +16,11 @@ def golden_cases() -> list[tuple[str, str]]:
 def run_case(engine: str, preset: str, data) -> list[list[float]]:
     """The (train_loss, val_loss, train_acc, val_acc) rows of one 3-epoch run, seed 0."""
     from bnlab.config import apply_overrides
-    from bnlab.presets import get_preset
     from bnlab.engines import train
+    from bnlab.presets import get_preset
 
-    cfg = apply_overrides(get_preset(preset).config,
-                          {"epochs": str(EPOCHS), "engine": engine, "seed": "0", "threads": "1"})
+    cfg = apply_overrides(
+        get_preset(preset).config, {"epochs": str(EPOCHS), "engine": engine, "seed": "0", "threads": "1"}
+    )
     result = train(cfg, data, echo=None)
     return [[r.train_loss, r.val_loss, r.train_acc, r.val_acc] for r in result.history]

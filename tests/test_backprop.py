@@ -12,8 +12,11 @@ VARIANTS = [
     for logits_norm in (False, True)
     for running_var in ("unbiased", "biased")
     for widths in ((784, 40, 40, 10), (784, 24, 24, 24, 10))
-] + [ModelConfig(widths=(784, 10)), ModelConfig(widths=(784, 10), logits_norm=True),
-     ModelConfig(norm="shared", bn_momentum=0.01, bn_eps=1e-5, widths=(784, 100, 100, 10))]
+] + [
+    ModelConfig(widths=(784, 10)),
+    ModelConfig(widths=(784, 10), logits_norm=True),
+    ModelConfig(norm="shared", bn_momentum=0.01, bn_eps=1e-5, widths=(784, 100, 100, 10)),
+]
 
 
 def _minibatches(mnist, steps, rows=200):
@@ -31,7 +34,9 @@ def _autograd_step(model, x, y):
     return loss.detach(), logits.detach()
 
 
-@pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: f"{c.norm}-logits{int(c.logits_norm)}-{c.running_var}-{len(c.widths)}")
+@pytest.mark.parametrize(
+    "cfg", VARIANTS, ids=lambda c: f"{c.norm}-logits{int(c.logits_norm)}-{c.running_var}-{len(c.widths)}"
+)
 def test_gradients_and_running_stats_equal_autograds_bit_for_bit(cfg, mnist):
     by_hand, reference = build_model(cfg, seed=1), build_model(cfg, seed=1)
     sgd = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (by_hand, reference)]
@@ -55,9 +60,13 @@ def test_observer_sees_every_bn_call_in_order_after_its_update(mnist):
     def observe(module, x):
         seen.append((module, x.shape, int(module.num_batches_tracked)))
 
-    (x, y), = _minibatches(mnist, steps=1)
+    ((x, y),) = _minibatches(mnist, steps=1)
     loss_and_gradients(model, x, y, observe)
-    assert [(m, s) for m, s, _ in seen] == [(model.bn, (200, 100)), (model.bn, (200, 100)), (model.bn_logits, (200, 10))]
+    assert [(m, s) for m, s, _ in seen] == [
+        (model.bn, (200, 100)),
+        (model.bn, (200, 100)),
+        (model.bn_logits, (200, 10)),
+    ]
     assert [n for _, _, n in seen] == [1, 2, 1]  # the running statistics are already updated
     assert set(batch_norms(model).values()) == {model.bn, model.bn_logits}
 
@@ -80,7 +89,7 @@ def test_models_it_cannot_train_are_refused_by_name():
 def test_softmax_cross_entropy_matches_pytorch_in_value_and_gradient(dtype, tol):
     gen = torch.Generator().manual_seed(0)
     for rows, classes, scale, offset in [(1000, 10, 3.0, 0.0), (7, 3, 30.0, 1e4), (1, 10, 1.0, -50.0)]:
-        logits = (torch.randn(rows, classes, generator=gen, dtype=dtype) * scale + offset)
+        logits = torch.randn(rows, classes, generator=gen, dtype=dtype) * scale + offset
         labels = torch.randint(0, classes, (rows,), generator=gen)
         ours, ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
         loss, ref_loss = softmax_cross_entropy(ours, labels), torch.nn.functional.cross_entropy(ref, labels)
@@ -100,9 +109,11 @@ def test_softmax_cross_entropy_passes_gradcheck_and_propagates_nan():
     assert torch.isnan(softmax_cross_entropy(bad, torch.tensor([0, 1, 2])))
 
 
-@pytest.mark.parametrize("cfg", [ModelConfig(), ModelConfig(norm="shared"),
-                                 ModelConfig(logits_norm=True, running_var="biased")],
-                         ids=["per-layer", "shared", "tf-logits-biased"])
+@pytest.mark.parametrize(
+    "cfg",
+    [ModelConfig(), ModelConfig(norm="shared"), ModelConfig(logits_norm=True, running_var="biased")],
+    ids=["per-layer", "shared", "tf-logits-biased"],
+)
 def test_the_step_uses_only_device_generic_operations(cfg):
     """No GPU here: running the step on PyTorch's shape-only "meta" device at least shows it
     calls nothing CPU-specific and every gradient lands on the model's device, as on CUDA."""

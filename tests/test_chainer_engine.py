@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from bnlab.presets import PRESETS
 from bnlab.config import apply_overrides
 from bnlab.models import ModelConfig, build_model
+from bnlab.presets import PRESETS
 
 CHAINER_PRESETS = ["question", "question-first-snippet", "answer", "no-bn"]
 
@@ -34,10 +34,13 @@ def test_missing_chainer_on_the_command_line_is_one_paragraph_and_exit_2(monkeyp
     assert code == 2 and "DEVELOPERS.md" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("preset, fields", [
-    ("tensorflow", ["model.running_var", "model.logits_norm", "model.init", "train.train_metrics"]),
-    ("tensorflow-no-bn", ["model.init", "train.train_metrics"]),
-])
+@pytest.mark.parametrize(
+    "preset, fields",
+    [
+        ("tensorflow", ["model.running_var", "model.logits_norm", "model.init", "train.train_metrics"]),
+        ("tensorflow-no-bn", ["model.init", "train.train_metrics"]),
+    ],
+)
 def test_tensorflow_presets_are_refused_naming_each_field(preset, fields):
     from bnlab.engines.chainer import check_config as check_chainer_config
 
@@ -50,13 +53,16 @@ def test_tensorflow_presets_are_refused_naming_each_field(preset, fields):
     assert "--engine torch" in message
 
 
-@pytest.mark.parametrize("override, field", [
-    ({"adam_eps_mode": "torch"}, "train.adam_eps_mode"),
-    ({"train_metrics": "eval-after-step"}, "train.train_metrics"),
-    ({"running_var": "biased"}, "model.running_var"),
-    ({"init": "torch-default"}, "model.init"),
-    ({"device": "cuda"}, "train.device"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ({"adam_eps_mode": "torch"}, "train.adam_eps_mode"),
+        ({"train_metrics": "eval-after-step"}, "train.train_metrics"),
+        ({"running_var": "biased"}, "model.running_var"),
+        ({"init": "torch-default"}, "model.init"),
+        ({"device": "cuda"}, "train.device"),
+    ],
+)
 def test_one_unsupported_field_is_named_with_its_fix(override, field):
     from bnlab.engines.chainer import check_config as check_chainer_config
 
@@ -74,6 +80,7 @@ def test_chainer_presets_are_accepted(preset):
 
 # ------------------------------------------------------------------ needs Chainer itself
 
+
 @pytest.fixture
 def ce():
     pytest.importorskip("chainer")
@@ -87,8 +94,11 @@ def test_state_dict_round_trip_keeps_torch_keys_order_and_values(ce, norm):
     model = build_model(ModelConfig(norm=norm), seed=3)
     with torch.no_grad():  # non-trivial running statistics and counters
         for name, buf in model.named_buffers():
-            buf.copy_(torch.arange(buf.numel()).reshape(buf.shape) + 7 if "num_batches" in name
-                      else torch.rand(buf.shape) + 0.5)
+            buf.copy_(
+                torch.arange(buf.numel()).reshape(buf.shape) + 7
+                if "num_batches" in name
+                else torch.rand(buf.shape) + 0.5
+            )
     state = model.state_dict()
     chain = ce.build_chainer_model(model.cfg, state_dict=state)
     back = ce.chainer_state_dict(chain)
@@ -150,8 +160,9 @@ def test_cli_refuses_the_tensorflow_preset_with_exit_2(ce, capsys, monkeypatch, 
     from bnlab import cli
 
     monkeypatch.setattr(cli, "PARSER_BUILDERS", [cli.add_train_parser])
-    code = cli.main(["train", "--preset", "tensorflow", "--engine", "chainer", "--epochs", "1",
-                     "--out", str(tmp_path / "tf")])
+    code = cli.main(
+        ["train", "--preset", "tensorflow", "--engine", "chainer", "--epochs", "1", "--out", str(tmp_path / "tf")]
+    )
     assert code == 2
     assert "model.running_var='biased'" in capsys.readouterr().err
 
@@ -159,8 +170,8 @@ def test_cli_refuses_the_tensorflow_preset_with_exit_2(ce, capsys, monkeypatch, 
 def test_diverging_chainer_run_raises_and_marks_the_directory(ce, mnist, tmp_path):
     import json
 
-    from bnlab.errors import TrainingDiverged
     from bnlab.engines import train
+    from bnlab.errors import TrainingDiverged
 
     cfg = PRESETS["no-bn"].config
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1, engine="chainer"))

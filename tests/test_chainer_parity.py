@@ -31,19 +31,19 @@ import torch
 
 chainer = pytest.importorskip("chainer")
 
-from bnlab.engines import chainer as ce  # noqa: E402 - after the importorskip on purpose
-from bnlab.presets import PRESETS
-from bnlab.models import BiasedVarBatchNorm1d, build_model  # noqa: E402
 from bnlab.config import RunConfig
+from bnlab.engines import chainer as ce  # noqa: E402 - after the importorskip on purpose
+from bnlab.engines import train
 from bnlab.engines.common import epoch_orders, split_batches
 from bnlab.engines.torch_step import evaluate, make_optimizer, train_step
+from bnlab.models import BiasedVarBatchNorm1d, build_model  # noqa: E402
+from bnlab.presets import PRESETS
 from bnlab.rundir import load_checkpoint
-from bnlab.engines import train
 
 CHAINER_PRESETS = ["question", "question-first-snippet", "answer", "no-bn"]
 STEPS = 50
-BATCH = 1000     # the seed's batch size, real MNIST rows in the run's own order
-RTOL = 1e-7      # float64; see the module docstring
+BATCH = 1000  # the seed's batch size, real MNIST rows in the run's own order
+RTOL = 1e-7  # float64; see the module docstring
 ATOL = 1e-9
 
 
@@ -51,8 +51,12 @@ ATOL = 1e-9
 def arrays(mnist):
     from bnlab.data import to_float
 
-    return (to_float(mnist.train_images), np.asarray(mnist.train_labels),
-            to_float(mnist.test_images), np.asarray(mnist.test_labels))
+    return (
+        to_float(mnist.train_images),
+        np.asarray(mnist.train_labels),
+        to_float(mnist.test_images),
+        np.asarray(mnist.test_labels),
+    )
 
 
 @dataclasses.dataclass
@@ -68,8 +72,16 @@ class Lockstep:
     twin_state: dict[str, torch.Tensor] | None = None
 
 
-def lockstep(cfg: RunConfig, arrays, steps: int = STEPS, *, dtype: type = np.float64,
-             torch_cfg: RunConfig | None = None, torch_model_hook=None, twin: bool = False) -> Lockstep:
+def lockstep(
+    cfg: RunConfig,
+    arrays,
+    steps: int = STEPS,
+    *,
+    dtype: type = np.float64,
+    torch_cfg: RunConfig | None = None,
+    torch_model_hook=None,
+    twin: bool = False,
+) -> Lockstep:
     """Both engines in ``dtype`` (float64 or float32) from build_model(cfg, seed)'s weights,
     over the run's first ``steps`` minibatches. ``torch_cfg`` / ``torch_model_hook`` alter
     only the torch side (the negative controls). ``twin`` also runs the unaltered torch
@@ -90,8 +102,13 @@ def lockstep(cfg: RunConfig, arrays, steps: int = STEPS, *, dtype: type = np.flo
     if twin:
         twin_model = build_model(cfg.model, seed=cfg.train.seed).to(tdtype)
         twin_model.load_state_dict(initial)
-        twin_opt = torch.optim.Adam(twin_model.parameters(), lr=cfg.train.lr, foreach=True,
-                                    betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)
+        twin_opt = torch.optim.Adam(
+            twin_model.parameters(),
+            lr=cfg.train.lr,
+            foreach=True,
+            betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+            eps=cfg.train.adam_eps,
+        )
     order = next(epoch_orders(cfg.train.seed, len(x), 1))
     batches = split_batches(order, BATCH, cfg.train.batching)[:steps]
     c_losses, t_losses, twin_losses = [], [], []
@@ -104,8 +121,9 @@ def lockstep(cfg: RunConfig, arrays, steps: int = STEPS, *, dtype: type = np.flo
             c_losses.append(c_loss)
             t_losses.append(float(t_loss))
             if twin:
-                twin_loss, _ = train_step(twin_model, twin_opt, torch.from_numpy(xb), torch.from_numpy(yb),
-                                          step, cfg.train)
+                twin_loss, _ = train_step(
+                    twin_model, twin_opt, torch.from_numpy(xb), torch.from_numpy(yb), step, cfg.train
+                )
                 twin_losses.append(float(twin_loss))
     run = Lockstep(c_losses, t_losses, ce.chainer_state_dict(chain), model.state_dict(), chain, model)
     if twin:
@@ -115,6 +133,7 @@ def lockstep(cfg: RunConfig, arrays, steps: int = STEPS, *, dtype: type = np.flo
 
 def worst_violation(run: Lockstep) -> tuple[float, str]:
     """max |a - b| / (ATOL + RTOL |b|) over losses and every state entry (<= 1 passes)."""
+
     def ratio(a: np.ndarray, b: np.ndarray) -> float:
         return float(np.max(np.abs(a - b) / (ATOL + RTOL * np.abs(b))))
 
@@ -146,6 +165,7 @@ def test_fifty_steps_agree_in_every_placement(preset, arrays):
 
 # ------------------------------------------------------------------- negative controls
 # Each swaps in one wrong convention on the torch side; the parity check must fail by far.
+
 
 def _wrong_momentum(model: torch.nn.Module) -> None:
     for m in model.modules():
@@ -182,13 +202,13 @@ def test_a_wrong_convention_breaks_the_tolerance(name, arrays):
 # Float32 tolerances for 50 lockstep steps; test_fifty_float32_steps_agree_within_float32_tolerances
 # derives them. Each is a bound on the gap between two engines as float32_gaps measures it.
 F32_TOL = {
-    "per-step loss": 1.5e-2,      # max over the 50 steps of |a - b| / |b|
-    "running stats": 7e-2,        # per running_mean / running_var: max |a - b| / max |b|
-    "parameters": 0.15,           # per parameter tensor: ||a - b|| / ||b|| (Frobenius)
+    "per-step loss": 1.5e-2,  # max over the 50 steps of |a - b| / |b|
+    "running stats": 7e-2,  # per running_mean / running_var: max |a - b| / max |b|
+    "parameters": 0.15,  # per parameter tensor: ||a - b|| / ||b|| (Frobenius)
     "pre-BN Linear biases": 5e-2,  # absolute: max |a - b| (5 Adam steps of lr = 0.01)
 }
-PRE_BN_SAME_ORDER = 5.0    # chainer-vs-torch / torch-vs-torch gap of the pre-BN biases lies within 5x either way
-PRE_BN_TWIN_FLOOR = 3e-4   # and torch-vs-torch alone already differs by this much (measured >= 1.3e-3)
+PRE_BN_SAME_ORDER = 5.0  # chainer-vs-torch / torch-vs-torch gap of the pre-BN biases lies within 5x either way
+PRE_BN_TWIN_FLOOR = 3e-4  # and torch-vs-torch alone already differs by this much (measured >= 1.3e-3)
 
 
 def pre_bn_biases(cfg: RunConfig) -> set[str]:
@@ -201,8 +221,12 @@ def float32_gaps(cfg: RunConfig, a_losses, a_state, b_losses, b_state) -> dict[s
     """Worst gap of run a against run b per F32_TOL quantity, with the tensor it was in."""
     a_l, b_l = np.array(a_losses, dtype=np.float64), np.array(b_losses, dtype=np.float64)
     loss = np.abs(a_l - b_l) / np.abs(b_l)
-    gaps = {"per-step loss": (float(loss.max()), f"step {int(loss.argmax()) + 1}"),
-            "running stats": (0.0, "-"), "parameters": (0.0, "-"), "pre-BN Linear biases": (0.0, "-")}
+    gaps = {
+        "per-step loss": (float(loss.max()), f"step {int(loss.argmax()) + 1}"),
+        "running stats": (0.0, "-"),
+        "parameters": (0.0, "-"),
+        "pre-BN Linear biases": (0.0, "-"),
+    }
     for key, ref in b_state.items():
         if not ref.is_floating_point():
             continue
@@ -274,14 +298,16 @@ def test_fifty_float32_steps_agree_within_float32_tolerances(preset, arrays):
     for who, gaps in [("chainer vs torch", chainer_gaps), ("torch foreach vs fused", twin_gaps)]:
         for quantity, (gap, where) in gaps.items():
             assert gap <= F32_TOL[quantity], (
-                f"{preset}, {who}: {quantity} gap {gap:.3g} at {where} exceeds {F32_TOL[quantity]:g}")
+                f"{preset}, {who}: {quantity} gap {gap:.3g} at {where} exceeds {F32_TOL[quantity]:g}"
+            )
     calls = {k: int(v) for k, v in run.torch_state.items() if k.endswith("num_batches_tracked")}
     assert calls == {k: int(v) for k, v in run.chainer_state.items() if k.endswith("num_batches_tracked")}
     if pre_bn_biases(cfg):
         c_gap, t_gap = chainer_gaps["pre-BN Linear biases"][0], twin_gaps["pre-BN Linear biases"][0]
         assert t_gap >= PRE_BN_TWIN_FLOOR, f"{preset}: torch vs torch pre-BN bias gap only {t_gap:.3g}"
         assert 1 / PRE_BN_SAME_ORDER <= c_gap / t_gap <= PRE_BN_SAME_ORDER, (
-            f"{preset}: pre-BN bias gap chainer {c_gap:.3g} vs torch's own float32 spread {t_gap:.3g}")
+            f"{preset}: pre-BN bias gap chainer {c_gap:.3g} vs torch's own float32 spread {t_gap:.3g}"
+        )
 
 
 @pytest.mark.parametrize("preset", ["question", "answer"])
@@ -307,8 +333,12 @@ def test_a_wrong_convention_breaks_the_float32_tolerance(name, preset, arrays):
 # engine started from weights perturbed by 1e-7 (relative) moves as far: question's epoch-2
 # val_loss 0.2447 -> 0.2258 (chainer: 0.2246), answer's 0.1003 -> 0.1020 (chainer: 0.1006).
 # The bounds keep about 3x headroom over those measurements.
-HISTORY_TOL = {"train_loss": ("rel", 5e-3), "train_acc": ("abs", 2e-3), "val_acc": ("abs", 1.5e-2),
-               "val_loss": ("rel", 1e-2)}
+HISTORY_TOL = {
+    "train_loss": ("rel", 5e-3),
+    "train_acc": ("abs", 2e-3),
+    "val_acc": ("abs", 1.5e-2),
+    "val_loss": ("rel", 1e-2),
+}
 SHARED_VAL_LOSS_REL = 0.25  # shared running statistics mix two layers: eval loss is this volatile
 
 

@@ -10,14 +10,23 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bnlab import cli
-from bnlab.conventions import (CONVENTIONS, FRAMEWORKS, convert, format_conventions_table, format_rate,
-                               from_torch_momentum, parameter_name, to_torch_momentum)
+from bnlab.conventions import (
+    CONVENTIONS,
+    FRAMEWORKS,
+    convert,
+    format_conventions_table,
+    format_rate,
+    from_torch_momentum,
+    parameter_name,
+    to_torch_momentum,
+)
 
 PAIRS = list(itertools.product(FRAMEWORKS, repeat=2))
 rates = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
 
 
 # ------------------------------------------------------------------------------ the data
+
 
 def test_the_five_frameworks_and_their_checked_facts():
     assert set(FRAMEWORKS) == {"chainer", "torch", "keras", "tf1", "flax"}
@@ -72,10 +81,18 @@ def test_table_lists_every_framework_with_its_facts():
 
 # ------------------------------------------------------------------------------ convert
 
-@pytest.mark.parametrize("source, value, target, expected", [
-    ("chainer", 0.9, "torch", 0.1), ("torch", 0.1, "chainer", 0.9), ("keras", 0.99, "torch", 0.01),
-    ("chainer", 0.9, "tf1", 0.9), ("flax", 0.99, "keras", 0.99), ("torch", 0.3, "torch", 0.3),
-])
+
+@pytest.mark.parametrize(
+    "source, value, target, expected",
+    [
+        ("chainer", 0.9, "torch", 0.1),
+        ("torch", 0.1, "chainer", 0.9),
+        ("keras", 0.99, "torch", 0.01),
+        ("chainer", 0.9, "tf1", 0.9),
+        ("flax", 0.99, "keras", 0.99),
+        ("torch", 0.3, "torch", 0.3),
+    ],
+)
 def test_convert_examples(source, value, target, expected):
     assert convert(value, source, target) == pytest.approx(expected, abs=1e-15)
 
@@ -85,13 +102,13 @@ def test_convert_round_trips_for_every_pair(value, pair):
     source, target = pair
     there = convert(value, source, target)
     assert 0.0 <= there <= 1.0
-    assert math.isclose(convert(there, target, source), value, rel_tol=0, abs_tol=2 ** -53)
+    assert math.isclose(convert(there, target, source), value, rel_tol=0, abs_tol=2**-53)
 
 
 @given(rates, st.sampled_from(FRAMEWORKS), st.sampled_from(FRAMEWORKS), st.sampled_from(FRAMEWORKS))
 def test_convert_composes_through_any_framework(value, a, b, c):
     direct = convert(value, a, c)
-    assert math.isclose(convert(convert(value, a, b), b, c), direct, rel_tol=0, abs_tol=2 ** -52)
+    assert math.isclose(convert(convert(value, a, b), b, c), direct, rel_tol=0, abs_tol=2**-52)
 
 
 @given(rates, st.sampled_from(FRAMEWORKS))
@@ -106,13 +123,24 @@ def test_convert_rejects_rates_outside_0_1(value):
         convert(value, "chainer", "torch")
 
 
-@pytest.mark.parametrize("value, text", [(1 - 0.9, "0.1"), (1 - 0.99, "0.01"), (0.0, "0.0"), (1.0, "1.0"),
-                                         (0.999, "0.999"), (1e-5, "1e-05"), (0.123456789, "0.123456789")])
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (1 - 0.9, "0.1"),
+        (1 - 0.99, "0.01"),
+        (0.0, "0.0"),
+        (1.0, "1.0"),
+        (0.999, "0.999"),
+        (1e-5, "1e-05"),
+        (0.123456789, "0.123456789"),
+    ],
+)
 def test_format_rate(value, text):
     assert format_rate(value) == text
 
 
 # ---------------------------------------------------------------------------------- CLI
+
 
 @pytest.fixture
 def only_ours(monkeypatch):
@@ -124,15 +152,18 @@ def test_both_subcommands_are_registered():
     assert cli.add_conventions_parser in cli.PARSER_BUILDERS and cli.add_convert_parser in cli.PARSER_BUILDERS
 
 
-@pytest.mark.parametrize("argv, printed", [
-    (["--from", "chainer", "--decay", "0.9", "--to", "torch"], "momentum=0.1"),
-    (["--from", "chainer", "--decay", "0.99", "--to", "torch"], "momentum=0.01"),
-    (["--from", "torch", "--momentum", "0.1", "--to", "chainer"], "decay=0.9"),
-    (["--from", "torch", "--momentum", "0.01", "--to", "keras"], "momentum=0.99"),
-    (["--from", "keras", "--momentum", "0.99", "--to", "flax"], "momentum=0.99"),
-    (["--from", "tf1", "--momentum", "0.9", "--to", "chainer"], "decay=0.9"),
-    (["--from", "flax", "--momentum", "0.9", "--to", "torch"], "momentum=0.1"),
-])
+@pytest.mark.parametrize(
+    "argv, printed",
+    [
+        (["--from", "chainer", "--decay", "0.9", "--to", "torch"], "momentum=0.1"),
+        (["--from", "chainer", "--decay", "0.99", "--to", "torch"], "momentum=0.01"),
+        (["--from", "torch", "--momentum", "0.1", "--to", "chainer"], "decay=0.9"),
+        (["--from", "torch", "--momentum", "0.01", "--to", "keras"], "momentum=0.99"),
+        (["--from", "keras", "--momentum", "0.99", "--to", "flax"], "momentum=0.99"),
+        (["--from", "tf1", "--momentum", "0.9", "--to", "chainer"], "decay=0.9"),
+        (["--from", "flax", "--momentum", "0.9", "--to", "torch"], "momentum=0.1"),
+    ],
+)
 def test_convert_command_prints_the_target_parameter(only_ours, capsys, argv, printed):
     assert cli.main(["convert", *argv]) == 0
     assert capsys.readouterr().out == printed + "\n"
@@ -147,22 +178,30 @@ def test_convert_command_works_for_every_pair(only_ours, capsys, source, target)
     assert float(value) == pytest.approx(convert(0.9, source, target), abs=1e-12)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--from", "torch", "--decay", "0.9", "--to", "chainer"], "its running-average rate is --momentum"),
-    (["--from", "chainer", "--momentum", "0.1", "--to", "torch"], "its running-average rate is --decay"),
-    (["--from", "keras", "--to", "torch"], "exactly one flag"),
-    (["--from", "chainer", "--decay", "0.9", "--momentum", "0.1", "--to", "torch"], "exactly one flag"),
-    (["--from", "chainer", "--decay", "1.5", "--to", "torch"], "must lie in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--from", "torch", "--decay", "0.9", "--to", "chainer"], "its running-average rate is --momentum"),
+        (["--from", "chainer", "--momentum", "0.1", "--to", "torch"], "its running-average rate is --decay"),
+        (["--from", "keras", "--to", "torch"], "exactly one flag"),
+        (["--from", "chainer", "--decay", "0.9", "--momentum", "0.1", "--to", "torch"], "exactly one flag"),
+        (["--from", "chainer", "--decay", "1.5", "--to", "torch"], "must lie in [0, 1]"),
+    ],
+)
 def test_convert_command_usage_errors_exit_2_with_one_paragraph(only_ours, capsys, argv, message):
     assert cli.main(["convert", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("argv", [["convert", "--from", "caffe", "--momentum", "0.9", "--to", "torch"],
-                                  ["convert", "--from", "torch", "--momentum", "x", "--to", "keras"],
-                                  ["convert", "--momentum", "0.9", "--to", "keras"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["convert", "--from", "caffe", "--momentum", "0.9", "--to", "torch"],
+        ["convert", "--from", "torch", "--momentum", "x", "--to", "keras"],
+        ["convert", "--momentum", "0.9", "--to", "keras"],
+    ],
+)
 def test_convert_command_bad_flags_exit_2(only_ours, capsys, argv):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)

@@ -31,8 +31,9 @@ def expected_after_one_step(framework: str, rate: float) -> tuple[float, float]:
     return weight_new * 1.0, (1.0 - weight_new) * 1.0 + weight_new * batch_var
 
 
-def check_row(framework: str, signature: inspect.Signature, eps_name: str,
-              mean_after: np.ndarray, var_after: np.ndarray) -> None:
+def check_row(
+    framework: str, signature: inspect.Signature, eps_name: str, mean_after: np.ndarray, var_after: np.ndarray
+) -> None:
     row = CONVENTIONS[framework]
     params = signature.parameters
     assert row.parameter in params, f"{row.layer} has no argument {row.parameter!r}"
@@ -50,8 +51,9 @@ def test_torch_row():
     bn = torch.nn.BatchNorm1d(3, momentum=RATE)
     bn.train()
     bn(torch.from_numpy(BATCH))
-    check_row(framework, inspect.signature(torch.nn.BatchNorm1d), "eps",
-              bn.running_mean.numpy(), bn.running_var.numpy())
+    check_row(
+        framework, inspect.signature(torch.nn.BatchNorm1d), "eps", bn.running_mean.numpy(), bn.running_var.numpy()
+    )
 
 
 def test_chainer_row():
@@ -112,8 +114,13 @@ def test_keras_row():
     framework = "keras"
     layer = keras.layers.BatchNormalization(momentum=RATE)
     layer(BATCH, training=True)
-    check_row(framework, inspect.signature(keras.layers.BatchNormalization), "epsilon",
-              keras.ops.convert_to_numpy(layer.moving_mean), keras.ops.convert_to_numpy(layer.moving_variance))
+    check_row(
+        framework,
+        inspect.signature(keras.layers.BatchNormalization),
+        "epsilon",
+        keras.ops.convert_to_numpy(layer.moving_mean),
+        keras.ops.convert_to_numpy(layer.moving_variance),
+    )
 
 
 def test_flax_row():
@@ -127,8 +134,9 @@ def test_flax_row():
     variables = bn.init(jax.random.PRNGKey(0), jnp.asarray(BATCH))
     _, updated = bn.apply(variables, jnp.asarray(BATCH), mutable=["batch_stats"])
     stats = updated["batch_stats"]
-    check_row(framework, inspect.signature(nn.BatchNorm), "epsilon",
-              np.asarray(stats["mean"]), np.asarray(stats["var"]))
+    check_row(
+        framework, inspect.signature(nn.BatchNorm), "epsilon", np.asarray(stats["mean"]), np.asarray(stats["var"])
+    )
 
 
 def test_every_row_has_a_behaviour_check():

@@ -17,7 +17,7 @@ from bnlab import data
 from bnlab.data import FILES, DataError
 
 # The vendored canonical files (byte-identical to /work/shared/data/mnist).
-MNIST_DIR = Path(__file__).resolve().parents[1] / "data" / "mnist"
+MNIST_DIR = Path(__file__).resolve().parents[1] / "src" / "bnlab" / "_data" / "mnist"
 SUMS = dict(reversed(line.split()) for line in (MNIST_DIR / "SHA256SUMS").read_text().splitlines())
 
 

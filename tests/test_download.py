@@ -19,7 +19,7 @@ from bnlab import data
 from bnlab.data import FILES, DataError
 
 # The vendored canonical files (byte-identical to /work/shared/data/mnist).
-MNIST_DIR = Path(__file__).resolve().parents[1] / "data" / "mnist"
+MNIST_DIR = Path(__file__).resolve().parents[1] / "src" / "bnlab" / "_data" / "mnist"
 BODIES = {fname: (MNIST_DIR / fname).read_bytes() for fname in FILES.values()}
 
 
@@ -232,3 +232,15 @@ def test_unwritable_cache_is_a_data_error(server, cache, tmp_path, monkeypatch):
     with pytest.raises(DataError, match="cannot write the MNIST download cache"):
         data.find_data_dir("mnist", mirrors=[server.url("good")])
     assert server.requests == []
+
+
+def test_a_download_is_announced_and_shows_its_progress_on_stderr(server, cache, capsys):
+    data.find_data_dir("mnist", mirrors=[server.url("good")])
+    captured = capsys.readouterr()
+    assert captured.out == ""  # stdout may hold a --json result
+    first = captured.err.splitlines()[0]
+    assert first.startswith("bnlab: MNIST is not in ") and f"into {cache} (verified by sha256)" in first
+    # One tqdm bar per file, each ending at 100% of the announced size.
+    finals = [line.rsplit("\r", 1)[-1] for line in captured.err.splitlines()[1:]]
+    for fname in FILES.values():
+        assert any(line.startswith(fname) and "100%" in line for line in finals), (fname, finals)

@@ -4,26 +4,35 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bnlab.presets import ALL_PRESETS, PRESETS, get_preset, in_band, parse_presets
 from bnlab.config import apply_overrides, parse_seeds
+from bnlab.presets import ALL_PRESETS, PRESETS, get_preset, in_band, parse_presets
 
 
 def test_every_program_in_the_seed_is_a_preset():
-    assert set(ALL_PRESETS) == {"question", "question-first-snippet", "answer", "no-bn",
-                                "tensorflow", "tensorflow-no-bn"}
+    assert set(ALL_PRESETS) == {
+        "question",
+        "question-first-snippet",
+        "answer",
+        "no-bn",
+        "tensorflow",
+        "tensorflow-no-bn",
+    }
     for p in PRESETS.values():
         assert p.config.train.epochs == 100 and p.config.train.batch_size == 1000
         assert p.config.model.widths == (784, 100, 100, 10)
 
 
-@pytest.mark.parametrize("name, norm, momentum, lr, init", [
-    ("question", "shared", 0.1, 0.01, "chainer-he-normal"),                # decay=0.9, Adam(alpha=0.01)
-    ("question-first-snippet", "shared", 0.01, 0.001, "chainer-he-normal"),  # decay=0.99, Adam()
-    ("answer", "per-layer", 0.1, 0.01, "chainer-he-normal"),
-    ("no-bn", "none", None, 0.01, "chainer-he-normal"),
-    ("tensorflow", "per-layer", 0.1, 0.01, "tf-glorot-uniform"),          # momentum=0.9 (old value)
-    ("tensorflow-no-bn", "none", None, 0.01, "tf-glorot-uniform"),
-])
+@pytest.mark.parametrize(
+    "name, norm, momentum, lr, init",
+    [
+        ("question", "shared", 0.1, 0.01, "chainer-he-normal"),  # decay=0.9, Adam(alpha=0.01)
+        ("question-first-snippet", "shared", 0.01, 0.001, "chainer-he-normal"),  # decay=0.99, Adam()
+        ("answer", "per-layer", 0.1, 0.01, "chainer-he-normal"),
+        ("no-bn", "none", None, 0.01, "chainer-he-normal"),
+        ("tensorflow", "per-layer", 0.1, 0.01, "tf-glorot-uniform"),  # momentum=0.9 (old value)
+        ("tensorflow-no-bn", "none", None, 0.01, "tf-glorot-uniform"),
+    ],
+)
 def test_presets_match_the_seed_programs(name, norm, momentum, lr, init):
     cfg = get_preset(name).config
     assert cfg.model.norm == norm
@@ -52,21 +61,26 @@ def test_accept_bands_follow_the_issue():
 
 def test_overrides_change_only_what_is_named():
     base = get_preset("answer").config
-    cfg = apply_overrides(base, {"lr": "0.001", "model.norm": "shared", "widths": "784,50,50,10",
-                                 "train.epochs": "3", "logits-norm": "true"})
+    cfg = apply_overrides(
+        base,
+        {"lr": "0.001", "model.norm": "shared", "widths": "784,50,50,10", "train.epochs": "3", "logits-norm": "true"},
+    )
     assert (cfg.train.lr, cfg.model.norm, cfg.model.widths, cfg.train.epochs) == (0.001, "shared", (784, 50, 50, 10), 3)
     assert cfg.model.logits_norm is True
     assert cfg.train.batch_size == base.train.batch_size and cfg.model.bn_eps == base.model.bn_eps
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"nope": "1"}, "unknown setting"),
-    ({"model.lr": "1"}, "unknown setting"),
-    ({"lr": "fast"}, "bad value for lr"),
-    ({"logits_norm": "maybe"}, "bad value"),
-    ({"norm": "batch"}, "norm must be one of"),
-    ({"epochs": "0"}, r"epochs \(--epochs\) must be"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"nope": "1"}, "unknown setting"),
+        ({"model.lr": "1"}, "unknown setting"),
+        ({"lr": "fast"}, "bad value for lr"),
+        ({"logits_norm": "maybe"}, "bad value"),
+        ({"norm": "batch"}, "norm must be one of"),
+        ({"epochs": "0"}, r"epochs \(--epochs\) must be"),
+    ],
+)
 def test_bad_overrides_are_rejected_clearly(overrides, message):
     with pytest.raises(ValueError, match=message):
         apply_overrides(get_preset("answer").config, overrides)

@@ -28,6 +28,7 @@ def png_size(path):
 
 # ---------------------------------------------------------------------------- parsing
 
+
 def test_axes_take_every_spelling_set_takes_and_parse_to_the_field_type():
     assert parse_axis("model.bn_momentum=0.01,0.1,0.5") == GridAxis("model.bn_momentum", (0.01, 0.1, 0.5))
     assert parse_axis("bn-momentum=0.5") == GridAxis("model.bn_momentum", (0.5,))
@@ -38,15 +39,18 @@ def test_axes_take_every_spelling_set_takes_and_parse_to_the_field_type():
     assert not parse_axis("norm=shared,per-layer").spans_decades
 
 
-@pytest.mark.parametrize("text, message", [
-    ("seed=0,1", "use --seeds"),
-    ("threads=1,2", "cannot vary train.threads"),
-    ("no_such_field=1,2", "unknown setting"),
-    ("batch_size=100,abc", "expected a whole number"),
-    ("lr=0.1,0.1", "lists a value twice"),
-    ("lr=0.1,,0.2", "empty value"),
-    ("lr", "FIELD=V1,V2"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("seed=0,1", "use --seeds"),
+        ("threads=1,2", "cannot vary train.threads"),
+        ("no_such_field=1,2", "unknown setting"),
+        ("batch_size=100,abc", "expected a whole number"),
+        ("lr=0.1,0.1", "lists a value twice"),
+        ("lr=0.1,,0.2", "empty value"),
+        ("lr", "FIELD=V1,V2"),
+    ],
+)
 def test_bad_axes_are_usage_errors_naming_the_fix(text, message):
     with pytest.raises(ValueError, match=message):
         parse_axis(text)
@@ -63,8 +67,11 @@ def test_points_are_the_product_first_axis_slowest_with_safe_readable_names():
     axes = [parse_axis("bn_momentum=0.01,0.5"), parse_axis("batch_size=100,1000")]
     points = grid_points(axes)
     assert [point_name(p) for p in points] == [
-        "bn_momentum-0.01__batch_size-100", "bn_momentum-0.01__batch_size-1000",
-        "bn_momentum-0.5__batch_size-100", "bn_momentum-0.5__batch_size-1000"]
+        "bn_momentum-0.01__batch_size-100",
+        "bn_momentum-0.01__batch_size-1000",
+        "bn_momentum-0.5__batch_size-100",
+        "bn_momentum-0.5__batch_size-1000",
+    ]
     assert point_label(points[1]) == "bn_momentum=0.01 batch_size=1000"
     odd = (("train.device", "cuda:0"), *grid_points([parse_axis("widths=784,16,16,10")])[0])
     assert point_name(odd) == "device-cuda_0__widths-784x16x16x10" == safe_name(point_name(odd))
@@ -90,17 +97,36 @@ def test_plan_gives_each_point_preset_and_seed_its_directory_and_full_config(tmp
 
 # ------------------------------------------------------------------ compare with a grid
 
+
 def test_grid_compare_trains_every_run_resumes_and_reports(tmp_path, capsys):
     out = tmp_path / "grid"
-    argv = ["compare", "--presets", "question,answer", "--grid", "bn_momentum=0.01,0.5", "--grid",
-            "batch_size=1000,2000", "--seeds", "0-1", *TINY, "--out", str(out), "--workers", "2"]
+    argv = [
+        "compare",
+        "--presets",
+        "question,answer",
+        "--grid",
+        "bn_momentum=0.01,0.5",
+        "--grid",
+        "batch_size=1000,2000",
+        "--seeds",
+        "0-1",
+        *TINY,
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+    ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     run_dirs = sorted(out.glob("runs/*/*/seed*"))
     assert len(run_dirs) == 16 and all(status_of(d) == "complete" for d in run_dirs)
     cfg = json.loads((out / "runs/answer/bn_momentum-0.5__batch_size-2000/seed1/config.json").read_text())
-    assert (cfg["preset"], cfg["model"]["bn_momentum"], cfg["train"]["batch_size"], cfg["train"]["seed"]) == \
-        ("answer", 0.5, 2000, 1)
+    assert (cfg["preset"], cfg["model"]["bn_momentum"], cfg["train"]["batch_size"], cfg["train"]["seed"]) == (
+        "answer",
+        0.5,
+        2000,
+        1,
+    )
     assert cfg["model"]["widths"] == [784, 16, 16, 10] and cfg["model"]["norm"] == "per-layer"
     assert "answer bn_momentum=0.5 batch_size=2000 seed 1: complete" in text
     assert "| question | 0.01 | 1000 | 2 |" in text  # the statistics table per grid point
@@ -109,10 +135,17 @@ def test_grid_compare_trains_every_run_resumes_and_reports(tmp_path, capsys):
     summary = json.loads((report / "summary.json").read_text())
     assert [a["field"] for a in summary["axes"]] == ["model.bn_momentum", "train.batch_size"]
     assert len(summary["cells"]) == 8 and all(c["metrics"]["final_val_acc"]["n"] == 2 for c in summary["cells"])
-    cell = next(c for c in summary["cells"] if c["series"] == "answer"
-                and c["point"] == {"model.bn_momentum": 0.5, "train.batch_size": 2000})
-    on_disk = [json.loads((out / f"runs/answer/bn_momentum-0.5__batch_size-2000/seed{s}/history.json").read_text())
-               ["history"][-1]["val_acc"] for s in (0, 1)]
+    cell = next(
+        c
+        for c in summary["cells"]
+        if c["series"] == "answer" and c["point"] == {"model.bn_momentum": 0.5, "train.batch_size": 2000}
+    )
+    on_disk = [
+        json.loads((out / f"runs/answer/bn_momentum-0.5__batch_size-2000/seed{s}/history.json").read_text())["history"][
+            -1
+        ]["val_acc"]
+        for s in (0, 1)
+    ]
     assert cell["per_seed"]["final_val_acc"] == {"0": on_disk[0], "1": on_disk[1]}
     assert cell["metrics"]["final_val_acc"]["mean"] == pytest.approx(sum(on_disk) / 2)
     rows = list(csv.DictReader((report / "summary.csv").open()))
@@ -130,8 +163,9 @@ def test_grid_compare_trains_every_run_resumes_and_reports(tmp_path, capsys):
     assert capsys.readouterr().out.count("finished earlier") == 16
     assert {d: (d / "history.json").stat().st_mtime_ns for d in run_dirs} == before
     lost = out / "runs/question/bn_momentum-0.5__batch_size-1000/seed0"
-    (lost / "history.json").write_text(json.dumps({"preset": "question", "seed": 0, "status": "running",
-                                                   "history": []}))
+    (lost / "history.json").write_text(
+        json.dumps({"preset": "question", "seed": 0, "status": "running", "history": []})
+    )
     assert main(argv) == 0
     assert capsys.readouterr().out.count("finished earlier") == 15
     assert status_of(lost) == "complete"
@@ -140,8 +174,20 @@ def test_grid_compare_trains_every_run_resumes_and_reports(tmp_path, capsys):
 
 def test_a_grid_sweep_reports_failed_points_and_respects_the_lock(tmp_path, capsys):
     out = tmp_path / "grid"
-    argv = ["compare", "--presets", "no-bn", "--grid", "lr=0.01,1e30", "--seeds", "0", *TINY, "--out", str(out),
-            "--workers", "1"]
+    argv = [
+        "compare",
+        "--presets",
+        "no-bn",
+        "--grid",
+        "lr=0.01,1e30",
+        "--seeds",
+        "0",
+        *TINY,
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+    ]
     with RunLock(out, "sweep directory"):
         assert main(argv) == 2
     assert "in use by another bnlab process" in capsys.readouterr().err
@@ -178,10 +224,24 @@ def test_grid_histories_do_not_depend_on_the_executor_process(tmp_path):
 
 # ------------------------------------------------------------------------- the study
 
+
 def test_sharing_study_puts_the_doctors_repair_beside_each_shared_run(tmp_path, capsys):
     out = tmp_path / "study"
-    argv = ["study", "sharing", "--momenta", "0.1,0.01", "--batch-sizes", "1000", "--seeds", "0", *TINY,
-            "--out", str(out), "--workers", "2"]
+    argv = [
+        "study",
+        "sharing",
+        "--momenta",
+        "0.1,0.01",
+        "--batch-sizes",
+        "1000",
+        "--seeds",
+        "0",
+        *TINY,
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+    ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "| shared BN (question) | shared, repaired by the doctor | per-layer BN (answer) |" in text

@@ -26,7 +26,7 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
     for node in tree.body:
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             continue
-        for sub in ([node] if not isinstance(node, (ast.If, ast.Try)) else ast.walk(node)):
+        for sub in [node] if not isinstance(node, (ast.If, ast.Try)) else ast.walk(node):
             if isinstance(sub, ast.ImportFrom) and sub.module and sub.module.startswith("bnlab"):
                 subs = {f"{sub.module}.{a.name}" for a in sub.names} & modules
                 found.update(subs)
@@ -39,8 +39,9 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
 
 def _graph() -> dict[str, set[str]]:
     modules = {_module_name(p): p for p in SRC.rglob("*.py")}
-    return {name: {m for m in _imports(path, set(modules)) if m in modules and m != name}
-            for name, path in modules.items()}
+    return {
+        name: {m for m in _imports(path, set(modules)) if m in modules and m != name} for name, path in modules.items()
+    }
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -52,7 +53,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         stack.pop()
@@ -80,22 +81,36 @@ HEAVY = ("torch", "chainer", "tensorflow", "keras", "ray", "matplotlib", "scipy"
 
 
 def _imported_after(argv: list[str]) -> set[str]:
-    code = ("import sys, contextlib, io\nfrom bnlab.cli import main\n"
-            "with contextlib.redirect_stdout(io.StringIO()):\n"
-            "    try:\n        main(sys.argv[1:])\n    except SystemExit:\n        pass\n"
-            f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))")
+    code = (
+        "import sys, contextlib, io\nfrom bnlab.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n        main(sys.argv[1:])\n    except SystemExit:\n        pass\n"
+        f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
+    )
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True)
     return set(done.stdout.split())
 
 
 def test_help_presets_and_convert_import_no_framework():
-    for argv in (["--help"], ["presets"], ["convert", "--from", "chainer", "--decay", "0.9", "--to", "torch"],
-                 ["train", "--help"], ["conventions"]):
+    for argv in (
+        ["--help"],
+        ["presets"],
+        ["convert", "--from", "chainer", "--decay", "0.9", "--to", "torch"],
+        ["train", "--help"],
+        ["conventions"],
+    ):
         assert _imported_after(argv) == set(), argv
 
 
 def test_import_bnlab_is_lazy():
-    done = subprocess.run([sys.executable, "-c", "import sys, bnlab; bnlab.PRESETS; "
-                           f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))"],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import sys, bnlab; bnlab.PRESETS; print(' '.join(m for m in {HEAVY!r} if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert done.stdout.split() == []

@@ -15,12 +15,15 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("norm, logits_norm, extra", [
-    ("none", False, 0),
-    ("per-layer", False, 2 * 200),  # gamma and beta of bn1 and bn2
-    ("shared", False, 200),         # ONE module: one gamma and beta
-    ("per-layer", True, 2 * 200 + 20),
-])
+@pytest.mark.parametrize(
+    "norm, logits_norm, extra",
+    [
+        ("none", False, 0),
+        ("per-layer", False, 2 * 200),  # gamma and beta of bn1 and bn2
+        ("shared", False, 200),  # ONE module: one gamma and beta
+        ("per-layer", True, 2 * 200 + 20),
+    ],
+)
 def test_parameter_counts(norm, logits_norm, extra):
     model = build_model(ModelConfig(norm=norm, logits_norm=logits_norm))
     assert n_params(model) == LINEAR_PARAMS + extra
@@ -48,13 +51,16 @@ def test_shared_needs_equal_hidden_widths():
         ModelConfig(norm="shared", widths=(784, 100, 50, 10))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"norm": "batch"}, "norm must be one of"),
-    ({"init": "he"}, "init must be one of"),
-    ({"bn_momentum": 0.9 + 1}, "bn_momentum"),
-    ({"bn_eps": 0.0}, "bn_eps"),
-    ({"widths": (784,)}, "widths"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"norm": "batch"}, "norm must be one of"),
+        ({"init": "he"}, "init must be one of"),
+        ({"bn_momentum": 0.9 + 1}, "bn_momentum"),
+        ({"bn_eps": 0.0}, "bn_eps"),
+        ({"widths": (784,)}, "widths"),
+    ],
+)
 def test_bad_model_config_is_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**kwargs)

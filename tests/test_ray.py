@@ -31,8 +31,10 @@ def processes_with(marker: str) -> list[int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                if (marker.encode() in (entry / "environ").read_bytes()
-                        and b"resource_tracker" not in (entry / "cmdline").read_bytes()):
+                if (
+                    marker.encode() in (entry / "environ").read_bytes()
+                    and b"resource_tracker" not in (entry / "cmdline").read_bytes()
+                ):
                     found.append(int(entry.name))
             except OSError:
                 pass
@@ -66,8 +68,9 @@ def cluster():
     marker = uuid.uuid4().hex
     os.environ[MARKER] = marker  # inherited by every process of the cluster
     try:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1")
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1"
+        )
         yield marker
     finally:
         ray.shutdown()
@@ -87,8 +90,9 @@ def history_rows(outcome):
 
 def test_a_two_worker_ray_sweep_gives_the_local_executors_histories_and_resumes(cluster, tmp_path):
     overrides = {**TINY, "epochs": "2"}
-    local = run_sweep(plan_sweep(["question", "answer"], [0, 1], tmp_path / "local", overrides),
-                      LocalProcessExecutor(2))
+    local = run_sweep(
+        plan_sweep(["question", "answer"], [0, 1], tmp_path / "local", overrides), LocalProcessExecutor(2)
+    )
     specs = plan_sweep(["question", "answer"], [0, 1], tmp_path / "ray", overrides)
     events = []
     on_ray = run_sweep(specs, RayExecutor(workers=2), events.append)
@@ -128,7 +132,7 @@ def test_a_killed_worker_is_redone_and_finished_runs_are_kept(cluster, tmp_path)
     assert killed and [o.status for o in outcomes] == ["complete"] * 3
     kinds = [e.kind for e in events if e.spec == victim[0]]
     assert kinds[0] == "start" and kinds.count("restart") == 1 and kinds[-1] == "done"
-    assert kinds[kinds.index("restart") + 1:].count("epoch") == 5
+    assert kinds[kinds.index("restart") + 1 :].count("epoch") == 5
     assert [e.kind for e in events if e.spec == first[0]] == ["start", "epoch", "done"]
     # The run finished before the kill is untouched; the redone one matches a fresh run.
     assert (first[0].run_dir / "history.json").stat().st_mtime_ns == finished_at[first[0].run_dir]
@@ -138,8 +142,25 @@ def test_a_killed_worker_is_redone_and_finished_runs_are_kept(cluster, tmp_path)
 
 
 def test_compare_with_executor_ray_on_the_running_cluster(cluster, tmp_path, capsys):
-    argv = ["compare", "--presets", "answer", "--grid", "bn_momentum=0.01,0.5", "--seeds", "0", "--epochs", "1",
-            "--set", "widths=784,16,16,10", "--out", str(tmp_path), "--executor", "ray", "--workers", "2"]
+    argv = [
+        "compare",
+        "--presets",
+        "answer",
+        "--grid",
+        "bn_momentum=0.01,0.5",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--set",
+        "widths=784,16,16,10",
+        "--out",
+        str(tmp_path),
+        "--executor",
+        "ray",
+        "--workers",
+        "2",
+    ]
     assert main(argv) == 0
     assert "answer bn_momentum=0.5 seed 0: complete" in capsys.readouterr().out
     assert (tmp_path / "report" / "report.html").exists()

@@ -7,11 +7,14 @@ hand-built histories, where the right answer is known in advance.
 
 import csv
 import dataclasses
+import html
 import io
 import json
 import math
 import re
+import shutil
 import statistics
+import subprocess
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -21,17 +24,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as scipy_stats
 
-from bnlab import figures, report
-from bnlab.presets import PRESETS
-from bnlab.sweep import InlineExecutor, plan_sweep, run_sweep
+from bnlab import bnstats, figures, report
 from bnlab.config import EpochRecord
+from bnlab.presets import PRESETS
 from bnlab.rundir import RunData, read_run
+from bnlab.sweep import InlineExecutor, plan_sweep, run_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = {"epochs": "2", "widths": "784,16,16,10"}
 
 
 # ----------------------------------------------------------------------------- statistics
+
 
 def test_describe_three_values_by_hand():
     s = report.describe([0.90, 0.92, 0.94])
@@ -83,13 +87,40 @@ def test_curve_band_is_describe_per_epoch():
 
 # ------------------------------------------------------------------------------ verdicts
 
+
+def test_an_accuracy_interval_is_clipped_to_0_1_and_the_outputs_say_so():
+    # Three seeds at 1.0, 1.0, 0.99: the t-interval's upper end is about 1.011.
+    raw = report.describe([1.0, 1.0, 0.99])
+    assert raw.ci_high > 1.0
+    runs = [fake_run("answer", seed, acc) for seed, acc in enumerate([1.0, 1.0, 0.99])]
+    summaries = report.summarize(runs)
+    stats = summaries["answer"].stats["final_val_acc"]
+    assert stats.ci_high == 1.0 and stats.ci_low == pytest.approx(raw.ci_low)
+    assert stats.mean == pytest.approx(raw.mean)  # only the interval's end moves
+    row = report.stats_rows(summaries)[0]
+    assert row[3] == f"[{raw.ci_low:.4f}, 1.0000]"
+    payload = report.summary_json(summaries, report.verdicts_of(summaries, runs))
+    assert payload["presets"]["answer"]["metrics"]["final_val_acc"]["ci_high"] == 1.0
+    assert payload["ci_clipped_to"]["final_val_acc"] == [0.0, 1.0]
+    assert report.CLIP_NOTE in report.summary_markdown(summaries, [])
+    # A loss interval only stops at 0; a single value keeps its undefined (NaN) interval.
+    assert report.describe([0.01, 0.01, 5.0], bounds=(0.0, math.inf)).ci_low == 0.0
+    assert math.isnan(report.describe([0.5], bounds=(0.0, 1.0)).ci_high)
+
+
 def fake_run(preset: str, seed: int, final_acc: float, status: str = "complete", **train_changes) -> RunData:
     """A run as if read from disk, with the preset's own settings unless changed."""
     cfg = PRESETS[preset].config
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, **train_changes))
     history = [EpochRecord(e, 0.1, 0.2, 0.97, acc, 1.0) for e, acc in enumerate([0.5, 0.6, final_acc])]
-    return RunData(preset, seed, Path(f"/nowhere/{preset}/seed{seed}"), status,
-                          history if status == "complete" else history[:1], config=cfg.to_dict())
+    return RunData(
+        preset,
+        seed,
+        Path(f"/nowhere/{preset}/seed{seed}"),
+        status,
+        history if status == "complete" else history[:1],
+        config=cfg.to_dict(),
+    )
 
 
 def verdicts_for(runs):
@@ -97,8 +128,12 @@ def verdicts_for(runs):
 
 
 def test_question_is_reproduced_inside_its_band_and_far_below_answer():
-    runs = [fake_run("question", 0, 0.87), fake_run("question", 1, 0.88),
-            fake_run("answer", 0, 0.980), fake_run("answer", 1, 0.985)]
+    runs = [
+        fake_run("question", 0, 0.87),
+        fake_run("question", 1, 0.88),
+        fake_run("answer", 0, 0.980),
+        fake_run("answer", 1, 0.985),
+    ]
     v = verdicts_for(runs)
     assert v["question"].reproduced is True and v["question"].value == pytest.approx(0.875)
     assert v["question"].seeds_in_band == 2 and not v["question"].deviations
@@ -138,6 +173,7 @@ def test_a_preset_without_complete_runs_is_not_judged():
 
 # ------------------------------------------------------------------------ BN trace maths
 
+
 def test_trace_series_splits_a_shared_module_into_call_sites():
     # One shared module, 2 call sites, 3 steps, 1 channel; rows in call order.
     rows, module, site = [], [], []
@@ -146,8 +182,12 @@ def test_trace_series_splits_a_shared_module_into_call_sites():
             rows.append([[10.0 * s + step], [4.0], [step + 0.1 * s], [2.0 + s]])
             module.append(0)
             site.append(s)
-    trace = {"values": np.asarray(rows, dtype=np.float32), "module": np.asarray(module),
-             "site": np.asarray(site), "module_names": np.asarray(["bn"])}
+    trace = {
+        "values": np.asarray(rows, dtype=np.float32),
+        "module": np.asarray(module),
+        "site": np.asarray(site),
+        "module_names": np.asarray(["bn"]),
+    }
     first, second = report.trace_series(trace)
     assert first.label == "bn call 1 (after l1)" and second.label == "bn call 2 (after l2)"
     assert first.shared and second.shared
@@ -156,14 +196,23 @@ def test_trace_series_splits_a_shared_module_into_call_sites():
     # The state at the end of a step is the one after the LAST call: site 2's record.
     np.testing.assert_allclose(first.run_mean[:, 0], [0.1, 1.1, 2.1])
     np.testing.assert_allclose(first.run_var[:, 0], [3, 3, 3])
-    (m1, m2) = report.trace_mismatch([first, second], last_steps=1)
+    (m1, m2) = report.trace_mismatch([first, second], last_steps=1, eps=1e-5)
     # Last step: running mean 2.1, var 3; site 1 batch mean 2, site 2 batch mean 12, batch var 4.
-    assert m1["mean_shift_in_std"] == pytest.approx(0.1 / 2, rel=1e-5)
-    assert m2["mean_shift_in_std"] == pytest.approx(9.9 / 2, rel=1e-5)
-    assert m1["var_ratio"] == pytest.approx(0.75, rel=1e-5)
+    # bnlab.bnstats's definition (the doctor's): shift in running SDs, ratio batch / running.
+    assert m1["mean_shift"] == pytest.approx(0.1 / math.sqrt(3 + 1e-5), rel=1e-5)
+    assert m2["mean_shift"] == pytest.approx(9.9 / math.sqrt(3 + 1e-5), rel=1e-5)
+    assert m1["var_ratio"] == pytest.approx((4 + 1e-5) / (3 + 1e-5), rel=1e-5)
+    assert m1 == {
+        "site": first.label,
+        "module": "bn",
+        **bnstats.distance(
+            first.batch_mean[-1:], first.batch_var[-1:], first.run_mean[-1:], first.run_var[-1:], 1e-5
+        ).as_dict(),
+    }
 
 
 # ------------------------------------------------------------- outputs, on real MNIST runs
+
 
 @pytest.fixture(scope="module")
 def real_runs(tmp_path_factory):
@@ -203,7 +252,7 @@ def test_csv_and_json_hold_the_statistics_of_the_saved_histories(built, real_run
 
 def test_markdown_has_the_verdict_and_statistics_tables(built, real_runs):
     text = built.markdown.read_text()
-    assert "| preset | final val acc | the question's claim | accepted band | verdict |" in text
+    assert "| preset | verdict | final val acc | the question's claim | accepted band |" in text
     assert "| preset | runs | final val acc (mean ± sd) | 95% CI |" in text
     mean = statistics.fmean(saved_finals(real_runs[:2]))
     assert re.search(rf"\| question \| 2 \| {mean:.4f} ± ", text)
@@ -253,3 +302,103 @@ def test_real_trace_shows_one_running_stat_for_both_sites_of_the_shared_module(r
 
 def test_read_run_of_a_directory_without_history_is_none(tmp_path):
     assert read_run(tmp_path) is None
+
+
+# --------------------------------------------------- what a reader sees: figures and 420 px
+
+
+def drawn_figures(run_dirs, tmp_path, monkeypatch):
+    """The matplotlib Figures of a report (caught at save time) with their names."""
+    caught = {}
+    real_save = figures.save_figure
+
+    def catch(fig, out_dir, name, *args, **kwargs):
+        caught[name] = fig
+        return real_save(fig, out_dir, name, *args, **kwargs)
+
+    monkeypatch.setattr(figures, "save_figure", catch)
+    steps = []
+    report.build_report(run_dirs, tmp_path / "report", on_step=steps.append)
+    return caught, steps
+
+
+def test_short_runs_get_whole_epoch_ticks_and_every_trace_panel_a_y_label(real_runs, tmp_path, monkeypatch):
+    caught, steps = drawn_figures(real_runs, tmp_path, monkeypatch)
+    assert {"val_curves", "train_vs_val", "bn_trace_question", "bn_trace_answer"} <= set(caught)
+    for name, fig in caught.items():
+        fig.canvas.draw()
+        for ax in fig.axes:
+            low, high = sorted(ax.get_xlim())
+            shown = [t for t in ax.get_xticks() if low - 1e-9 <= t <= high + 1e-9]
+            assert shown and all(float(t).is_integer() for t in shown), (name, ax.get_title(), shown)
+            if name.startswith("bn_trace"):
+                assert ax.get_ylabel(), (name, ax.get_title())
+    # The report names each step as it starts: figures take seconds each on a busy machine.
+    assert steps[0] == "reading 4 run directories"
+    assert [s for s in steps if s.startswith("figure ")] == [
+        "figure 1 of 4: validation curves",
+        "figure 2 of 4: train against validation",
+        "figure 3 of 4: BN statistics of question",
+        "figure 4 of 4: BN statistics of answer",
+    ]
+    assert steps[-1].startswith("writing report.html")
+
+
+def test_html_tables_scroll_at_phone_width_and_the_verdict_comes_second(built):
+    text = built.html.read_text()
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in text
+    assert re.search(r"\.scroll\{overflow-x:auto", text)
+    tables = re.findall(r"(.{0,30})<table>", text)
+    assert tables and all(before.endswith('<div class="scroll">') for before in tables)
+    assert text.count("<table>") == text.count('<div class="scroll"><table>')
+    assert "<tr><th>preset</th><th>verdict</th><th>final val acc</th>" in text
+    assert html.escape(report.CLIP_NOTE) in text
+    # The BN table speaks bnlab.bnstats's (and the doctor's) language.
+    assert "<th>mean shift (running SD)</th><th>variance ratio (batch / running)</th>" in text
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs a headless chromium (Debian: apt-get install chromium)")
+def test_at_420_px_nothing_is_cut_off_in_a_real_browser(built, tmp_path):
+    """Chromium lays the report out in a 420 px frame (a window cannot be made that narrow);
+    a script reports whether the page, or anything outside a scrolling box, is wider."""
+    probe = (
+        '<!doctype html><html><body style="margin:0"><iframe id="f" style="border:0;width:420px;'
+        f'height:3000px" srcdoc="{html.escape(built.html.read_text(), quote=True)}"></iframe><script>'
+        "document.getElementById('f').addEventListener('load',()=>{"
+        "const d=document.getElementById('f').contentDocument;const w=d.documentElement.clientWidth;"
+        "const cut=[...d.querySelectorAll('body *')].filter(e=>e.getBoundingClientRect().right>w+0.5"
+        "&&(!e.closest('.scroll')||e.classList.contains('scroll'))).map(e=>e.tagName);"
+        "document.title='probe '+JSON.stringify({window:w,page:d.documentElement.scrollWidth,cut:cut,"
+        "tables:d.querySelectorAll('.scroll > table').length});});</script></body></html>"
+    )
+    page = tmp_path / "probe.html"
+    page.write_text(probe)
+    out = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=600,2000",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    found = re.search(r"<title>probe (\{.*?\})</title>", out.stdout)
+    assert found, out.stderr[-2000:]
+    seen = json.loads(found.group(1))
+    assert 380 <= seen["window"] <= 420 and seen["tables"] >= 4, seen
+    assert seen["page"] <= seen["window"], seen  # no sideways scrolling of the page
+    assert seen["cut"] == [], seen  # wide content scrolls inside its own box

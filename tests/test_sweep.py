@@ -17,7 +17,17 @@ from pathlib import Path
 import pytest
 
 from bnlab.cli import main
-from bnlab.sweep import DEFAULT_THREADS_PER_WORKER, InOrder, InlineExecutor, LocalProcessExecutor, SweepEvent, SweepProgress, default_workers, plan_sweep, run_sweep
+from bnlab.sweep import (
+    DEFAULT_THREADS_PER_WORKER,
+    InlineExecutor,
+    InOrder,
+    LocalProcessExecutor,
+    SweepEvent,
+    SweepProgress,
+    default_workers,
+    plan_sweep,
+    run_sweep,
+)
 
 TINY = {"epochs": "1", "widths": "784,16,16,10"}
 TINY_FLAGS = ["--set", "widths=784,16,16,10"]
@@ -39,6 +49,7 @@ def mtimes(run_dirs) -> dict[Path, int]:
 
 
 # -------------------------------------------------------------------------------- planning
+
 
 def test_plan_sweep_orders_runs_and_traces_only_batch_norm_models(tmp_path):
     specs = plan_sweep(["no-bn", "question"], [3, 0], tmp_path, {"epochs": "2"})
@@ -81,7 +92,42 @@ def test_progress_total_drops_the_epochs_that_will_not_be_trained(tmp_path):
     progress.close()
 
 
+def test_progress_clock_starts_at_the_first_epoch_back_dated_by_its_duration(tmp_path):
+    import time
+
+    from bnlab.config import EpochRecord
+
+    specs = plan_sweep(["answer"], [0, 1], tmp_path, {"epochs": "2"})
+    progress = SweepProgress(len(specs), 4, file=io.StringIO())
+    created = progress.bar.start_t
+    time.sleep(0.3)  # the workers start: not training time
+    progress(SweepEvent("start", specs[0]))
+    progress(SweepEvent("epoch", specs[0], record=EpochRecord(0, 1.0, 1.0, 0.5, 0.5, 0.2)))
+    # The clock counts the first epoch (0.2 s), not the start-up before it.
+    assert created + 0.3 <= progress.bar.start_t + 0.2 + 1e-6
+    assert progress.bar.start_t <= time.time() - 0.2
+    late = SweepProgress(1, 2, file=io.StringIO())
+    late(SweepEvent("epoch", specs[0], record=EpochRecord(0, 1.0, 1.0, 0.5, 0.5, 60.0)))
+    assert late.bar.start_t >= late._created  # never back-dated before the bar existed
+    late.close()
+    # Two runs in flight: each one's first epoch is half an epoch of the bar's time.
+    pair = SweepProgress(2, 4, file=io.StringIO())
+    time.sleep(0.3)
+    pair(SweepEvent("start", specs[0]))
+    pair(SweepEvent("start", specs[1]))
+    before = time.time()
+    pair(SweepEvent("epoch", specs[0], record=EpochRecord(0, 1.0, 1.0, 0.5, 0.5, 0.2)))
+    assert before - 0.1 - 0.05 <= pair.bar.start_t <= time.time() - 0.1 + 1e-6
+    pair.close()
+    # The bar closes by itself when the last run is done: the report's time is not training time.
+    for spec in specs:
+        progress(SweepEvent("done", spec, outcome=None))
+    assert progress.bar.disable  # tqdm's state after close()
+    progress.close()  # again: harmless
+
+
 # ------------------------------------------------------------------- resuming, in process
+
 
 def test_resume_trains_only_unfinished_runs_and_clears_partial_directories(tmp_path):
     specs = plan_sweep(["answer", "no-bn"], [0, 1], tmp_path, TINY)
@@ -133,6 +179,7 @@ def test_diverged_and_failed_runs_are_outcomes_and_the_sweep_goes_on(tmp_path):
 
 # -------------------------------------------------------------- worker processes, the CLI
 
+
 def processes_with(marker: str) -> list[int]:
     """Live processes whose environment holds ``marker`` (our subprocess and its workers)."""
     found = []
@@ -162,8 +209,13 @@ def test_ctrl_c_stops_the_workers_keeps_finished_runs_and_repro_resumes(tmp_path
     args = ["--presets", "question,no-bn", "--seeds", "0-1", "--epochs", "3", *TINY_FLAGS, "--out", str(out)]
     marker = f"BNLAB_TEST_MARKER={uuid.uuid4().hex}"
     env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
-    proc = subprocess.Popen([sys.executable, "-m", "bnlab", "compare", *args, "--workers", "1"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bnlab", "compare", *args, "--workers", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: complete_runs(out), timeout=180)
         proc.send_signal(signal.SIGINT)
@@ -187,14 +239,30 @@ def test_ctrl_c_stops_the_workers_keeps_finished_runs_and_repro_resumes(tmp_path
     assert "epoch  train/loss  val/loss  train/acc   val/acc" in text
     lines = text.splitlines()
     for preset in ("question", "no-bn"):
-        assert any(line.startswith(f"{preset}: final val acc ") and "the question/answer says" in line for line in lines)
+        assert any(
+            line.startswith(f"{preset}: final val acc ") and "the question/answer says" in line for line in lines
+        )
     report_path = Path(text.split("report: ")[1].split()[0])
     assert report_path == out / "report" / "report.html" and report_path.exists()
 
 
 def test_compare_exits_1_when_runs_diverge_and_does_not_retrain_them(tmp_path, capsys):
-    argv = ["compare", "--presets", "no-bn", "--seeds", "0-1", "--epochs", "2", "--lr", "1e30", *TINY_FLAGS,
-            "--out", str(tmp_path), "--workers", "2"]
+    argv = [
+        "compare",
+        "--presets",
+        "no-bn",
+        "--seeds",
+        "0-1",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e30",
+        *TINY_FLAGS,
+        "--out",
+        str(tmp_path),
+        "--workers",
+        "2",
+    ]
     assert main(argv) == 1
     captured = capsys.readouterr()
     assert "no-bn seed 0 diverged" in captured.err and "no-bn seed 1 diverged" in captured.err

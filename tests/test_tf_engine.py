@@ -23,11 +23,13 @@ RUNNABLE_PRESETS = ["tensorflow", "tensorflow-no-bn", "question", "question-firs
 
 
 def test_bnlab_and_its_help_do_not_import_tensorflow():
-    code = ("import sys, contextlib, io\n"
-            "import bnlab, bnlab.cli, bnlab.engines, bnlab.engines.tensorflow\n"
-            "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
-            "    bnlab.cli.main(['--help'])\n"
-            "print('tensorflow' in sys.modules, 'tf_keras' in sys.modules)\n")
+    code = (
+        "import sys, contextlib, io\n"
+        "import bnlab, bnlab.cli, bnlab.engines, bnlab.engines.tensorflow\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    bnlab.cli.main(['--help'])\n"
+        "print('tensorflow' in sys.modules, 'tf_keras' in sys.modules)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 
@@ -63,11 +65,14 @@ def test_every_seed_program_preset_is_accepted(preset):
     tfe.check_config(cfg)
 
 
-@pytest.mark.parametrize("override, field", [
-    ({"init": "torch-default"}, "model.init"),
-    ({"adam_eps_mode": "torch"}, "train.adam_eps_mode"),
-    ({"device": "cuda"}, "train.device"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ({"init": "torch-default"}, "model.init"),
+        ({"adam_eps_mode": "torch"}, "train.adam_eps_mode"),
+        ({"device": "cuda"}, "train.device"),
+    ],
+)
 def test_what_tf1_cannot_express_is_refused_naming_the_field_and_fix(override, field):
     cfg = apply_overrides(PRESETS["tensorflow"].config, {"engine": "tensorflow", **override})
     with pytest.raises(UsageError, match="cannot run with --engine tensorflow") as err:
@@ -100,7 +105,7 @@ def test_initial_weights_are_tfs_initializers_seeded_by_the_run(tf, preset, init
     if init == "glorot":  # U(+-sqrt(6 / (fan_in + fan_out)))
         limit = (6 / (784 + 100)) ** 0.5
         assert w.abs().max() <= limit and w.abs().max() > 0.99 * limit
-        assert float(w.std()) == pytest.approx(limit / 3 ** 0.5, rel=0.02)
+        assert float(w.std()) == pytest.approx(limit / 3**0.5, rel=0.02)
     else:  # Chainer's HeNormal: N(0, 2 / fan_in)
         assert float(w.std()) == pytest.approx((2 / 784) ** 0.5, rel=0.02)
         assert w.abs().max() > 3 * (2 / 784) ** 0.5  # not truncated
@@ -166,4 +171,7 @@ def test_tensorflow_preset_one_epoch_through_train(tf, mnist, tmp_path):
     assert result.history[-1].val_acc > 0.9
     model, _ = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert {k: int(v) for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")} == {
-        "bn1.num_batches_tracked": 60, "bn2.num_batches_tracked": 60, "bn_logits.num_batches_tracked": 60}
+        "bn1.num_batches_tracked": 60,
+        "bn2.num_batches_tracked": 60,
+        "bn_logits.num_batches_tracked": 60,
+    }

@@ -49,17 +49,23 @@ def arrays(mnist):
 def _replace(cfg: RunConfig, **changes) -> RunConfig:
     model = {k: v for k, v in changes.items() if k in {f.name for f in dataclasses.fields(cfg.model)}}
     train = {k: v for k, v in changes.items() if k not in model}
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model),
-                               train=dataclasses.replace(cfg.train, **train))
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, **model), train=dataclasses.replace(cfg.train, **train)
+    )
 
 
 def tf_faithful_torch(cfg: RunConfig) -> RunConfig:
     """``cfg`` with the float32 values TF actually uses for lr, betas, eps and the BN decay."""
     t = cfg.train
     decay = tfe.as_tf_float32(1.0 - tfe.tf_momentum(cfg.model))  # tf: convert_to_tensor(1.0 - momentum)
-    return _replace(cfg, lr=tfe.as_tf_float32(t.lr), adam_beta1=tfe.as_tf_float32(t.adam_beta1),
-                    adam_beta2=tfe.as_tf_float32(t.adam_beta2), adam_eps=tfe.as_tf_float32(t.adam_eps),
-                    bn_momentum=decay)
+    return _replace(
+        cfg,
+        lr=tfe.as_tf_float32(t.lr),
+        adam_beta1=tfe.as_tf_float32(t.adam_beta1),
+        adam_beta2=tfe.as_tf_float32(t.adam_beta2),
+        adam_eps=tfe.as_tf_float32(t.adam_eps),
+        bn_momentum=decay,
+    )
 
 
 def tf_beta_powers(beta: float, steps: int) -> list[float]:
@@ -79,7 +85,7 @@ def tf_power_lr(tc, step: int, b1_power: float, b2_power: float) -> float:
     TF: p -= lr sqrt(1 - B2) / (1 - B1) m / (sqrt(v) + eps). The torch engine (eps folded in,
     ``chainer_style_eps``): p -= lr' sqrt(bc2) / bc1 m / (sqrt(v) + eps), bc = 1 - beta^t exact.
     They agree for lr' = lr sqrt(1 - B2) / (1 - B1) * bc1 / sqrt(bc2)."""
-    bc1, bc2 = 1.0 - tc.adam_beta1 ** step, 1.0 - tc.adam_beta2 ** step
+    bc1, bc2 = 1.0 - tc.adam_beta1**step, 1.0 - tc.adam_beta2**step
     return tc.lr * math.sqrt(1.0 - b2_power) / (1.0 - b1_power) * bc1 / math.sqrt(bc2)
 
 
@@ -92,8 +98,16 @@ class Lockstep:
     tf_beta_powers: tuple[float, float]
 
 
-def lockstep(cfg: RunConfig, arrays, steps: int = STEPS, *, dtype: type = np.float64, faithful: bool = True,
-             torch_cfg: RunConfig | None = None, torch_model_hook=None) -> Lockstep:
+def lockstep(
+    cfg: RunConfig,
+    arrays,
+    steps: int = STEPS,
+    *,
+    dtype: type = np.float64,
+    faithful: bool = True,
+    torch_cfg: RunConfig | None = None,
+    torch_model_hook=None,
+) -> Lockstep:
     """Both engines in ``dtype`` from build_model(cfg, seed)'s weights over the run's first
     ``steps`` minibatches. ``faithful`` gives the torch side TF's float32 hyper-parameters and
     beta powers; ``torch_cfg`` / ``torch_model_hook`` alter only the torch side (the negative
@@ -128,8 +142,13 @@ def lockstep(cfg: RunConfig, arrays, steps: int = STEPS, *, dtype: type = np.flo
             torch_losses.append(float(t_loss))
         with program.graph.as_default():
             powers = program.session.run(list(_beta_accumulators(program)))
-        return Lockstep(tf_losses, torch_losses, tfe.tf_state_dict(program), model.state_dict(),
-                        (float(powers[0]), float(powers[1])))
+        return Lockstep(
+            tf_losses,
+            torch_losses,
+            tfe.tf_state_dict(program),
+            model.state_dict(),
+            (float(powers[0]), float(powers[1])),
+        )
     finally:
         program.close()
 
@@ -145,8 +164,11 @@ def gaps(run: Lockstep) -> dict[str, tuple[float, str]]:
     max |a-b| / max |b| (parameters and moving statistics separately)."""
     a, b = np.array(run.tf_losses), np.array(run.torch_losses)
     loss = np.abs(a - b) / np.abs(b)
-    out = {"loss": (float(loss.max()), f"step {int(loss.argmax()) + 1}"), "parameters": (0.0, "-"),
-           "moving stats": (0.0, "-")}
+    out = {
+        "loss": (float(loss.max()), f"step {int(loss.argmax()) + 1}"),
+        "parameters": (0.0, "-"),
+        "moving stats": (0.0, "-"),
+    }
     for key, ref in run.torch_state.items():
         if not ref.is_floating_point():
             continue
@@ -162,8 +184,8 @@ def gaps(run: Lockstep) -> dict[str, tuple[float, str]]:
 # the biased one (what the tensorflow engine runs, and says in environment.json), so the
 # torch side is compared with running_var="biased" for every preset.
 PARITY_PRESETS = {"tensorflow": STEPS, "tensorflow-no-bn": STEPS, "question": STEPS, "answer": 20}
-RTOL = 1e-9   # |tf - torch| <= ATOL + RTOL |torch|, element-wise, for losses and every state entry
-ATOL = 1e-9   # the Linear biases that feed a BN (see test_float64_parity)
+RTOL = 1e-9  # |tf - torch| <= ATOL + RTOL |torch|, element-wise, for losses and every state entry
+ATOL = 1e-9  # the Linear biases that feed a BN (see test_float64_parity)
 
 
 def torch_side(cfg: RunConfig) -> RunConfig:
@@ -172,6 +194,7 @@ def torch_side(cfg: RunConfig) -> RunConfig:
 
 def worst_violation(run: Lockstep) -> tuple[float, str]:
     """max |a - b| / (ATOL + RTOL |b|) over losses and every state entry (<= 1 passes)."""
+
     def ratio(a: np.ndarray, b: np.ndarray) -> float:
         return float(np.max(np.abs(a - b) / (ATOL + RTOL * np.abs(b))))
 
@@ -209,8 +232,10 @@ def test_float64_parity(preset, arrays):
         assert calls == {"bn.num_batches_tracked": 2 * STEPS}  # one variable set, two updates a step
     # TF's beta-power accumulators are the float32 products tf_beta_powers reproduces.
     steps = PARITY_PRESETS[preset]
-    assert run.tf_beta_powers == (tf_beta_powers(cfg.train.adam_beta1, steps + 1)[-1],
-                                  tf_beta_powers(cfg.train.adam_beta2, steps + 1)[-1])
+    assert run.tf_beta_powers == (
+        tf_beta_powers(cfg.train.adam_beta1, steps + 1)[-1],
+        tf_beta_powers(cfg.train.adam_beta2, steps + 1)[-1],
+    )
     if preset == "tensorflow-no-bn":
         # The issue's figures without BN (loss <= 4e-16, parameters <= 9e-13) hold here.
         found = gaps(run)
@@ -229,6 +254,7 @@ def test_float32_rounding_of_tf_hyperparameters_matters(arrays):
 
 # ------------------------------------------------------------------- negative controls
 # Each gives the torch side one wrong convention; the float64 parity must fail by far.
+
 
 def _wrong_momentum(model: torch.nn.Module) -> None:
     for m in model.modules():
@@ -261,6 +287,7 @@ def test_a_wrong_convention_breaks_the_float64_tolerance(name, arrays):
 
 # ------------------------------------------------------------------------ float32 lockstep
 
+
 def float32_gaps(cfg: RunConfig, run: Lockstep) -> dict[str, tuple[float, str]]:
     """Per quantity the worst gap of TF against torch and where it is: per-step loss (relative),
     moving stats (max |a-b| / max |b|), parameters other than the pre-BN biases (Frobenius,
@@ -271,8 +298,12 @@ def float32_gaps(cfg: RunConfig, run: Lockstep) -> dict[str, tuple[float, str]]:
         bn_fed.add(f"l{n_layers}.bias")
     a, b = np.array(run.tf_losses, np.float64), np.array(run.torch_losses, np.float64)
     loss = np.abs(a - b) / np.abs(b)
-    out = {"loss": (float(loss.max()), f"step {int(loss.argmax()) + 1}"), "moving stats": (0.0, "-"),
-           "parameters": (0.0, "-"), "pre-BN biases": (0.0, "-")}
+    out = {
+        "loss": (float(loss.max()), f"step {int(loss.argmax()) + 1}"),
+        "moving stats": (0.0, "-"),
+        "parameters": (0.0, "-"),
+        "pre-BN biases": (0.0, "-"),
+    }
     for key, ref in run.torch_state.items():
         if not ref.is_floating_point():
             continue

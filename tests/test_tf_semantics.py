@@ -19,16 +19,17 @@ import pytest
 import torch
 
 from bnlab.conventions import convert
-from bnlab.presets import PRESETS
-from bnlab.models import BiasedVarBatchNorm1d, build_model
-from bnlab.engines.torch_step import make_optimizer, train_step
 from bnlab.engines.common import split_batches
+from bnlab.engines.torch_step import make_optimizer, train_step
+from bnlab.models import BiasedVarBatchNorm1d, build_model
+from bnlab.presets import PRESETS
 
 TF = PRESETS["tensorflow"].config
 TF_MOMENTUM, TF_EPS = 0.9, 1e-3
 
 
 # ------------------------------------------------------------------------ TF1 in numpy
+
 
 def tf_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """tf.nn.moments(x, axes=[0]): mean and the biased (divide by n) variance."""
@@ -52,9 +53,15 @@ class TFGraph:
     def __init__(self, model: torch.nn.Module) -> None:
         sd = {k: v.detach().double().numpy().copy() for k, v in model.state_dict().items()}
         self.dense = [(sd[f"l{i}.weight"].T, sd[f"l{i}.bias"]) for i in (1, 2, 3)]
-        self.bn = {name: {"gamma": sd[f"{name}.weight"], "beta": sd[f"{name}.bias"],
-                          "moving_mean": sd[f"{name}.running_mean"], "moving_variance": sd[f"{name}.running_var"]}
-                   for name in ("bn1", "bn2", "bn_logits")}
+        self.bn = {
+            name: {
+                "gamma": sd[f"{name}.weight"],
+                "beta": sd[f"{name}.bias"],
+                "moving_mean": sd[f"{name}.running_mean"],
+                "moving_variance": sd[f"{name}.running_var"],
+            }
+            for name in ("bn1", "bn2", "bn_logits")
+        }
 
     def _bn(self, name: str, h: np.ndarray, training: bool) -> np.ndarray:
         p = self.bn[name]
@@ -76,13 +83,14 @@ class TFGraph:
 
 def tf_adam(param, grad, m, v, t, lr=0.01, b1=0.9, b2=0.999, eps=1e-8):
     """tf.train.AdamOptimizer's documented update ("epsilon hat", before the correction)."""
-    lr_t = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+    lr_t = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
     m = b1 * m + (1 - b1) * grad
     v = b2 * v + (1 - b2) * grad * grad
     return param - lr_t * m / (np.sqrt(v) + eps), m, v
 
 
 # ------------------------------------------------------------------------------ the tests
+
 
 def test_preset_states_the_tf_program():
     m, t = TF.model, TF.train
@@ -143,7 +151,7 @@ def test_glorot_uniform_bounds_of_tf_layers_dense(layer, fan_in, fan_out):
     assert w.shape == (fan_out, fan_in)  # torch stores (out, in); TF's kernel is its transpose
     assert np.abs(w).max() <= limit and np.abs(w).max() > 0.95 * limit
     # U(-a, a) has variance a^2 / 3; with n draws the sample variance is within ~5/sqrt(n) relative.
-    assert w.var() == pytest.approx(limit ** 2 / 3, rel=5 / math.sqrt(w.size) * 2)
+    assert w.var() == pytest.approx(limit**2 / 3, rel=5 / math.sqrt(w.size) * 2)
     assert not getattr(model, layer).bias.detach().numpy().any()
 
 

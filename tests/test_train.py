@@ -8,16 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from bnlab.config import apply_overrides
-from bnlab.presets import get_preset
-from bnlab.models import build_model
-from bnlab.table import TABLE_HEADER, format_row
-from bnlab.config import EpochRecord
-from bnlab.errors import TrainingDiverged
-from bnlab.engines.torch_step import chainer_style_eps
-from bnlab.rundir import load_checkpoint, read_run
-from bnlab.engines.common import split_batches
+from bnlab.config import EpochRecord, apply_overrides
 from bnlab.engines import train
+from bnlab.engines.common import split_batches
+from bnlab.engines.torch_step import chainer_style_eps
+from bnlab.errors import TrainingDiverged
+from bnlab.models import build_model
+from bnlab.presets import get_preset
+from bnlab.rundir import load_checkpoint, read_run
+from bnlab.table import TABLE_HEADER, format_row
 
 
 def quick(preset: str, **overrides):
@@ -65,10 +64,12 @@ def test_tracing_bn_does_not_change_the_history(mnist):
 
 def test_run_directory_is_complete_and_checkpoint_loads_safely(mnist, tmp_path):
     out = tmp_path / "run"
-    result = train(quick("tensorflow", epochs=1, widths="784,32,32,10", trace_bn_channels=3), mnist,
-                   out_dir=out, echo=None)
-    assert sorted(p.name for p in out.iterdir() if p.name != ".bnlab.lock") == sorted([
-        "config.json", "environment.json", "history.json", "history.csv", "checkpoint.pt", "bn_trace.npz"])
+    result = train(
+        quick("tensorflow", epochs=1, widths="784,32,32,10", trace_bn_channels=3), mnist, out_dir=out, echo=None
+    )
+    assert sorted(p.name for p in out.iterdir() if p.name != ".bnlab.lock") == sorted(
+        ["config.json", "environment.json", "history.json", "history.csv", "checkpoint.pt", "bn_trace.npz"]
+    )
     saved = read_run(out)
     assert saved.status == "complete" and len(saved.history) == 1
     assert saved.history[0].val_acc == result.history[0].val_acc
@@ -99,8 +100,9 @@ def test_shared_bn_trace_records_two_call_sites(mnist):
     # The running mean recorded after each call is the lerp of the previous one with that
     # call's batch mean: the two sites feed one average.
     prev, new = values[:-1, 2], values[1:, 2]
-    torch.testing.assert_close(torch.from_numpy(new), torch.from_numpy(0.9 * prev + 0.1 * values[1:, 0]),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.from_numpy(new), torch.from_numpy(0.9 * prev + 0.1 * values[1:, 0]), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_nan_loss_stops_with_epoch_and_batch_and_leaves_valid_files(mnist, tmp_path):
@@ -134,7 +136,7 @@ def test_chainer_style_eps_reproduces_chainer_adam_exactly():
     for t, g in enumerate(grads, start=1):
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        p_ref = p_ref - alpha * math.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (np.sqrt(v) + eps)
+        p_ref = p_ref - alpha * math.sqrt(1 - b2**t) / (1 - b1**t) * m / (np.sqrt(v) + eps)
         param.grad = torch.from_numpy(g.copy())
         opt.param_groups[0]["eps"] = chainer_style_eps(eps, b2, t)
         opt.step()
@@ -149,12 +151,15 @@ def test_chainer_style_eps_reproduces_chainer_adam_exactly():
 
 
 def test_adam_step_is_bit_identical_to_optimizer_step():
-    from bnlab.models import ModelConfig
-    from bnlab.engines.torch_step import adam_step, make_optimizer
     from bnlab.config import TrainConfig
+    from bnlab.engines.torch_step import adam_step, make_optimizer
+    from bnlab.models import ModelConfig
 
     torch.manual_seed(0)
-    fast, slow = build_model(ModelConfig(widths=(20, 8, 8, 3)), seed=1), build_model(ModelConfig(widths=(20, 8, 8, 3)), seed=1)
+    fast, slow = (
+        build_model(ModelConfig(widths=(20, 8, 8, 3)), seed=1),
+        build_model(ModelConfig(widths=(20, 8, 8, 3)), seed=1),
+    )
     tc = TrainConfig()
     opt_fast, opt_slow = make_optimizer(fast, tc), make_optimizer(slow, tc)
     for step in range(1, 8):

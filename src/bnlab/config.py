@@ -76,20 +76,31 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         widths = self.widths
-        _require([
-            (len(widths) >= 2 and all(isinstance(w, int) and w >= 1 for w in widths),
-             f"model.widths must hold at least two positive sizes; got {widths!r}"),
-            _one_of(self.norm, "model.norm", NORM_PLACEMENTS),
-            _one_of(self.init, "model.init", INITS),
-            _one_of(self.running_var, "model.running_var", RUNNING_VARS),
-            (_finite(self.bn_momentum) and 0.0 <= self.bn_momentum <= 1.0,
-             f"model.bn_momentum (PyTorch convention: the weight of the new batch value) must lie in "
-             f"[0, 1]; got {self.bn_momentum} (a Chainer decay or Keras momentum d is 1 - d here)"),
-            (_finite(self.bn_eps) and self.bn_eps > 0, f"model.bn_eps must be a positive number; got {self.bn_eps}"),
-        ])
+        _require(
+            [
+                (
+                    len(widths) >= 2 and all(isinstance(w, int) and w >= 1 for w in widths),
+                    f"model.widths must hold at least two positive sizes; got {widths!r}",
+                ),
+                _one_of(self.norm, "model.norm", NORM_PLACEMENTS),
+                _one_of(self.init, "model.init", INITS),
+                _one_of(self.running_var, "model.running_var", RUNNING_VARS),
+                (
+                    _finite(self.bn_momentum) and 0.0 <= self.bn_momentum <= 1.0,
+                    f"model.bn_momentum (PyTorch convention: the weight of the new batch value) must lie in "
+                    f"[0, 1]; got {self.bn_momentum} (a Chainer decay or Keras momentum d is 1 - d here)",
+                ),
+                (
+                    _finite(self.bn_eps) and self.bn_eps > 0,
+                    f"model.bn_eps must be a positive number; got {self.bn_eps}",
+                ),
+            ]
+        )
         if self.norm == "shared" and len(set(widths[1:-1])) > 1:
-            raise UsageError("model.norm=shared applies one BatchNorm after every hidden layer, "
-                             f"so all hidden widths must be equal; got {widths[1:-1]}.")
+            raise UsageError(
+                "model.norm=shared applies one BatchNorm after every hidden layer, "
+                f"so all hidden widths must be equal; got {widths[1:-1]}."
+            )
 
 
 @dataclass(frozen=True)
@@ -123,27 +134,39 @@ class TrainConfig:
     trace_bn_channels: int = 0
 
     def __post_init__(self) -> None:
-        _require([
-            (self.epochs >= 1, f"train.epochs (--epochs) must be >= 1; got {self.epochs}"),
-            (self.batch_size >= 1, f"train.batch_size (--batch-size) must be >= 1; got {self.batch_size}"),
-            (_finite(self.lr) and self.lr > 0, f"train.lr (--lr) must be a positive number; got {self.lr}"),
-            (_finite(self.adam_beta1) and _finite(self.adam_beta2)
-             and 0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
-             f"train.adam_beta1 and adam_beta2 must lie in [0, 1); got {self.adam_beta1}, {self.adam_beta2}"),
-            (_finite(self.adam_eps) and self.adam_eps >= 0, f"train.adam_eps must be >= 0; got {self.adam_eps}"),
-            _one_of(self.adam_eps_mode, "train.adam_eps_mode", ADAM_EPS_MODES),
-            _one_of(self.train_metrics, "train.train_metrics", TRAIN_METRICS),
-            _one_of(self.batching, "train.batching", BATCHINGS),
-            (0 <= self.seed <= MAX_SEED, f"train.seed (--seed) must lie in [0, 2**63 - 1]; got {self.seed}"),
-            (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
-                                                         and self.device[5:].isdigit()),
-             f"train.device (--device) must be auto, cpu, cuda or cuda:N; got {self.device!r}"),
-            (0 <= self.threads <= 1024,
-             f"train.threads (--threads) must lie in [0, 1024] (0 keeps the default); got {self.threads}"),
-            _one_of(self.engine, "train.engine (--engine)", ENGINES),
-            (0 <= self.trace_bn_channels <= 100_000,
-             f"train.trace_bn_channels must be >= 0; got {self.trace_bn_channels}"),
-        ])
+        _require(
+            [
+                (self.epochs >= 1, f"train.epochs (--epochs) must be >= 1; got {self.epochs}"),
+                (self.batch_size >= 1, f"train.batch_size (--batch-size) must be >= 1; got {self.batch_size}"),
+                (_finite(self.lr) and self.lr > 0, f"train.lr (--lr) must be a positive number; got {self.lr}"),
+                (
+                    _finite(self.adam_beta1)
+                    and _finite(self.adam_beta2)
+                    and 0 <= self.adam_beta1 < 1
+                    and 0 <= self.adam_beta2 < 1,
+                    f"train.adam_beta1 and adam_beta2 must lie in [0, 1); got {self.adam_beta1}, {self.adam_beta2}",
+                ),
+                (_finite(self.adam_eps) and self.adam_eps >= 0, f"train.adam_eps must be >= 0; got {self.adam_eps}"),
+                _one_of(self.adam_eps_mode, "train.adam_eps_mode", ADAM_EPS_MODES),
+                _one_of(self.train_metrics, "train.train_metrics", TRAIN_METRICS),
+                _one_of(self.batching, "train.batching", BATCHINGS),
+                (0 <= self.seed <= MAX_SEED, f"train.seed (--seed) must lie in [0, 2**63 - 1]; got {self.seed}"),
+                (
+                    self.device in ("auto", "cpu", "cuda")
+                    or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
+                    f"train.device (--device) must be auto, cpu, cuda or cuda:N; got {self.device!r}",
+                ),
+                (
+                    0 <= self.threads <= 1024,
+                    f"train.threads (--threads) must lie in [0, 1024] (0 keeps the default); got {self.threads}",
+                ),
+                _one_of(self.engine, "train.engine (--engine)", ENGINES),
+                (
+                    0 <= self.trace_bn_channels <= 100_000,
+                    f"train.trace_bn_channels must be >= 0; got {self.trace_bn_channels}",
+                ),
+            ]
+        )
 
 
 @dataclass(frozen=True)
@@ -157,12 +180,16 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         widths = self.model.widths
-        _require([
-            _one_of(self.dataset, "dataset (--dataset)", DATASETS),
-            (widths[0] == INPUT_WIDTH and widths[-1] == N_CLASSES,
-             f"model.widths must start at {INPUT_WIDTH} (28x28 pixels) and end at {N_CLASSES} (classes) "
-             f"for {self.dataset}; got {','.join(map(str, widths))} (e.g. --set widths=784,256,256,10)"),
-        ])
+        _require(
+            [
+                _one_of(self.dataset, "dataset (--dataset)", DATASETS),
+                (
+                    widths[0] == INPUT_WIDTH and widths[-1] == N_CLASSES,
+                    f"model.widths must start at {INPUT_WIDTH} (28x28 pixels) and end at {N_CLASSES} (classes) "
+                    f"for {self.dataset}; got {','.join(map(str, widths))} (e.g. --set widths=784,256,256,10)",
+                ),
+            ]
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -174,8 +201,12 @@ class RunConfig:
         try:
             model = dict(d["model"])
             model["widths"] = tuple(model["widths"])
-            return cls(preset=str(d["preset"]), model=ModelConfig(**model), train=TrainConfig(**d["train"]),
-                       dataset=d.get("dataset", "mnist"))
+            return cls(
+                preset=str(d["preset"]),
+                model=ModelConfig(**model),
+                train=TrainConfig(**d["train"]),
+                dataset=d.get("dataset", "mnist"),
+            )
         except UsageError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -197,6 +228,7 @@ class EpochRecord:
 
 
 # ------------------------------------------------------------------------------ overrides
+
 
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
@@ -258,8 +290,10 @@ def resolve_field(key: str) -> tuple[str, str, Any]:
     section, _, name = key.strip().rpartition(".")
     name = name.replace("-", "_")
     if section not in ("", "model", "train"):
-        raise UsageError(f"unknown setting {key!r}: use a field name, optionally prefixed model. or train. "
-                         "(`bnlab presets --fields` lists them).")
+        raise UsageError(
+            f"unknown setting {key!r}: use a field name, optionally prefixed model. or train. "
+            "(`bnlab presets --fields` lists them)."
+        )
     if name in MODEL_FIELDS and section in ("", "model"):
         return "model", name, MODEL_FIELDS[name]
     if name in TRAIN_FIELDS and section in ("", "train"):
@@ -279,8 +313,11 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
             changes[section][name] = parse_value(raw, typ) if isinstance(raw, str) else raw
         except ValueError as err:
             raise UsageError(f"bad value for {key}: {err}.") from None
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **changes["model"]),
-                               train=dataclasses.replace(cfg.train, **changes["train"]))
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, **changes["model"]),
+        train=dataclasses.replace(cfg.train, **changes["train"]),
+    )
 
 
 def overrides_field(overrides: dict[str, Any], name: str) -> bool:
@@ -300,8 +337,10 @@ def parse_seeds(text: str) -> list[int]:
             start = int(lo)
             stop = int(hi) if sep else start
         except ValueError:
-            raise UsageError(f"--seeds {text!r}: {part!r} is not a seed or a range of seeds; "
-                             "write whole numbers, e.g. 0-4 or 0,3,7-9.") from None
+            raise UsageError(
+                f"--seeds {text!r}: {part!r} is not a seed or a range of seeds; "
+                "write whole numbers, e.g. 0-4 or 0,3,7-9."
+            ) from None
         if stop < start:
             raise UsageError(f"--seeds {text!r}: the range {part!r} runs backwards; write it as {stop}-{start}.")
         if stop - start > 10_000:

@@ -25,17 +25,17 @@ BIASED, UNBIASED = "biased", "unbiased"
 class BNConvention:
     """One framework's batch-norm convention (the defaults of its standard BN layer)."""
 
-    framework: str       # the key bnlab uses: chainer, torch, keras, tf1, flax
-    name: str            # how people call it, with the version the facts were checked on
-    layer: str           # the layer the facts are about
-    parameter: str       # the running-average rate's argument name
-    weights: str         # OLD: the parameter multiplies the old running value; NEW: the batch value
-    default: float       # the parameter's default
-    eps_default: float   # eps's default
-    running_var: str     # which batch variance the running variance averages
-    eval_switch: str     # what makes the layer normalize with its running statistics
-    update: str          # the running-mean update, in the framework's own names
-    checked_in: str      # where each fact above was read
+    framework: str  # the key bnlab uses: chainer, torch, keras, tf1, flax
+    name: str  # how people call it, with the version the facts were checked on
+    layer: str  # the layer the facts are about
+    parameter: str  # the running-average rate's argument name
+    weights: str  # OLD: the parameter multiplies the old running value; NEW: the batch value
+    default: float  # the parameter's default
+    eps_default: float  # eps's default
+    running_var: str  # which batch variance the running variance averages
+    eval_switch: str  # what makes the layer normalize with its running statistics
+    update: str  # the running-mean update, in the framework's own names
+    checked_in: str  # where each fact above was read
     note: str = ""
 
     @property
@@ -44,47 +44,85 @@ class BNConvention:
         return f"--{self.parameter}"
 
 
-CONVENTIONS: dict[str, BNConvention] = {c.framework: c for c in [
-    BNConvention(
-        framework="chainer", name="Chainer 7.8.1", layer="chainer.links.BatchNormalization",
-        parameter="decay", weights=OLD, default=0.9, eps_default=2e-5, running_var=UNBIASED,
-        eval_switch="with chainer.using_config('train', False)",
-        update="avg_mean = decay * avg_mean + (1 - decay) * batch_mean",
-        checked_in="chainer/links/normalization/batch_normalization.py and "
-                   "chainer/functions/normalization/batch_normalization.py (adjust = m / (m - 1)); "
-                   "one update step of the installed Chainer in tests/test_conventions_frameworks.py"),
-    BNConvention(
-        framework="torch", name="PyTorch 2.x", layer="torch.nn.BatchNorm1d/2d/3d",
-        parameter="momentum", weights=NEW, default=0.1, eps_default=1e-5, running_var=UNBIASED,
-        eval_switch="model.eval()",
-        update="running_mean = (1 - momentum) * running_mean + momentum * batch_mean",
-        checked_in="torch.nn.modules.batchnorm docs; one update step of the installed torch in "
-                   "tests/test_conventions_frameworks.py",
-        note="momentum=None switches to a cumulative (equal-weight) average"),
-    BNConvention(
-        framework="keras", name="Keras 3", layer="keras.layers.BatchNormalization",
-        parameter="momentum", weights=OLD, default=0.99, eps_default=1e-3, running_var=BIASED,
-        eval_switch="layer(x, training=False) (the default outside fit(); trainable=False also forces it)",
-        update="moving_mean = moving_mean * momentum + batch_mean * (1 - momentum)",
-        checked_in="keras/src/layers/normalization/batch_normalization.py (ops.moments, no correction); "
-                   "one update step of the installed Keras 3 in tests/test_conventions_frameworks.py"),
-    BNConvention(
-        framework="tf1", name="TensorFlow 1.x", layer="tf.layers.batch_normalization",
-        parameter="momentum", weights=OLD, default=0.99, eps_default=1e-3, running_var=BIASED,
-        eval_switch="training=False (default); when training, also run tf.GraphKeys.UPDATE_OPS",
-        update="moving_mean -= (moving_mean - batch_mean) * (1 - momentum)",
-        checked_in="tensorflow/python/layers/normalization.py and keras/layers/normalization.py (TF 1.x); "
-                   "one update step of tf.compat.v1.layers (TF 2.21 with tf_keras, 2-D and 4-D input) in "
-                   "tests/test_conventions_frameworks.py",
-        note="biased for 2-D input (non-fused path, the question's case); the fused kernel used for "
-             "4-D input stores the Bessel-corrected variance"),
-    BNConvention(
-        framework="flax", name="Flax (linen)", layer="flax.linen.BatchNorm",
-        parameter="momentum", weights=OLD, default=0.99, eps_default=1e-5, running_var=BIASED,
-        eval_switch="use_running_average=True (training: False, with mutable=['batch_stats'])",
-        update="ra_mean = momentum * ra_mean + (1 - momentum) * batch_mean",
-        checked_in="flax/linen/normalization.py (_compute_stats: E[x^2] - E[x]^2)"),
-]}
+CONVENTIONS: dict[str, BNConvention] = {
+    c.framework: c
+    for c in [
+        BNConvention(
+            framework="chainer",
+            name="Chainer 7.8.1",
+            layer="chainer.links.BatchNormalization",
+            parameter="decay",
+            weights=OLD,
+            default=0.9,
+            eps_default=2e-5,
+            running_var=UNBIASED,
+            eval_switch="with chainer.using_config('train', False)",
+            update="avg_mean = decay * avg_mean + (1 - decay) * batch_mean",
+            checked_in="chainer/links/normalization/batch_normalization.py and "
+            "chainer/functions/normalization/batch_normalization.py (adjust = m / (m - 1)); "
+            "one update step of the installed Chainer in tests/test_conventions_frameworks.py",
+        ),
+        BNConvention(
+            framework="torch",
+            name="PyTorch 2.x",
+            layer="torch.nn.BatchNorm1d/2d/3d",
+            parameter="momentum",
+            weights=NEW,
+            default=0.1,
+            eps_default=1e-5,
+            running_var=UNBIASED,
+            eval_switch="model.eval()",
+            update="running_mean = (1 - momentum) * running_mean + momentum * batch_mean",
+            checked_in="torch.nn.modules.batchnorm docs; one update step of the installed torch in "
+            "tests/test_conventions_frameworks.py",
+            note="momentum=None switches to a cumulative (equal-weight) average",
+        ),
+        BNConvention(
+            framework="keras",
+            name="Keras 3",
+            layer="keras.layers.BatchNormalization",
+            parameter="momentum",
+            weights=OLD,
+            default=0.99,
+            eps_default=1e-3,
+            running_var=BIASED,
+            eval_switch="layer(x, training=False) (the default outside fit(); trainable=False also forces it)",
+            update="moving_mean = moving_mean * momentum + batch_mean * (1 - momentum)",
+            checked_in="keras/src/layers/normalization/batch_normalization.py (ops.moments, no correction); "
+            "one update step of the installed Keras 3 in tests/test_conventions_frameworks.py",
+        ),
+        BNConvention(
+            framework="tf1",
+            name="TensorFlow 1.x",
+            layer="tf.layers.batch_normalization",
+            parameter="momentum",
+            weights=OLD,
+            default=0.99,
+            eps_default=1e-3,
+            running_var=BIASED,
+            eval_switch="training=False (default); when training, also run tf.GraphKeys.UPDATE_OPS",
+            update="moving_mean -= (moving_mean - batch_mean) * (1 - momentum)",
+            checked_in="tensorflow/python/layers/normalization.py and keras/layers/normalization.py (TF 1.x); "
+            "one update step of tf.compat.v1.layers (TF 2.21 with tf_keras, 2-D and 4-D input) in "
+            "tests/test_conventions_frameworks.py",
+            note="biased for 2-D input (non-fused path, the question's case); the fused kernel used for "
+            "4-D input stores the Bessel-corrected variance",
+        ),
+        BNConvention(
+            framework="flax",
+            name="Flax (linen)",
+            layer="flax.linen.BatchNorm",
+            parameter="momentum",
+            weights=OLD,
+            default=0.99,
+            eps_default=1e-5,
+            running_var=BIASED,
+            eval_switch="use_running_average=True (training: False, with mutable=['batch_stats'])",
+            update="ra_mean = momentum * ra_mean + (1 - momentum) * batch_mean",
+            checked_in="flax/linen/normalization.py (_compute_stats: E[x^2] - E[x]^2)",
+        ),
+    ]
+}
 
 FRAMEWORKS: tuple[str, ...] = tuple(CONVENTIONS)
 
@@ -102,8 +140,7 @@ def _check_rate(value: float, framework: str) -> None:
     # A running-average weight outside [0, 1] extrapolates instead of averaging.
     if not 0.0 <= value <= 1.0:
         c = CONVENTIONS[framework]
-        raise UsageError(f"{c.name}'s {c.parameter} is a running-average weight and must lie in [0, 1]; "
-                         f"got {value}.")
+        raise UsageError(f"{c.name}'s {c.parameter} is a running-average weight and must lie in [0, 1]; got {value}.")
 
 
 def parameter_name(framework: str) -> str:
@@ -148,14 +185,32 @@ def format_rate(value: float) -> str:
 
 def format_conventions_table() -> str:
     """The conventions as an aligned plain-text table, followed by its footnotes."""
-    header = ["framework", "layer", "rate", "weights", "default", "= torch momentum",
-              "eps default", "running var", "eval switch"]
+    header = [
+        "framework",
+        "layer",
+        "rate",
+        "weights",
+        "default",
+        "= torch momentum",
+        "eps default",
+        "running var",
+        "eval switch",
+    ]
     rows = [header]
     for c in CONVENTIONS.values():
-        rows.append([
-            c.name, c.layer, c.parameter, f"{c.weights} value", format_rate(c.default),
-            format_rate(to_torch_momentum(c.framework, c.default)), f"{c.eps_default:g}",
-            c.running_var + ("*" if c.note and c.running_var == BIASED else ""), c.eval_switch])
+        rows.append(
+            [
+                c.name,
+                c.layer,
+                c.parameter,
+                f"{c.weights} value",
+                format_rate(c.default),
+                format_rate(to_torch_momentum(c.framework, c.default)),
+                f"{c.eps_default:g}",
+                c.running_var + ("*" if c.note and c.running_var == BIASED else ""),
+                c.eval_switch,
+            ]
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     lines = []
     for r in rows:

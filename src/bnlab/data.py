@@ -4,8 +4,8 @@ Where the four gzip IDX files of a dataset are looked for, first match wins:
 
 1. ``data_dir=`` (CLI ``--data-dir``): must hold the files; never falls through.
 2. ``$BNLAB_DATA_DIR``: same rule as ``data_dir=``.
-3. The copy vendored in the source checkout (``<repo>/data/<name>/``); an installed
-   wheel has none, so this is skipped when the directory does not exist.
+3. The copy vendored in the package (``bnlab/_data/<name>/``: MNIST ships in the source
+   tree and in the wheel; Fashion-MNIST does not), skipped when the directory does not exist.
 4. The system copy (``/usr/share/datasets/<name>/``, where Debian's
    ``dataset-fashion-mnist`` package puts Fashion-MNIST).
 5. The user cache (``$XDG_CACHE_HOME/bnlab/<name>/`` or ``~/.cache/bnlab/<name>/``),
@@ -30,6 +30,7 @@ import http.client
 import logging
 import math
 import os
+import sys
 import tempfile
 import threading
 import urllib.error
@@ -73,7 +74,7 @@ FILES = {
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
 
-# sha256 of the canonical gzip files. MNIST: the files vendored in data/mnist/
+# sha256 of the canonical gzip files. MNIST: the files vendored in src/bnlab/_data/mnist/
 # (see its SHA256SUMS). Fashion-MNIST: the files Zalando Research publishes
 # (github.com/zalandoresearch/fashion-mnist, data/fashion/), as listed identically by
 # two independent public projects that also list the MNIST sums above correctly.
@@ -111,7 +112,9 @@ ENV_MIRRORS = {"mnist": "BNLAB_MNIST_MIRRORS", "fashion-mnist": "BNLAB_FASHION_M
 
 # Module attributes rather than literals inside functions so tests can point them
 # at temporary directories.
-VENDORED_ROOT = Path(__file__).resolve().parents[2] / "data"
+# Inside the package, so that the same path serves a source checkout (src/bnlab/_data) and
+# an installed wheel (site-packages/bnlab/_data: pyproject.toml's package-data).
+VENDORED_ROOT = Path(__file__).resolve().parent / "_data"
 SYSTEM_ROOT = Path("/usr/share/datasets")
 
 _LABEL = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
@@ -394,9 +397,7 @@ def find_data_dir(
     return directory
 
 
-def _find_or_fetch(
-    name: str, download: bool, mirrors: str | Sequence[str] | None, timeout: float
-) -> Path:
+def _find_or_fetch(name: str, download: bool, mirrors: str | Sequence[str] | None, timeout: float) -> Path:
     """Vendored copy, then system copy, then the cache (downloading what it lacks)."""
     for candidate in (VENDORED_ROOT / name, SYSTEM_ROOT / name):
         # A partial copy here is skipped, not an error: the user did not ask for it.
@@ -427,9 +428,20 @@ def _find_or_fetch(
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise _cache_unwritable(name, cache, exc) from exc
+    # Said before the first byte: a download is a surprise worth a line (and, offline, the
+    # reason for the wait before the error).
+    _say(
+        f"bnlab: {label} is not in {VENDORED_ROOT / name} or {SYSTEM_ROOT / name}; downloading "
+        f"{', '.join(missing)} into {cache} (verified by sha256)"
+    )
     for fname in missing:
         _download(name, fname, cache, urls, timeout)
     return cache
+
+
+def _say(text: str) -> None:
+    """A line on stderr (stdout may hold a JSON result)."""
+    print(text, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------ download
@@ -506,18 +518,34 @@ def _fetch(name: str, url: str, dest: Path, timeout: float) -> None:
 
 
 def _stream(url: str, out, timeout: float) -> tuple[str, int]:
-    """Copy the response body to ``out``; (sha256 hex, byte count)."""
+    """Copy the response body to ``out`` with a progress bar on stderr; (sha256 hex, byte count)."""
+    from tqdm import tqdm
+
     request = urllib.request.Request(url, headers={"User-Agent": f"bnlab/{__version__}"})
     digest = hashlib.sha256()
     size = 0
+    interactive = sys.stderr.isatty()
     with urllib.request.urlopen(request, timeout=timeout) as resp:
         announced = resp.headers.get("Content-Length")
-        while chunk := resp.read(_CHUNK):
-            size += len(chunk)
-            if size > _MAX_DOWNLOAD_BYTES:
-                raise _FetchFailed(f"response exceeds {_MAX_DOWNLOAD_BYTES} bytes; not a dataset file")
-            digest.update(chunk)
-            out.write(chunk)
+        total = int(announced) if announced is not None and announced.isdigit() else None
+        # Into a log file (not a terminal) the bar writes a line at most every 30 s.
+        with tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=url.rsplit("/", 1)[-1],
+            file=sys.stderr,
+            leave=True,
+            mininterval=0.2 if interactive else 30.0,
+        ) as bar:
+            while chunk := resp.read(_CHUNK):
+                size += len(chunk)
+                if size > _MAX_DOWNLOAD_BYTES:
+                    raise _FetchFailed(f"response exceeds {_MAX_DOWNLOAD_BYTES} bytes; not a dataset file")
+                digest.update(chunk)
+                out.write(chunk)
+                bar.update(len(chunk))
     # http.client reports a connection closed early as a clean end of body when reading
     # in chunks, so compare with the announced length to name the failure precisely.
     if announced is not None and announced.isdigit() and size != int(announced):
@@ -592,9 +620,7 @@ def load_dataset(
         with _lock:
             _dataset_cache[key] = dataset
     # A fresh dict and the caller's own spelling of the directory; arrays are shared.
-    return dataclasses.replace(
-        dataset, sha256=dict(dataset.sha256), source=str(directory.absolute())
-    )
+    return dataclasses.replace(dataset, sha256=dict(dataset.sha256), source=str(directory.absolute()))
 
 
 def load_mnist(data_dir: str | os.PathLike | None = None, **kw) -> Dataset:

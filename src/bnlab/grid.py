@@ -34,7 +34,7 @@ MAX_POINTS = 10_000
 class GridAxis:
     """One ``--grid`` axis: a config field and the values it takes, parsed to its type."""
 
-    field: str                 # dotted: "model.bn_momentum"
+    field: str  # dotted: "model.bn_momentum"
     values: tuple[Any, ...]
 
     @property
@@ -89,13 +89,13 @@ def check_axes(axes: Sequence[GridAxis], overrides: dict[str, Any]) -> None:
     fields = [a.field for a in axes]
     twice = sorted({f for f in fields if fields.count(f) > 1})
     if twice:
-        raise UsageError(f"--grid names {', '.join(twice)} more than once; give each field one --grid "
-                         "with all its values.")
+        raise UsageError(
+            f"--grid names {', '.join(twice)} more than once; give each field one --grid with all its values."
+        )
     set_fields = {".".join(resolve_field(k)[:2]) for k in overrides}
     both = sorted(set(fields) & set_fields)
     if both:
-        raise UsageError(f"{', '.join(both)} is set by a flag or --set and also varied by --grid; "
-                         "drop one of them.")
+        raise UsageError(f"{', '.join(both)} is set by a flag or --set and also varied by --grid; drop one of them.")
     count = math.prod(len(a.values) for a in axes)
     if count > MAX_POINTS:
         raise UsageError(f"the grid has {count} points (more than {MAX_POINTS}); split it into smaller sweeps.")

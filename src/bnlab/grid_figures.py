@@ -81,11 +81,12 @@ def _positions(axis: GridAxis) -> tuple[np.ndarray, bool]:
 def _offset(x: np.ndarray, log: bool, k: int, n_series: int, span: float) -> np.ndarray:
     """Nudge series ``k`` sideways so that error bars at the same value do not overlap."""
     shift = (k - (n_series - 1) / 2) * 0.035
-    return x * 10 ** shift if log else x + shift * span
+    return x * 10**shift if log else x + shift * span
 
 
-def plot_axes(cells: Sequence[CellStat], axes: Sequence[GridAxis], series: Sequence[str],
-              out_dir: Path) -> SavedFigure | None:
+def plot_axes(
+    cells: Sequence[CellStat], axes: Sequence[GridAxis], series: Sequence[str], out_dir: Path
+) -> SavedFigure | None:
     """One row per grid axis: final val acc against the axis's value, one panel per value
     combination of the other axes, one line per series with 95% CI bars."""
     by_key = {(c.series, c.point): c for c in cells}
@@ -126,8 +127,17 @@ def plot_axes(cells: Sequence[CellStat], axes: Sequence[GridAxis], series: Seque
                 xs = _offset(x, log, k, len(series), span)
                 yerr = np.vstack([np.nan_to_num(mean - low), np.nan_to_num(high - mean)])
                 n = max((s.n for s in stats if s), default=0)
-                ax.errorbar(xs, mean, yerr=yerr, marker="o", ms=5, capsize=4, lw=1.6, color=f"C{k % 10}",
-                            label=f"{name} (n={n} seeds)")
+                ax.errorbar(
+                    xs,
+                    mean,
+                    yerr=yerr,
+                    marker="o",
+                    ms=5,
+                    capsize=4,
+                    lw=1.6,
+                    color=f"C{k % 10}",
+                    label=f"{name} (n={n} seeds)",
+                )
             if log:
                 ax.set_xscale("log")
             elif not axis.numeric or len(axis.values) == 1:
@@ -144,11 +154,16 @@ def plot_axes(cells: Sequence[CellStat], axes: Sequence[GridAxis], series: Seque
     handles, labels = grid[0, 0].get_legend_handles_labels()
     # One panel is too narrow for the labels side by side.
     fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)) if n_cols > 1 else 1, fontsize=9)
-    return save_figure(fig, out_dir, "grid_axes", "Final validation accuracy against each grid axis",
-                       "Each point: mean final val acc over seeds; bars: Student-t 95% interval of that mean, "
-                       "clipped to the range the seeds reached (none for one seed). Series at the same value are "
-                       "nudged sideways so their bars do not overlap. "
-                       "Panels in a row hold the other axes fixed at the value in their title.")
+    return save_figure(
+        fig,
+        out_dir,
+        "grid_axes",
+        "Final validation accuracy against each grid axis",
+        "Each point: mean final val acc over seeds; bars: Student-t 95% interval of that mean, "
+        "clipped to the range the seeds reached (none for one seed). Series at the same value are "
+        "nudged sideways so their bars do not overlap. "
+        "Panels in a row hold the other axes fixed at the value in their title.",
+    )
 
 
 def _cell_text(c: CellStat | None) -> str:
@@ -159,8 +174,9 @@ def _cell_text(c: CellStat | None) -> str:
     return f"{c.mean:.3f}\n±{(c.ci_high - c.ci_low) / 2:.3f}"
 
 
-def plot_heatmaps(cells: Sequence[CellStat], axes: Sequence[GridAxis], series: Sequence[str],
-                  out_dir: Path) -> SavedFigure | None:
+def plot_heatmaps(
+    cells: Sequence[CellStat], axes: Sequence[GridAxis], series: Sequence[str], out_dir: Path
+) -> SavedFigure | None:
     """For a two-axis grid: one heat map per series (rows: first axis, columns: second),
     mean final val acc and the 95% CI half width written in every cell, one colour scale."""
     if len(axes) != 2 or not cells:
@@ -185,19 +201,29 @@ def plot_heatmaps(cells: Sequence[CellStat], axes: Sequence[GridAxis], series: S
                 c = by_key.get((name, ((rows_axis.field, rv), (cols_axis.field, cv))))
                 if c is not None:
                     grid[i, j] = c.mean
-                ax.text(j, i, _cell_text(c), ha="center", va="center", fontsize=9,
-                        color="white" if c is not None and (c.mean - vmin) / (vmax - vmin) < 0.35 else "black")
+                ax.text(
+                    j,
+                    i,
+                    _cell_text(c),
+                    ha="center",
+                    va="center",
+                    fontsize=9,
+                    color="white" if c is not None and (c.mean - vmin) / (vmax - vmin) < 0.35 else "black",
+                )
         image = ax.imshow(grid, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
-        ax.set_xticks(range(len(cols_axis.values)), [tick_label(cols_axis, v) for v in cols_axis.values],
-                      fontsize=8)
-        ax.set_yticks(range(len(rows_axis.values)), [tick_label(rows_axis, v) for v in rows_axis.values],
-                      fontsize=8)
+        ax.set_xticks(range(len(cols_axis.values)), [tick_label(cols_axis, v) for v in cols_axis.values], fontsize=8)
+        ax.set_yticks(range(len(rows_axis.values)), [tick_label(rows_axis, v) for v in rows_axis.values], fontsize=8)
         ax.set_xlabel(axis_label(cols_axis, scale=False), fontsize=9)
         ax.set_ylabel(axis_label(rows_axis, scale=False), fontsize=9)
         ax.set_title(name, fontsize=10)
     if image is not None:
         fig.colorbar(image, ax=list(panels), label="final val acc (mean over seeds)", shrink=0.9)
     title = f"Final validation accuracy over {rows_axis.name} x {cols_axis.name}"
-    return save_figure(fig, out_dir, "grid_heatmap", title,
-                       "Each cell: mean final val acc over seeds and, below it, the half width of its Student-t 95% "
-                       "interval (n=1: one seed, no interval). One colour scale for every panel.")
+    return save_figure(
+        fig,
+        out_dir,
+        "grid_heatmap",
+        title,
+        "Each cell: mean final val acc over seeds and, below it, the half width of its Student-t 95% "
+        "interval (n=1: one seed, no interval). One colour scale for every panel.",
+    )

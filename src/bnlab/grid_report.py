@@ -101,9 +101,19 @@ def cells_of(results: Sequence[GridResult]) -> list[GridCell]:
 
 # -------------------------------------------------------------------------------- tables
 
+
 def stats_columns(axes: Sequence[GridAxis]) -> tuple[str, ...]:
-    return ("series", *(a.name for a in axes), "runs", "final val acc (mean ± sd)", "95% CI", "min – max",
-            "best val acc", f"last-{LAST_EPOCHS} val acc", "final val loss")
+    return (
+        "series",
+        *(a.name for a in axes),
+        "runs",
+        "final val acc (mean ± sd)",
+        "95% CI",
+        "min – max",
+        "best val acc",
+        f"last-{LAST_EPOCHS} val acc",
+        "final val loss",
+    )
 
 
 def stats_rows(cells: Sequence[GridCell], axes: Sequence[GridAxis]) -> list[list[str]]:
@@ -114,9 +124,19 @@ def stats_rows(cells: Sequence[GridCell], axes: Sequence[GridAxis]) -> list[list
         f = c.stats["final_val_acc"]
         runs = f"{f.n}" + (f" (+{len(c.not_complete)} not complete)" if c.not_complete else "")
         values = dict(c.point)
-        rows.append([c.series, *(format_value(values[a.field]) for a in axes), runs, _mean_sd(f), _ci(f),
-                     f"{_num(f.min)} – {_num(f.max)}", _mean_sd(c.stats["best_val_acc"]),
-                     _mean_sd(c.stats["last10_val_acc"]), _mean_sd(c.stats["final_val_loss"])])
+        rows.append(
+            [
+                c.series,
+                *(format_value(values[a.field]) for a in axes),
+                runs,
+                _mean_sd(f),
+                _ci(f),
+                f"{_num(f.min)} – {_num(f.max)}",
+                _mean_sd(c.stats["best_val_acc"]),
+                _mean_sd(c.stats["last10_val_acc"]),
+                _mean_sd(c.stats["final_val_loss"]),
+            ]
+        )
     return rows
 
 
@@ -124,12 +144,18 @@ def summary_csv(cells: Sequence[GridCell], axes: Sequence[GridAxis]) -> str:
     fields = ["n", "mean", "std", "ci_low", "ci_high", "min", "max"]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["series", *(a.field for a in axes), "runs", "not_complete"]
-                    + [f"{m}_{f}" for m, _, _ in METRICS for f in fields])
+    writer.writerow(
+        ["series", *(a.field for a in axes), "runs", "not_complete"]
+        + [f"{m}_{f}" for m, _, _ in METRICS for f in fields]
+    )
     for c in cells:
         values = dict(c.point)
-        row: list[Any] = [c.series, *(format_value(values[a.field]) for a in axes), len(c.results),
-                          "; ".join(c.not_complete)]
+        row: list[Any] = [
+            c.series,
+            *(format_value(values[a.field]) for a in axes),
+            len(c.results),
+            "; ".join(c.not_complete),
+        ]
         for m, _, _ in METRICS:
             d = c.stats[m].to_dict()
             row += ["" if d[f] is None else d[f] for f in fields]
@@ -140,12 +166,22 @@ def summary_csv(cells: Sequence[GridCell], axes: Sequence[GridAxis]) -> str:
 def runs_csv(results: Sequence[GridResult], axes: Sequence[GridAxis]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["series", *(a.field for a in axes), "seed", "status", *(m for m, _, _ in METRICS),
-                     "run_dir", "message"])
+    writer.writerow(
+        ["series", *(a.field for a in axes), "seed", "status", *(m for m, _, _ in METRICS), "run_dir", "message"]
+    )
     for r in results:
         values = dict(r.point)
-        writer.writerow([r.series, *(format_value(values[a.field]) for a in axes), r.seed, r.status,
-                         *(r.metrics.get(m, "") for m, _, _ in METRICS), r.run_dir or "", r.message])
+        writer.writerow(
+            [
+                r.series,
+                *(format_value(values[a.field]) for a in axes),
+                r.seed,
+                r.status,
+                *(r.metrics.get(m, "") for m, _, _ in METRICS),
+                r.run_dir or "",
+                r.message,
+            ]
+        )
     return out.getvalue()
 
 
@@ -154,56 +190,110 @@ def _point_json(point: GridPoint) -> dict[str, Any]:
 
 
 def summary_json(cells: Sequence[GridCell], axes: Sequence[GridAxis], results: Sequence[GridResult]) -> dict[str, Any]:
-    return json_safe({
-        "confidence": CONFIDENCE,
-        "axes": [{"field": a.field, "values": [list(v) if isinstance(v, tuple) else v for v in a.values]}
-                 for a in axes],
-        "cells": [{"series": c.series, "point": _point_json(c.point), "runs": len(c.results),
-                   "not_complete": c.not_complete, "metrics": {m: c.stats[m].to_dict() for m, _, _ in METRICS},
-                   "per_seed": {m: {str(r.seed): r.metrics[m] for r in c.results if m in r.metrics}
-                                for m, _, _ in METRICS}} for c in cells],
-        "runs": [{"series": r.series, "point": _point_json(r.point), "seed": r.seed, "status": r.status,
-                  "metrics": r.metrics, "run_dir": str(r.run_dir) if r.run_dir else None, "message": r.message}
-                 for r in results],
-    })
+    return json_safe(
+        {
+            "confidence": CONFIDENCE,
+            "axes": [
+                {"field": a.field, "values": [list(v) if isinstance(v, tuple) else v for v in a.values]} for a in axes
+            ],
+            "cells": [
+                {
+                    "series": c.series,
+                    "point": _point_json(c.point),
+                    "runs": len(c.results),
+                    "not_complete": c.not_complete,
+                    "metrics": {m: c.stats[m].to_dict() for m, _, _ in METRICS},
+                    "per_seed": {
+                        m: {str(r.seed): r.metrics[m] for r in c.results if m in r.metrics} for m, _, _ in METRICS
+                    },
+                }
+                for c in cells
+            ],
+            "runs": [
+                {
+                    "series": r.series,
+                    "point": _point_json(r.point),
+                    "seed": r.seed,
+                    "status": r.status,
+                    "metrics": r.metrics,
+                    "run_dir": str(r.run_dir) if r.run_dir else None,
+                    "message": r.message,
+                }
+                for r in results
+            ],
+        }
+    )
 
 
 def summary_markdown(cells: Sequence[GridCell], axes: Sequence[GridAxis], title: str) -> str:
     grid = " x ".join(f"{a.name} ({', '.join(format_value(v) for v in a.values)})" for a in axes)
-    return "\n".join([f"# {title}", "", f"Grid: {grid}.", "",
-                      f"## Statistics per grid point (sample sd, Student-t {CONFIDENCE:.0%} CI over seeds)", "",
-                      markdown_table(stats_columns(axes), stats_rows(cells, axes)), ""])
+    return "\n".join(
+        [
+            f"# {title}",
+            "",
+            f"Grid: {grid}.",
+            "",
+            f"## Statistics per grid point (sample sd, Student-t {CONFIDENCE:.0%} CI over seeds)",
+            "",
+            markdown_table(stats_columns(axes), stats_rows(cells, axes)),
+            "",
+        ]
+    )
 
 
-def render_html(cells: Sequence[GridCell], axes: Sequence[GridAxis], results: Sequence[GridResult],
-                figures: Sequence[Any], title: str) -> str:
+def render_html(
+    cells: Sequence[GridCell],
+    axes: Sequence[GridAxis],
+    results: Sequence[GridResult],
+    figures: Sequence[Any],
+    title: str,
+) -> str:
     grid = " x ".join(f"{a.name} ({', '.join(format_value(v) for v in a.values)})" for a in axes)
-    failed = [[r.series, point_label(r.point), str(r.seed), r.status, r.message]
-              for r in results if r.status != RUN_COMPLETE]
-    run_rows = [[r.series, point_label(r.point), str(r.seed), r.status,
-                 _num(r.metrics["final_val_acc"]) if "final_val_acc" in r.metrics else "-", str(r.run_dir or "-")]
-                for r in results]
-    parts = [f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-             f"<p class=\"small\">Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {len(results)} result(s). "
-             f"Grid: {html.escape(grid)}. Final val acc is eval mode (running statistics) on the 10,000 test "
-             "images after the last epoch.</p>"]
+    failed = [
+        [r.series, point_label(r.point), str(r.seed), r.status, r.message] for r in results if r.status != RUN_COMPLETE
+    ]
+    run_rows = [
+        [
+            r.series,
+            point_label(r.point),
+            str(r.seed),
+            r.status,
+            _num(r.metrics["final_val_acc"]) if "final_val_acc" in r.metrics else "-",
+            str(r.run_dir or "-"),
+        ]
+        for r in results
+    ]
+    parts = [
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+        f'<p class="small">Generated {time.strftime("%Y-%m-%d %H:%M:%S %Z")} from {len(results)} result(s). '
+        f"Grid: {html.escape(grid)}. Final val acc is eval mode (running statistics) on the 10,000 test "
+        "images after the last epoch.</p>",
+    ]
     for fig in figures:
         parts += [f"<h2>{html.escape(fig.title)}</h2>", _figure_html(fig)]
     if len(axes) != 2:
-        parts.append("<p class=\"small\">The heat map is drawn for grids of exactly two axes.</p>")
-    parts += [f"<h2>Statistics per grid point</h2><p class=\"small\">Sample standard deviation (ddof=1); "
-              f"{CONFIDENCE:.0%} interval of the mean from Student's t; - where undefined.</p>",
-              _table_html(stats_columns(axes), stats_rows(cells, axes))]
+        parts.append('<p class="small">The heat map is drawn for grids of exactly two axes.</p>')
+    parts += [
+        f'<h2>Statistics per grid point</h2><p class="small">Sample standard deviation (ddof=1); '
+        f"{CONFIDENCE:.0%} interval of the mean from Student's t; - where undefined.</p>",
+        _table_html(stats_columns(axes), stats_rows(cells, axes)),
+    ]
     if failed:
-        parts += ["<h2>Runs that did not complete</h2>",
-                  _table_html(("series", "grid point", "seed", "status", "message"), failed)]
-    parts += ["<h2>Runs</h2>", _table_html(("series", "grid point", "seed", "status", "final val acc", "directory"),
-                                           run_rows), "</body></html>"]
+        parts += [
+            "<h2>Runs that did not complete</h2>",
+            _table_html(("series", "grid point", "seed", "status", "message"), failed),
+        ]
+    parts += [
+        "<h2>Runs</h2>",
+        _table_html(("series", "grid point", "seed", "status", "final val acc", "directory"), run_rows),
+        "</body></html>",
+    ]
     return "\n".join(parts)
 
 
 # -------------------------------------------------------------------------------- report
+
 
 @dataclass
 class GridReport:
@@ -221,9 +311,15 @@ class GridReport:
         return markdown_table(stats_columns(self.axes), stats_rows(self.cells, self.axes))
 
 
-def build_grid_report(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome], axes: Sequence[GridAxis],
-                      out_dir: str | Path, *, extra: Sequence[GridResult] = (),
-                      title: str = "bnlab grid report") -> GridReport:
+def build_grid_report(
+    specs: Sequence[RunSpec],
+    outcomes: Sequence[RunOutcome],
+    axes: Sequence[GridAxis],
+    out_dir: str | Path,
+    *,
+    extra: Sequence[GridResult] = (),
+    title: str = "bnlab grid report",
+) -> GridReport:
     """Write the grid report of a sweep's runs (plus ``extra`` derived results) to ``out_dir``."""
     out = Path(out_dir)
     results = results_of(specs, outcomes) + list(extra)
@@ -231,8 +327,17 @@ def build_grid_report(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome], 
     series = list(dict.fromkeys(r.series for r in results))
     stats = [c.stat() for c in cells if c.stats["final_val_acc"].n]
     figures = [f for f in (plot_axes(stats, axes, series, out), plot_heatmaps(stats, axes, series, out)) if f]
-    report = GridReport(out, out / "report.html", out / "summary.md", out / "summary.csv", out / "summary.json",
-                        out / "runs.csv", list(axes), cells, figures)
+    report = GridReport(
+        out,
+        out / "report.html",
+        out / "summary.md",
+        out / "summary.csv",
+        out / "summary.json",
+        out / "runs.csv",
+        list(axes),
+        cells,
+        figures,
+    )
     atomic_write_text(report.markdown, summary_markdown(cells, axes, title))
     atomic_write_text(report.csv, summary_csv(cells, axes))
     atomic_write_text(report.runs_csv, runs_csv(results, axes))

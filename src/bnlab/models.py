@@ -17,6 +17,7 @@ from bnlab.config import ModelConfig
 
 __all__ = ["MLP", "BiasedVarBatchNorm1d", "ModelConfig", "batch_norms", "build_model", "init_weights"]
 
+
 class BiasedVarBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose running variance averages the BIASED batch variance.
 

@@ -34,8 +34,10 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise MissingExtra("--executor ray needs Ray: install the extra with `pip install 'bnlab[ray]'` "
-                           "(ray 2.40 to 2.60), or use --executor local.") from None
+        raise MissingExtra(
+            "--executor ray needs Ray: install the extra with `pip install 'bnlab[ray]'` "
+            "(ray 2.40 to 2.60), or use --executor local."
+        ) from None
     return ray
 
 
@@ -106,8 +108,15 @@ class RayExecutor:
     installed and the data set readable.
     """
 
-    def __init__(self, workers: int | None = None, threads: int = DEFAULT_THREADS_PER_WORKER, *,
-                 address: str | None = None, max_retries: int = DEFAULT_MAX_RETRIES, poll_s: float = 0.2) -> None:
+    def __init__(
+        self,
+        workers: int | None = None,
+        threads: int = DEFAULT_THREADS_PER_WORKER,
+        *,
+        address: str | None = None,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        poll_s: float = 0.2,
+    ) -> None:
         if workers is not None and workers < 1:
             raise UsageError(f"workers must be >= 1; got {workers}")
         if threads < 0:
@@ -128,9 +137,11 @@ class RayExecutor:
         try:
             ray.init(address=self.address, **options)
         except ConnectionError as err:
-            raise UsageError(f"could not join the Ray cluster at {self.address!r} ({err}); start it with "
-                             "`ray start --head`, give its address with --ray-address, or leave "
-                             "--ray-address out to start a local cluster.") from None
+            raise UsageError(
+                f"could not join the Ray cluster at {self.address!r} ({err}); start it with "
+                "`ray start --head`, give its address with --ray-address, or leave "
+                "--ray-address out to start a local cluster."
+            ) from None
         return True
 
     def map_runs(self, run_specs: Sequence[RunSpec], on_event: EventHandler) -> list[RunOutcome]:
@@ -184,6 +195,9 @@ class RayExecutor:
         except ray.exceptions.RayError as err:
             # Retries exhausted (or the task could not run): the run is failed, the sweep goes on.
             first_line = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-            return spec.outcome(RUN_FAILED, _saved(spec)[1],
-                                f"the Ray task training it failed after {self.max_retries} retries "
-                                f"({type(err).__name__}: {first_line}); it will run again on the next invocation")
+            return spec.outcome(
+                RUN_FAILED,
+                _saved(spec)[1],
+                f"the Ray task training it failed after {self.max_retries} retries "
+                f"({type(err).__name__}: {first_line}); it will run again on the next invocation",
+            )

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import html
 import io
 import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,18 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
+from bnlab import bnstats
 from bnlab.errors import UsageError
-from bnlab.figures import (CONFIDENCE, SavedFigure, TraceSeries, plot_bn_trace, plot_train_vs_val, plot_val_curves,
-                           steps_per_epoch, trace_series)
+from bnlab.figures import (
+    CONFIDENCE,
+    SavedFigure,
+    TraceSeries,
+    plot_bn_trace,
+    plot_train_vs_val,
+    plot_val_curves,
+    steps_per_epoch,
+    trace_series,
+)
 from bnlab.presets import PresetRuns, Verdict, judge
 from bnlab.rundir import RunData, atomic_write_json, atomic_write_text, group_by_preset, read_run
 
@@ -42,7 +52,22 @@ METRICS: tuple[tuple[str, str, bool], ...] = (
     ("best_val_loss", "best val loss", False),
 )
 
+# What a metric can be: a t-interval of a mean may leave this range when seeds disagree
+# (an accuracy CI up to 1.0021 was seen), so its bounds are clipped to it.
+METRIC_RANGE: dict[str, tuple[float, float]] = {
+    "final_val_acc": (0.0, 1.0),
+    "best_val_acc": (0.0, 1.0),
+    "last10_val_acc": (0.0, 1.0),
+    "final_val_loss": (0.0, math.inf),
+    "best_val_loss": (0.0, math.inf),
+}
+CLIP_NOTE = (
+    "Interval bounds are clipped to the possible range (accuracy [0, 1], loss >= 0): with few seeds "
+    "that disagree, a t-interval can reach past it."
+)
+
 # ----------------------------------------------------------------------------- statistics
+
 
 @dataclass(frozen=True)
 class Stats:
@@ -68,7 +93,11 @@ def t_half_width(std: float, n: int, confidence: float = CONFIDENCE) -> float:
     return float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
 
 
-def describe(values: Sequence[float], confidence: float = CONFIDENCE) -> Stats:
+def describe(
+    values: Sequence[float], confidence: float = CONFIDENCE, bounds: tuple[float, float] = (-math.inf, math.inf)
+) -> Stats:
+    """Summary of ``values``; the interval's ends are clipped to ``bounds`` (the range the
+    metric can take, see METRIC_RANGE)."""
     x = np.asarray(values, dtype=np.float64)
     n = int(x.size)
     if n == 0:
@@ -76,12 +105,17 @@ def describe(values: Sequence[float], confidence: float = CONFIDENCE) -> Stats:
     mean = float(x.mean())
     std = float(x.std(ddof=1)) if n > 1 else math.nan
     half = t_half_width(std, n, confidence)
-    return Stats(n, mean, std, mean - half, mean + half, float(x.min()), float(x.max()))
+    low, high = bounds
+    # NaN stays NaN (min/max would turn it into a bound).
+    ci_low = mean - half if math.isnan(half) else max(low, mean - half)
+    ci_high = mean + half if math.isnan(half) else min(high, mean + half)
+    return Stats(n, mean, std, ci_low, ci_high, float(x.min()), float(x.max()))
 
 
 # ------------------------------------------------------------------------------ the runs
 
 # --------------------------------------------------------------------------- per preset
+
 
 def run_metrics(run: RunData) -> dict[str, float]:
     acc, loss = run.column("val_acc"), run.column("val_loss")
@@ -101,7 +135,7 @@ class PresetSummary:
     epochs: int
     per_seed: dict[str, dict[int, float]]  # metric -> seed -> value, complete runs only
     stats: dict[str, Stats]
-    not_complete: list[str]                # e.g. "seed 3: diverged"
+    not_complete: list[str]  # e.g. "seed 3: diverged"
 
     @property
     def seeds(self) -> list[int]:
@@ -115,13 +149,21 @@ def summarize(runs: Sequence[RunData], confidence: float = CONFIDENCE) -> dict[s
         done = [r for r in group if r.complete]
         per_seed = {name: {r.seed: run_metrics(r)[name] for r in done} for name, _, _ in METRICS}
         summaries[preset] = PresetSummary(
-            preset, len(group), max((len(r.history) for r in done), default=0), per_seed,
-            {name: describe(list(values.values()), confidence) for name, values in per_seed.items()},
-            [f"seed {r.seed}: {r.status}" for r in group if not r.complete])
+            preset,
+            len(group),
+            max((len(r.history) for r in done), default=0),
+            per_seed,
+            {
+                name: describe(list(values.values()), confidence, METRIC_RANGE[name])
+                for name, values in per_seed.items()
+            },
+            [f"seed {r.seed}: {r.status}" for r in group if not r.complete],
+        )
     return summaries
 
 
 # -------------------------------------------------------------------------------- tables
+
 
 def _num(x: float, digits: int = 4) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
@@ -135,8 +177,17 @@ def _ci(s: Stats) -> str:
     return "-" if s.n < 2 else f"[{_num(s.ci_low)}, {_num(s.ci_high)}]"
 
 
-STAT_COLUMNS = ("preset", "runs", "final val acc (mean ± sd)", "95% CI", "min – max", "best val acc",
-                f"last-{LAST_EPOCHS} val acc", "final val loss", "best val loss")
+STAT_COLUMNS = (
+    "preset",
+    "runs",
+    "final val acc (mean ± sd)",
+    "95% CI",
+    "min – max",
+    "best val acc",
+    f"last-{LAST_EPOCHS} val acc",
+    "final val loss",
+    "best val loss",
+)
 
 
 def stats_rows(summaries: dict[str, PresetSummary]) -> list[list[str]]:
@@ -144,13 +195,24 @@ def stats_rows(summaries: dict[str, PresetSummary]) -> list[list[str]]:
     for s in summaries.values():
         f = s.stats["final_val_acc"]
         runs = f"{f.n}" + (f" (+{len(s.not_complete)} not complete)" if s.not_complete else "")
-        rows.append([s.preset, runs, _mean_sd(f), _ci(f), f"{_num(f.min)} – {_num(f.max)}",
-                     _mean_sd(s.stats["best_val_acc"]), _mean_sd(s.stats["last10_val_acc"]),
-                     _mean_sd(s.stats["final_val_loss"]), _mean_sd(s.stats["best_val_loss"])])
+        rows.append(
+            [
+                s.preset,
+                runs,
+                _mean_sd(f),
+                _ci(f),
+                f"{_num(f.min)} – {_num(f.max)}",
+                _mean_sd(s.stats["best_val_acc"]),
+                _mean_sd(s.stats["last10_val_acc"]),
+                _mean_sd(s.stats["final_val_loss"]),
+                _mean_sd(s.stats["best_val_loss"]),
+            ]
+        )
     return rows
 
 
-VERDICT_COLUMNS = ("preset", "final val acc", "the question's claim", "accepted band", "verdict")
+# The verdict second: on a narrow screen it stays in view while the claim scrolls.
+VERDICT_COLUMNS = ("preset", "verdict", "final val acc", "the question's claim", "accepted band")
 
 
 def verdict_rows(verdicts: Sequence[Verdict]) -> list[list[str]]:
@@ -159,7 +221,7 @@ def verdict_rows(verdicts: Sequence[Verdict]) -> list[list[str]]:
         measured = "-" if v.value is None else f"{v.value:.4f} (mean of {v.n})"
         band = "-" if not math.isfinite(v.accept[0]) else f"[{v.accept[0]:.3f}, {v.accept[1]:.3f}]"
         label = v.label + (" (settings differ)" if v.deviations else "") + (" (one seed)" if v.caveat else "")
-        rows.append([v.preset, measured, f'"{v.claim}"' if v.claim else "-", band, label])
+        rows.append([v.preset, label, measured, f'"{v.claim}"' if v.claim else "-", band])
     return rows
 
 
@@ -176,8 +238,15 @@ def summary_markdown(summaries: dict[str, PresetSummary], verdicts: Sequence[Ver
         differ = f" Settings differ from the original program: {', '.join(v.deviations)}." if v.deviations else ""
         caveat = f" Caveat: {v.caveat}." if v.caveat else ""
         parts.append(f"- **{v.preset}**: {v.label}. " + "; ".join(v.reasons) + "." + differ + caveat)
-    parts += ["", f"## Statistics over seeds (sample sd, Student-t {CONFIDENCE:.0%} CI)", "",
-              markdown_table(STAT_COLUMNS, stats_rows(summaries)), ""]
+    parts += [
+        "",
+        f"## Statistics over seeds (sample sd, Student-t {CONFIDENCE:.0%} CI)",
+        "",
+        markdown_table(STAT_COLUMNS, stats_rows(summaries)),
+        "",
+        CLIP_NOTE,
+        "",
+    ]
     return "\n".join(parts)
 
 
@@ -208,68 +277,96 @@ def json_safe(obj: Any) -> Any:
 
 
 def summary_json(summaries: dict[str, PresetSummary], verdicts: Sequence[Verdict]) -> dict[str, Any]:
-    return json_safe({
-        "confidence": CONFIDENCE,
-        "presets": {s.preset: {
-            "runs": s.n_runs, "epochs": s.epochs, "seeds": s.seeds, "not_complete": s.not_complete,
-            "metrics": {m: s.stats[m].to_dict() for m, _, _ in METRICS},
-            "per_seed": {m: {str(k): v for k, v in s.per_seed[m].items()} for m, _, _ in METRICS},
-        } for s in summaries.values()},
-        "verdicts": [v.to_dict() for v in verdicts],
-    })
+    return json_safe(
+        {
+            "confidence": CONFIDENCE,
+            "ci_clipped_to": {m: list(METRIC_RANGE[m]) for m, _, _ in METRICS},
+            "presets": {
+                s.preset: {
+                    "runs": s.n_runs,
+                    "epochs": s.epochs,
+                    "seeds": s.seeds,
+                    "not_complete": s.not_complete,
+                    "metrics": {m: s.stats[m].to_dict() for m, _, _ in METRICS},
+                    "per_seed": {m: {str(k): v for k, v in s.per_seed[m].items()} for m, _, _ in METRICS},
+                }
+                for s in summaries.values()
+            },
+            "verdicts": [v.to_dict() for v in verdicts],
+        }
+    )
 
 
 # ------------------------------------------------------------------------- BN mismatch
 
-def trace_mismatch(series: Sequence[TraceSeries], last_steps: int) -> list[dict[str, Any]]:
-    """How far the running statistics used at eval time are from each site's batch
-    statistics over the last ``last_steps`` steps: mean |running mean - batch mean| in
-    units of the batch std, and the geometric mean of running var / batch var."""
+
+def trace_mismatch(series: Sequence[TraceSeries], last_steps: int, eps: float) -> list[dict[str, Any]]:
+    """How far each call site's batch statistics are from the running statistics that eval
+    mode uses, over the last ``last_steps`` steps, by bnlab.bnstats's one definition (the
+    doctor's): mean shift in running SDs, variance ratio batch / running, averaged over
+    those steps and the traced channels (the ratio geometrically)."""
     out = []
     for s in series:
         k = min(last_steps, len(s.batch_mean))
-        bm, bv, rm, rv = (a[-k:].astype(np.float64) for a in (s.batch_mean, s.batch_var, s.run_mean, s.run_var))
-        shift = float(np.mean(np.abs(rm - bm) / np.sqrt(bv + 1e-12)))
-        ratio = float(np.exp(np.mean(np.log((rv + 1e-12) / (bv + 1e-12)))))
-        out.append({"site": s.label, "module": s.module, "mean_shift_in_std": shift, "var_ratio": ratio})
+        bm, bv, rm, rv = (a[-k:].ravel() for a in (s.batch_mean, s.batch_var, s.run_mean, s.run_var))
+        out.append({"site": s.label, "module": s.module, **bnstats.distance(bm, bv, rm, rv, eps).as_dict()})
     return out
 
 
 # ---------------------------------------------------------------------------------- HTML
 
+# .scroll: a table wider than the screen (420 px phones) scrolls inside its box instead of
+# being cut off at the page's edge. Words wrap only between words, except in .long cells
+# (paths, digests, platform strings), which may break anywhere.
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
+.scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:1em 0;font-size:14px}
+td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}.long{overflow-wrap:anywhere}
+@media (max-width:600px){body{margin:1em auto;padding:0 .5em}table{font-size:12px}td,th{padding:3px 4px}}
 th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}.ok{color:#08660b;font-weight:600}
 .bad{color:#a10d0d;font-weight:600}.small{color:#555;font-size:13px}code{background:#f5f5f5;padding:0 3px}"""
 
 
-def _table_html(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def _table_html(header: Sequence[str], rows: Sequence[Sequence[str]], long: Sequence[int] = ()) -> str:
+    """A table in a box that scrolls sideways; the cells of the ``long`` columns may break anywhere."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+
+    def cell(i: int, c: str) -> str:
+        return f'<td class="long">{html.escape(str(c))}</td>' if i in long else f"<td>{html.escape(str(c))}</td>"
+
+    body = "".join("<tr>" + "".join(cell(i, c) for i, c in enumerate(row)) + "</tr>" for row in rows)
+    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
 
 
 def _figure_html(fig: SavedFigure) -> str:
     data = base64.b64encode(fig.png_bytes).decode("ascii")
-    return (f"<figure><img alt=\"{html.escape(fig.title)}\" src=\"data:image/png;base64,{data}\">"
-            f"<figcaption class=\"small\">{html.escape(fig.caption)} Files: <code>{html.escape(fig.png.name)}</code>, "
-            f"<code>{html.escape(fig.svg.name)}</code>.</figcaption></figure>")
+    return (
+        f'<figure><img alt="{html.escape(fig.title)}" src="data:image/png;base64,{data}">'
+        f'<figcaption class="small">{html.escape(fig.caption)} Files: <code>{html.escape(fig.png.name)}</code>, '
+        f"<code>{html.escape(fig.svg.name)}</code>.</figcaption></figure>"
+    )
 
 
 def _verdicts_html(verdicts: Sequence[Verdict]) -> str:
     items = []
     for v in verdicts:
         css = "ok" if v.reproduced else ("bad" if v.reproduced is False else "small")
-        text = (f"<h3>{html.escape(v.preset)}: <span class=\"{css}\">{html.escape(v.label)}</span></h3>"
-                f"<p>The question or answer says: <q>{html.escape(v.claim)}</q>.<br>Accepted band for the final val acc: "
-                f"[{v.accept[0]:.3f}, {v.accept[1]:.3f}] ({html.escape(v.note)}).</p>" if v.claim else
-                f"<h3>{html.escape(v.preset)}: {html.escape(v.label)}</h3>")
+        text = (
+            f'<h3>{html.escape(v.preset)}: <span class="{css}">{html.escape(v.label)}</span></h3>'
+            f"<p>The question or answer says: <q>{html.escape(v.claim)}</q>.<br>"
+            "Accepted band for the final val acc: "
+            f"[{v.accept[0]:.3f}, {v.accept[1]:.3f}] ({html.escape(v.note)}).</p>"
+            if v.claim
+            else f"<h3>{html.escape(v.preset)}: {html.escape(v.label)}</h3>"
+        )
         text += "<ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in v.reasons) + "</ul>"
         if v.caveat:
-            text += f"<p class=\"small\">Caveat: {html.escape(v.caveat)}.</p>"
+            text += f'<p class="small">Caveat: {html.escape(v.caveat)}.</p>'
         if v.deviations:
-            text += ("<p class=\"small\">These runs differ from the original program in: "
-                     + html.escape(", ".join(v.deviations)) + ". The claim is about the original program's settings.</p>")
+            text += (
+                '<p class="small">These runs differ from the original program in: '
+                + html.escape(", ".join(v.deviations))
+                + ". The claim is about the original program's settings.</p>"
+            )
         items.append(text)
     return "".join(items)
 
@@ -286,36 +383,65 @@ def _environment_html(runs: Sequence[RunData]) -> str:
         for fname, digest in (run.environment.get("data_sha256") or {}).items():
             sums.setdefault(fname, {})[digest] = None
     sum_rows = [[f, ", ".join(d)] for f, d in sums.items()]
-    return (_table_html(("key", "value (all distinct values over the runs)"), env_rows)
-            + "<h3>Data sha256</h3>" + _table_html(("file", "sha256"), sum_rows))
+    return (
+        _table_html(("key", "value (all distinct values over the runs)"), env_rows, long=(1,))
+        + "<h3>Data sha256</h3>"
+        + _table_html(("file", "sha256"), sum_rows, long=(0, 1))
+    )
 
 
 def _mismatch_html(mismatches: dict[str, list[dict[str, Any]]]) -> str:
-    rows = [[preset, m["site"], f"{m['mean_shift_in_std']:.2f}", f"{m['var_ratio']:.2f}"]
-            for preset, ms in mismatches.items() for m in ms]
-    return ("<p>Over the last epoch of training, how far the running statistics that eval mode uses are from "
-            "each call site's batch statistics (first traced channels): |running mean - batch mean| in units "
-            "of the batch std, and running var / batch var (1 means a match).</p>"
-            + _table_html(("preset", "call site", "mean shift (batch std)", "var ratio"), rows))
+    rows = [
+        [preset, m["site"], f"{m['mean_shift']:.2f}", f"{m['var_ratio']:.2f}"]
+        for preset, ms in mismatches.items()
+        for m in ms
+    ]
+    return (
+        "<p>Over the last epoch of training, how far each call site's batch statistics are from the "
+        "running statistics that eval mode normalizes with (the traced channels, averaged over the "
+        "epoch's steps): <b>mean shift</b> = |batch mean - running mean| in running standard deviations "
+        "(0 is a match), <b>variance ratio</b> = batch variance / running variance (1 is a match; "
+        "averaged geometrically). These are the definitions <code>bnlab doctor</code> reports.</p>"
+        + _table_html(("preset", "call site", "mean shift (running SD)", "variance ratio (batch / running)"), rows)
+    )
 
 
-def render_html(summaries: dict[str, PresetSummary], verdicts: Sequence[Verdict], runs: Sequence[RunData],
-                figures: Sequence[SavedFigure], bn_figures: Sequence[SavedFigure],
-                mismatches: dict[str, list[dict[str, Any]]], title: str) -> str:
-    run_rows = [[r.preset, str(r.seed), r.status, str(len(r.history)),
-                 _num(r.history[-1].val_acc) if r.history else "-", str(r.run_dir), r.message] for r in runs]
+def render_html(
+    summaries: dict[str, PresetSummary],
+    verdicts: Sequence[Verdict],
+    runs: Sequence[RunData],
+    figures: Sequence[SavedFigure],
+    bn_figures: Sequence[SavedFigure],
+    mismatches: dict[str, list[dict[str, Any]]],
+    title: str,
+) -> str:
+    run_rows = [
+        [
+            r.preset,
+            str(r.seed),
+            r.status,
+            str(len(r.history)),
+            _num(r.history[-1].val_acc) if r.history else "-",
+            str(r.run_dir),
+            r.message,
+        ]
+        for r in runs
+    ]
     parts = [
-        f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>'
         f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-        f"<p class=\"small\">Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {len(runs)} run(s). "
-        "The question: a Chainer MLP (784-100-100-10, BN + ReLU, Adam lr 0.01, batch 1000, 100 epochs) that applied ONE "
-        "BatchNormalization after both hidden layers; the answer gave each layer its own.</p>",
-        f"<h2>Statistics over seeds</h2><p class=\"small\">Sample standard deviation (ddof=1); {CONFIDENCE:.0%} "
+        f'<p class="small">Generated {time.strftime("%Y-%m-%d %H:%M:%S %Z")} from {len(runs)} run(s). '
+        "The question: a Chainer MLP (784-100-100-10, BN + ReLU, Adam lr 0.01, batch 1000, 100 epochs) that "
+        "applied ONE BatchNormalization after both hidden layers; the answer gave each layer its own.</p>",
+        f'<h2>Statistics over seeds</h2><p class="small">Sample standard deviation (ddof=1); {CONFIDENCE:.0%} '
         "interval of the mean from Student's t; - where undefined (one seed).</p>",
         _table_html(STAT_COLUMNS, stats_rows(summaries)),
-        "<h2>The question's claims</h2><p class=\"small\">Each preset is one program of the question or the answer; "
+        f'<p class="small">{html.escape(CLIP_NOTE)}</p>',
+        '<h2>The question\'s claims</h2><p class="small">Each preset is one program of the question or the answer; '
         "a claim is judged only for runs with that program's settings (other settings: not judged).</p>",
-        _table_html(VERDICT_COLUMNS, verdict_rows(verdicts)), _verdicts_html(verdicts),
+        _table_html(VERDICT_COLUMNS, verdict_rows(verdicts)),
+        _verdicts_html(verdicts),
     ]
     for fig in figures:
         parts += [f"<h2>{html.escape(fig.title)}</h2>", _figure_html(fig)]
@@ -325,12 +451,18 @@ def render_html(summaries: dict[str, PresetSummary], verdicts: Sequence[Verdict]
         for fig in bn_figures:
             parts += [f"<h3>{html.escape(fig.title)}</h3>", _figure_html(fig)]
     run_header = ("preset", "seed", "status", "epochs", "final val acc", "directory", "message")
-    parts += ["<h2>Runs</h2>", _table_html(run_header, run_rows),
-              "<h2>Environment</h2>", _environment_html(runs), "</body></html>"]
+    parts += [
+        "<h2>Runs</h2>",
+        _table_html(run_header, run_rows, long=(5, 6)),
+        "<h2>Environment</h2>",
+        _environment_html(runs),
+        "</body></html>",
+    ]
     return "\n".join(parts)
 
 
 # -------------------------------------------------------------------------------- report
+
 
 @dataclass
 class Report:
@@ -347,7 +479,7 @@ class Report:
         return markdown_table(VERDICT_COLUMNS, verdict_rows(self.verdicts))
 
 
-def _bn_figures(runs: Sequence[RunData], out_dir: Path) -> tuple[list[SavedFigure], dict[str, list[dict[str, Any]]]]:
+def _traced_runs(runs: Sequence[RunData]) -> list[tuple[RunData, list[TraceSeries]]]:
     """The first complete traced run of each preset; shared-BN presets first (they are the story)."""
     chosen: dict[str, tuple[RunData, list[TraceSeries]]] = {}
     for run in runs:
@@ -355,19 +487,27 @@ def _bn_figures(runs: Sequence[RunData], out_dir: Path) -> tuple[list[SavedFigur
             trace = run.bn_trace()
             if trace is not None and len(trace["values"]):
                 chosen[run.preset] = run, trace_series(trace)
-    shared_first = sorted(chosen.values(), key=lambda rs: not any(s.shared for s in rs[1]))
-    figures, mismatches = [], {}
-    for run, series in shared_first:
-        figures.append(plot_bn_trace(run, series, out_dir))
-        mismatches[run.preset] = trace_mismatch(series, last_steps=steps_per_epoch(series, run))
-    return figures, mismatches
+    return sorted(chosen.values(), key=lambda rs: not any(s.shared for s in rs[1]))
+
+
+def _bn_eps(run: RunData) -> float:
+    try:
+        return float(run.run_config().model.bn_eps)
+    except ValueError:  # InputError: an unreadable config; its eps is then the default
+        from bnlab.config import ModelConfig
+
+        return ModelConfig().bn_eps
 
 
 def verdicts_of(summaries: dict[str, PresetSummary], runs: Sequence[RunData]) -> list[Verdict]:
     """The presets' verdicts (bnlab.presets.judge) for these runs."""
     groups = group_by_preset(runs)
-    return judge({name: PresetRuns(s.per_seed["final_val_acc"], [r.config for r in groups[name]], s.not_complete)
-                  for name, s in summaries.items()})
+    return judge(
+        {
+            name: PresetRuns(s.per_seed["final_val_acc"], [r.config for r in groups[name]], s.not_complete)
+            for name, s in summaries.items()
+        }
+    )
 
 
 def _missing_runs(run_dirs: Sequence[Path], outcomes: Sequence[Any]) -> list[RunData]:
@@ -382,13 +522,22 @@ def _missing_runs(run_dirs: Sequence[Path], outcomes: Sequence[Any]) -> list[Run
     return missing
 
 
-def build_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                 title: str = "bnlab report", outcomes: Sequence[Any] = ()) -> Report:
+def build_report(
+    run_dirs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    title: str = "bnlab report",
+    outcomes: Sequence[Any] = (),
+    on_step: Callable[[str], None] | None = None,
+) -> Report:
     """Read the run directories and write summary.{md,csv,json}, the figures (PNG + SVG)
     and report.html (self-contained) into ``out_dir``. A run directory without a history
-    (its run failed before it started) is reported from ``outcomes`` when given."""
+    (its run failed before it started) is reported from ``outcomes`` when given.
+    ``on_step`` hears each step as it starts ("figure 2 of 4: ..."): the figures take
+    seconds each."""
+    step = on_step or (lambda text: None)
     out = Path(out_dir)
     dirs = [Path(d) for d in run_dirs]
+    step(f"reading {len(dirs)} run director{'y' if len(dirs) == 1 else 'ies'}")
     read = {d: read_run(d) for d in dirs}
     runs = [r for r in read.values() if r is not None]
     runs += _missing_runs([d for d, r in read.items() if r is None], outcomes)
@@ -396,12 +545,39 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         raise UsageError("no run directories to report on: run `bnlab compare` or `bnlab repro` first.")
     summaries = summarize(runs)
     verdicts = verdicts_of(summaries, runs)
-    figures = [f for f in (plot_val_curves(runs, out), plot_train_vs_val(runs, out)) if f]
-    bn_figures, mismatches = _bn_figures(runs, out)
+    traced = _traced_runs(runs)
+    figures: list[SavedFigure] = []
+    bn_figures: list[SavedFigure] = []
+    # (what, draw, the list it joins): the report's sections, in order.
+    plots: list[tuple[str, Callable[[], SavedFigure | None], list[SavedFigure]]] = [
+        ("validation curves", lambda: plot_val_curves(runs, out), figures),
+        ("train against validation", lambda: plot_train_vs_val(runs, out), figures),
+    ]
+    plots += [
+        (f"BN statistics of {run.preset}", functools.partial(plot_bn_trace, run, series, out), bn_figures)
+        for run, series in traced
+    ]
+    for i, (what, draw, section) in enumerate(plots, 1):
+        step(f"figure {i} of {len(plots)}: {what}")
+        fig = draw()
+        if fig is not None:
+            section.append(fig)
+    mismatches = {
+        run.preset: trace_mismatch(series, steps_per_epoch(series, run), _bn_eps(run)) for run, series in traced
+    }
+    step("writing report.html and summary.{md,csv,json}")
     payload = summary_json(summaries, verdicts)
     payload["bn_mismatch"] = json_safe(mismatches)
-    report = Report(out, out / "report.html", out / "summary.md", out / "summary.csv", out / "summary.json",
-                    summaries, verdicts, figures + bn_figures)
+    report = Report(
+        out,
+        out / "report.html",
+        out / "summary.md",
+        out / "summary.csv",
+        out / "summary.json",
+        summaries,
+        verdicts,
+        figures + bn_figures,
+    )
     atomic_write_text(report.markdown, summary_markdown(summaries, verdicts))
     atomic_write_text(report.csv, summary_csv(summaries))
     atomic_write_json(report.json, payload)

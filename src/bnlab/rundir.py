@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bnlab.config import EpochRecord, RunConfig
-from bnlab.errors import InputError, UsageError, output_error
+from bnlab.errors import InputError, OutputError, UsageError, output_error
 from bnlab.table import format_row, table_header
 
 if TYPE_CHECKING:
@@ -35,7 +35,12 @@ if TYPE_CHECKING:
     from bnlab.models import MLP
 
 RUN_RUNNING, RUN_COMPLETE, RUN_DIVERGED, RUN_FAILED, RUN_INTERRUPTED = (
-    "running", "complete", "diverged", "failed", "interrupted")
+    "running",
+    "complete",
+    "diverged",
+    "failed",
+    "interrupted",
+)
 RUN_STATUSES = (RUN_RUNNING, RUN_COMPLETE, RUN_DIVERGED, RUN_FAILED, RUN_INTERRUPTED)
 # A diverged run is a result (it would diverge again), so a sweep does not re-run it.
 FINISHED_STATUSES = (RUN_COMPLETE, RUN_DIVERGED)
@@ -51,12 +56,15 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 def safe_name(name: Any, what: str = "name") -> str:
     """``name`` if it is safe to use in a file name, else InputError."""
     if not isinstance(name, str) or not SAFE_NAME.match(name) or ".." in name:
-        raise InputError(f"the {what} {name!r} is not a plain name (letters, digits, '-', '_', '.'); "
-                         "the run directory may have been edited by hand or tampered with.")
+        raise InputError(
+            f"the {what} {name!r} is not a plain name (letters, digits, '-', '_', '.'); "
+            "the run directory may have been edited by hand or tampered with."
+        )
     return name
 
 
 # ---------------------------------------------------------------------------- writing
+
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write via a temp file in the same folder, then rename: readers never see half a file.
@@ -87,6 +95,10 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+class RunInUse(UsageError):
+    """Another live process holds the lock of a run or sweep directory."""
+
+
 class RunLock:
     """An exclusive lock on a run directory (``flock`` on ``.bnlab.lock``), held while a
     process trains into it; the OS releases it when the process dies, so a crash never
@@ -101,6 +113,11 @@ class RunLock:
         import fcntl
 
         path = self.directory / LOCK_FILE
+        if self.directory.exists() and not self.directory.is_dir():
+            raise OutputError(
+                f"{self.directory} is a file, not a folder, and the {self.what} must be a "
+                "folder; move the file away or choose another --out."
+            )
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -112,9 +129,10 @@ class RunLock:
             os.close(fd)
             if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 raise output_error(path, err) from None
-            raise UsageError(
+            raise RunInUse(
                 f"the {self.what} {self.directory} is in use by another bnlab process "
-                f"({self.owner() or 'pid unknown'}); wait for it to finish, or give this one another --out.") from None
+                f"({self.owner() or 'pid unknown'}); wait for it to finish, or give this one another --out."
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}\n".encode())
         self._fd = fd
@@ -148,27 +166,47 @@ def clear_run_files(directory: Path) -> None:
     a user's own files in the directory stay."""
     if not directory.is_dir():
         return
-    for name in RUN_FILES:
-        (directory / name).unlink(missing_ok=True)
-    for tmp in directory.glob(".*.tmp"):
-        if any(tmp.name.startswith(f".{name}.") for name in RUN_FILES):
-            tmp.unlink(missing_ok=True)
+    ours = [directory / name for name in RUN_FILES]
+    ours += [tmp for tmp in directory.glob(".*.tmp") if any(tmp.name.startswith(f".{name}.") for name in RUN_FILES)]
+    for path in ours:
+        if not path.exists():  # on a read-only file system even unlinking nothing fails
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise output_error(path, err) from None
+
+
+def refuse_to_overwrite(directory: Path, *, overwrite: bool) -> None:
+    """UsageError if training into ``directory`` would overwrite something without being
+    asked (a file stands there, an earlier run, other files). Writes nothing."""
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(
+            f"{directory} is a file, not a folder; a run directory must be a folder: move the "
+            "file away or choose another --out."
+        )
+    if holds_run(directory):
+        if not overwrite:
+            raise UsageError(
+                f"{directory} already holds a bnlab run; bnlab does not overwrite results "
+                "without being asked: give another --out, or --overwrite to train it again "
+                "from epoch 0."
+            )
+    elif directory.is_dir() and any(p.name != LOCK_FILE for p in directory.iterdir()) and not overwrite:
+        raise UsageError(
+            f"{directory} is a folder that already holds other files; give an empty or new "
+            "folder with --out (or --overwrite to write the run's files beside them)."
+        )
 
 
 def prepare_run_dir(directory: Path, *, overwrite: bool) -> None:
     """Refuse to train into a folder that holds something, unless ``overwrite``: then the
-    earlier run's files (only those) are removed first."""
-    if directory.exists() and not directory.is_dir():
-        raise UsageError(f"--out {directory} is a file, not a folder; give a folder for the run directory.")
-    if holds_run(directory):
-        if not overwrite:
-            raise UsageError(f"{directory} already holds a bnlab run; bnlab does not overwrite results "
-                             "without being asked: give another --out, or --overwrite to train it again "
-                             "from epoch 0.")
+    earlier run's files (only those) are removed first. Call it holding the run's lock."""
+    refuse_to_overwrite(directory, overwrite=overwrite)
+    if overwrite:
         clear_run_files(directory)
-    elif directory.is_dir() and any(p.name != LOCK_FILE for p in directory.iterdir()) and not overwrite:
-        raise UsageError(f"{directory} is a folder that already holds other files; give an empty or new "
-                         "folder with --out (or --overwrite to write the run's files beside them).")
 
 
 class RunRecorder:
@@ -176,9 +214,14 @@ class RunRecorder:
     question's table through ``echo``, an EpochRecord to ``on_epoch``). Every engine
     records through this class."""
 
-    def __init__(self, cfg: RunConfig, out_dir: str | os.PathLike | None,
-                 echo: Callable[[str], None] | None = print, show_seconds: bool = True,
-                 on_epoch: Callable[[EpochRecord], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out_dir: str | os.PathLike | None,
+        echo: Callable[[str], None] | None = print,
+        show_seconds: bool = True,
+        on_epoch: Callable[[EpochRecord], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.echo = echo
@@ -234,12 +277,33 @@ class RunRecorder:
         if self.out_dir is not None:
             self._write_history()
 
+    def record_failed_start(self, message: str) -> bool:
+        """Record, in a directory that has no history.json yet, a run that failed before
+        its first file (engine, data or folder missing): status failed with ``message``.
+        Best effort (False when it cannot be written: the same cause may prevent it)."""
+        if self.out_dir is None or (self.out_dir / "history.json").exists():
+            return False
+        self.status, self.message = RUN_FAILED, message
+        try:
+            self._write_history()
+        except (OSError, OutputError):
+            return False
+        return True
+
     def _write_history(self) -> None:
         assert self.out_dir is not None
         records = [dataclasses.asdict(r) for r in self.history]
-        atomic_write_json(self.out_dir / "history.json", {
-            "preset": self.cfg.preset, "seed": self.cfg.train.seed, "status": self.status,
-            "message": self.message, "epochs_planned": self.cfg.train.epochs, "history": records})
+        atomic_write_json(
+            self.out_dir / "history.json",
+            {
+                "preset": self.cfg.preset,
+                "seed": self.cfg.train.seed,
+                "status": self.status,
+                "message": self.message,
+                "epochs_planned": self.cfg.train.epochs,
+                "history": records,
+            },
+        )
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=[f.name for f in dataclasses.fields(EpochRecord)])
         writer.writeheader()
@@ -248,6 +312,7 @@ class RunRecorder:
 
 
 # ---------------------------------------------------------------------------- reading
+
 
 def _read_json(path: Path) -> Any:
     """The parsed JSON at ``path``; None if the file is absent. Unreadable -> InputError."""
@@ -260,15 +325,18 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(text)
     except ValueError:
-        raise InputError(f"{path} is not valid JSON (a half-written or edited file?); "
-                         "delete the run directory's files and train it again.") from None
+        raise InputError(
+            f"{path} is not valid JSON (a half-written or edited file?); "
+            "delete the run directory's files and train it again."
+        ) from None
 
 
 def _epoch_record(raw: Any, path: Path) -> EpochRecord:
     names = [f.name for f in dataclasses.fields(EpochRecord)]
     if not isinstance(raw, dict) or set(raw) != set(names):
-        raise InputError(f"{path}: an epoch record is not {{{', '.join(names)}}}; the file was edited "
-                         "or comes from another program.")
+        raise InputError(
+            f"{path}: an epoch record is not {{{', '.join(names)}}}; the file was edited or comes from another program."
+        )
     values = [raw[n] for n in names]
     if not isinstance(values[0], int) or not all(isinstance(v, (int, float)) for v in values[1:]):
         raise InputError(f"{path}: an epoch record holds a value that is not a number.")
@@ -322,12 +390,15 @@ def read_run(run_dir: str | os.PathLike) -> RunData | None:
     never started). A malformed or tampered file is an InputError naming it."""
     run_dir = Path(run_dir)
     path = run_dir / "history.json"
+    if not run_dir.is_dir():  # absent, or a file standing where the folder should be
+        return None
     saved = _read_json(path)
     if saved is None:
         return None
     if not isinstance(saved, dict):
-        raise InputError(f"{path} does not hold a bnlab history (a JSON object); it was edited or comes "
-                         "from another program.")
+        raise InputError(
+            f"{path} does not hold a bnlab history (a JSON object); it was edited or comes from another program."
+        )
     status = saved.get("status")
     if status not in RUN_STATUSES:
         raise InputError(f"{path}: unknown status {status!r} (one of {', '.join(RUN_STATUSES)}).")
@@ -341,10 +412,21 @@ def read_run(run_dir: str | os.PathLike) -> RunData | None:
     config = _read_json(run_dir / "config.json")
     environment = _read_json(run_dir / "environment.json")
     message = saved.get("message", "")
-    return RunData(safe_name(saved.get("preset"), "preset name"), seed, run_dir, status,
-                   [_epoch_record(r, path) for r in records], message if isinstance(message, str) else "",
-                   planned if isinstance(planned, int) else None,
-                   config if isinstance(config, dict) else {}, environment if isinstance(environment, dict) else {})
+    try:
+        preset = safe_name(saved.get("preset"), "preset name")
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from None
+    return RunData(
+        preset,
+        seed,
+        run_dir,
+        status,
+        [_epoch_record(r, path) for r in records],
+        message if isinstance(message, str) else "",
+        planned if isinstance(planned, int) else None,
+        config if isinstance(config, dict) else {},
+        environment if isinstance(environment, dict) else {},
+    )
 
 
 def group_by_preset(runs: Sequence[RunData]) -> dict[str, list[RunData]]:
@@ -368,8 +450,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[MLP, RunConfig]:
     except FileNotFoundError:
         raise InputError(f"{path} does not exist; a complete run directory holds checkpoint.pt.") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
-        raise InputError(f"{path} is not a checkpoint bnlab can load safely (torch.load with "
-                         f"weights_only=True said: {str(err).splitlines()[0][:200]}).") from None
+        raise InputError(
+            f"{path} is not a checkpoint bnlab can load safely (torch.load with "
+            f"weights_only=True said: {str(err).splitlines()[0][:200]})."
+        ) from None
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
         raise InputError(f"{path} is not a bnlab checkpoint (a dict with 'model' and 'config').")
     try:
@@ -380,7 +464,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[MLP, RunConfig]:
     try:
         model.load_state_dict(payload["model"])
     except (RuntimeError, TypeError, AttributeError) as err:
-        raise InputError(f"{path}: its weights do not fit the model its config describes "
-                         f"({str(err).splitlines()[0][:200]}).") from None
+        raise InputError(
+            f"{path}: its weights do not fit the model its config describes ({str(err).splitlines()[0][:200]})."
+        ) from None
     return model, cfg
-

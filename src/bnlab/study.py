@@ -50,8 +50,9 @@ def repair_run(run_dir: Path, data_dir: str | os.PathLike | None = None) -> dict
     from bnlab.rundir import load_checkpoint
 
     model, cfg = load_checkpoint(run_dir / "checkpoint.pt")
-    src = sources.builtin_source(cfg.dataset, model, "torch", str(data_dir) if data_dir else None,
-                                 REPAIR_BATCH, REPAIR_SEED)
+    src = sources.builtin_source(
+        cfg.dataset, model, "torch", str(data_dir) if data_dir else None, REPAIR_BATCH, REPAIR_SEED
+    )
     assert src.fit_batches is not None and src.held_out is not None  # a built-in data set has both
     result = repair_report(model, src.fit_batches(), src.held_out, framework="torch")
     return {"before": result.before, "after": result.after, "changes": result.changes}
@@ -73,9 +74,14 @@ def _cached_repair(spec: RunSpec, out: Path, data_dir: str | os.PathLike | None)
     return repaired
 
 
-def repaired_results(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome], out: str | os.PathLike, *,
-                     data_dir: str | os.PathLike | None = None,
-                     on_stage: Callable[[str], None] | None = None) -> list[GridResult]:
+def repaired_results(
+    specs: Sequence[RunSpec],
+    outcomes: Sequence[RunOutcome],
+    out: str | os.PathLike,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> list[GridResult]:
     """The doctor's repair of every complete shared-BN run, as grid results of the series
     ``REPAIRED_SERIES`` (final val acc and loss after the repair)."""
     out = Path(out)
@@ -83,29 +89,52 @@ def repaired_results(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome], o
     results = []
     for i, (spec, outcome) in enumerate(shared):
         if outcome.status != RUN_COMPLETE:
-            results.append(GridResult(REPAIRED_SERIES, spec.grid, spec.seed, outcome.status, {}, spec.run_dir,
-                                      "the run did not complete: nothing to repair"))
+            results.append(
+                GridResult(
+                    REPAIRED_SERIES,
+                    spec.grid,
+                    spec.seed,
+                    outcome.status,
+                    {},
+                    spec.run_dir,
+                    "the run did not complete: nothing to repair",
+                )
+            )
             continue
         if on_stage is not None:
             on_stage(f"repairing {spec.label} with the doctor ({i + 1}/{len(shared)})")
         repaired = _cached_repair(spec, out, data_dir)
         after, before = repaired["after"], repaired["before"]
-        results.append(GridResult(REPAIRED_SERIES, spec.grid, spec.seed, RUN_COMPLETE,
-                                  {"final_val_acc": after["val_acc"], "final_val_loss": after["val_loss"]},
-                                  spec.run_dir, f"val acc before the repair {before['val_acc']:.4f}"))
+        results.append(
+            GridResult(
+                REPAIRED_SERIES,
+                spec.grid,
+                spec.seed,
+                RUN_COMPLETE,
+                {"final_val_acc": after["val_acc"], "final_val_loss": after["val_loss"]},
+                spec.run_dir,
+                f"val acc before the repair {before['val_acc']:.4f}",
+            )
+        )
     return results
 
 
-def repair_table(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome],
-                 results: Sequence[GridResult]) -> list[dict[str, Any]]:
+def repair_table(
+    specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome], results: Sequence[GridResult]
+) -> list[dict[str, Any]]:
     """Per shared run: its final val acc, the val acc after the repair, and the answer's
     on the same grid point and seed (the rows of the study's table)."""
-    answer = {(s.grid, s.seed): o.final_val_acc for s, o in zip(specs, outcomes, strict=True)
-              if s.preset == "answer"}
-    mine = {(s.grid, s.seed): o.final_val_acc for s, o in zip(specs, outcomes, strict=True)
-            if s.preset == "question"}
+    answer = {(s.grid, s.seed): o.final_val_acc for s, o in zip(specs, outcomes, strict=True) if s.preset == "answer"}
+    mine = {(s.grid, s.seed): o.final_val_acc for s, o in zip(specs, outcomes, strict=True) if s.preset == "question"}
     rows = []
     for r in results:
-        rows.append({"point": dict(r.point), "seed": r.seed, "shared": mine.get((r.point, r.seed)),
-                     "repaired": r.metrics.get("final_val_acc"), "per_layer": answer.get((r.point, r.seed))})
+        rows.append(
+            {
+                "point": dict(r.point),
+                "seed": r.seed,
+                "shared": mine.get((r.point, r.seed)),
+                "repaired": r.metrics.get("final_val_acc"),
+                "per_layer": answer.get((r.point, r.seed)),
+            }
+        )
     return rows

@@ -18,14 +18,15 @@ import os
 import queue
 import signal
 import sys
+import threading
 import time
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bnlab.config import EpochRecord, RunConfig, apply_overrides, config_differences, overrides_field
-from bnlab.errors import BnlabError, InputError, UsageError
+from bnlab.config import DatasetName, EpochRecord, RunConfig, apply_overrides, config_differences, overrides_field
+from bnlab.errors import BnlabError, InputError, OutputError, UsageError
 from bnlab.grid import GridAxis, GridPoint, check_axes, grid_points, point_label, point_name, point_overrides
 from bnlab.presets import ALL_PRESETS, get_preset
 from bnlab.rundir import (
@@ -33,7 +34,9 @@ from bnlab.rundir import (
     RUN_COMPLETE,
     RUN_DIVERGED,
     RUN_FAILED,
+    RunInUse,
     RunLock,
+    RunRecorder,
     clear_run_files,
     read_run,
     safe_name,
@@ -54,7 +57,6 @@ if typing.TYPE_CHECKING:
 # while a second process doubles the work in flight: one worker per core, one thread each.
 DEFAULT_THREADS_PER_WORKER = 1
 TRACE_CHANNELS = 4
-
 
 
 def default_workers() -> int:
@@ -82,10 +84,12 @@ class RunSpec:
         point = point_label(self.grid)
         return f"{self.preset} {point} seed {self.seed}" if point else f"{self.preset} seed {self.seed}"
 
-    def outcome(self, status: str, history: list[EpochRecord] | None = None, message: str = "",
-                **extra: typing.Any) -> RunOutcome:
-        return RunOutcome(self.preset, self.seed, self.run_dir, status, list(history or []), message,
-                          label=self.label, **extra)
+    def outcome(
+        self, status: str, history: list[EpochRecord] | None = None, message: str = "", **extra: typing.Any
+    ) -> RunOutcome:
+        return RunOutcome(
+            self.preset, self.seed, self.run_dir, status, list(history or []), message, label=self.label, **extra
+        )
 
 
 @dataclass
@@ -98,9 +102,9 @@ class RunOutcome:
     status: str
     history: list[EpochRecord] = field(default_factory=list)
     message: str = ""
-    cached: bool = False   # finished by an earlier invocation and not run again
-    seconds: float = 0.0   # wall time this invocation spent on it (0 when cached)
-    label: str = ""        # the spec's label ("question bn_momentum=0.01 seed 0")
+    cached: bool = False  # finished by an earlier invocation and not run again
+    seconds: float = 0.0  # wall time this invocation spent on it (0 when cached)
+    label: str = ""  # the spec's label ("question bn_momentum=0.01 seed 0")
 
     def __post_init__(self) -> None:
         if not self.label:
@@ -145,10 +149,17 @@ class Executor(typing.Protocol):
     def map_runs(self, run_specs: Sequence[RunSpec], on_event: EventHandler) -> list[RunOutcome]: ...
 
 
-def plan_sweep(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathLike,
-               overrides: dict[str, typing.Any] | None = None, *, dataset: str = "mnist",
-               data_dir: str | os.PathLike | None = None,
-               trace_bn_channels: int = TRACE_CHANNELS, grid: Sequence[GridAxis] = ()) -> list[RunSpec]:
+def plan_sweep(
+    presets: Sequence[str],
+    seeds: Sequence[int],
+    out: str | os.PathLike,
+    overrides: dict[str, typing.Any] | None = None,
+    *,
+    dataset: str = "mnist",
+    data_dir: str | os.PathLike | None = None,
+    trace_bn_channels: int = TRACE_CHANNELS,
+    grid: Sequence[GridAxis] = (),
+) -> list[RunSpec]:
     """Every (preset, grid point, seed) run in that order, each owning
     OUT/runs/PRESET/seedN, or OUT/runs/PRESET/POINT/seedN with a grid.
 
@@ -168,9 +179,12 @@ def plan_sweep(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathL
                 cfg = apply_overrides(preset.config, {**overrides, **point_overrides(point), "seed": seed})
                 if cfg.model.norm != "none" or cfg.model.logits_norm:
                     cfg = apply_overrides(cfg, trace)
-                cfg = dataclasses.replace(cfg, dataset=dataset)
-                specs.append(RunSpec(name, seed, cfg, folder / f"seed{seed}",
-                                     Path(data_dir) if data_dir is not None else None, point))
+                cfg = dataclasses.replace(cfg, dataset=typing.cast(DatasetName, dataset))
+                specs.append(
+                    RunSpec(
+                        name, seed, cfg, folder / f"seed{seed}", Path(data_dir) if data_dir is not None else None, point
+                    )
+                )
     return specs
 
 
@@ -210,7 +224,8 @@ def finished_outcome(spec: RunSpec) -> RunOutcome | None:
             f"{spec.run_dir} already holds a finished run of {spec.label} trained with other settings "
             f"(differing: {shown}). bnlab reuses finished runs only when their settings match, and does "
             "not overwrite them: choose another --out for the new settings, or delete that directory to "
-            "train it again.")
+            "train it again."
+        )
     return spec.outcome(status, history, message, cached=True)
 
 
@@ -242,13 +257,19 @@ def execute_spec(spec: RunSpec, on_epoch: Callable[[EpochRecord], None] | None =
     history: list[EpochRecord] = []
     try:
         clear_run_files(spec.run_dir)
-        result = train(spec.config, data_dir=spec.data_dir, out_dir=spec.run_dir, echo=None,
-                       on_epoch=on_epoch, overwrite=True)
+        result = train(
+            spec.config, data_dir=spec.data_dir, out_dir=spec.run_dir, echo=None, on_epoch=on_epoch, overwrite=True
+        )
         history = result.history
     except TrainingDiverged as err:
         status, message = RUN_DIVERGED, str(err)
+    except RunInUse as err:  # another process trains it: its directory is not ours to write
+        status, message = RUN_FAILED, str(err)
     except Exception as err:  # noqa: BLE001 - a failed run is reported and the sweep goes on
         status, message = RUN_FAILED, _failure_message(err)
+        # A run that failed before writing anything is recorded too, so that the run
+        # directory itself says what happened (a rerun clears it and tries again).
+        RunRecorder(spec.config, spec.run_dir, echo=None).record_failed_start(message)
     if status != RUN_COMPLETE:
         history = _saved(spec)[1]
     return spec.outcome(status, history, message, seconds=time.perf_counter() - started)
@@ -262,7 +283,11 @@ class InlineExecutor:
         outcomes = []
         for spec in run_specs:
             on_event(SweepEvent("start", spec))
-            outcome = execute_spec(spec, lambda rec, s=spec: on_event(SweepEvent("epoch", s, record=rec)))
+
+            def on_epoch(rec: EpochRecord, s: RunSpec = spec) -> None:
+                on_event(SweepEvent("epoch", s, record=rec))
+
+            outcome = execute_spec(spec, on_epoch)
             on_event(SweepEvent("done", spec, outcome=outcome))
             outcomes.append(outcome)
         return outcomes
@@ -348,8 +373,11 @@ class _PoolState:
         for w in dead:
             if w in self.running:
                 p = procs[w]
-                self._fail(self.running.pop(w), f"worker process {p.name} exited with code {p.exitcode} "
-                           "during the run (killed, or out of memory?); it will run again on the next invocation")
+                self._fail(
+                    self.running.pop(w),
+                    f"worker process {p.name} exited with code {p.exitcode} "
+                    "during the run (killed, or out of memory?); it will run again on the next invocation",
+                )
         if len(dead) == len(procs):
             for index in range(len(self.specs)):
                 if index not in self.results:
@@ -389,8 +417,9 @@ class LocalProcessExecutor:
     ``if __name__ == "__main__":`` (the ``bnlab`` command does).
     """
 
-    def __init__(self, workers: int | None = None, threads: int = DEFAULT_THREADS_PER_WORKER,
-                 *, poll_s: float = 0.5) -> None:
+    def __init__(
+        self, workers: int | None = None, threads: int = DEFAULT_THREADS_PER_WORKER, *, poll_s: float = 0.5
+    ) -> None:
         if workers is not None and workers < 1:
             raise UsageError(f"workers must be >= 1; got {workers}")
         if threads < 0:
@@ -410,8 +439,12 @@ class LocalProcessExecutor:
         n = min(self.workers, len(specs))
         for _ in range(n):
             tasks.put(None)  # one stop sign per worker
-        procs = [ctx.Process(target=_worker_main, args=(w, tasks, events, self.threads),
-                             name=f"bnlab-worker-{w}", daemon=True) for w in range(n)]
+        procs = [
+            ctx.Process(
+                target=_worker_main, args=(w, tasks, events, self.threads), name=f"bnlab-worker-{w}", daemon=True
+            )
+            for w in range(n)
+        ]
         state = _PoolState(specs, on_event)
         started: list = []
         finished = False
@@ -432,8 +465,7 @@ class LocalProcessExecutor:
         return state.outcomes()
 
 
-def run_sweep(specs: Sequence[RunSpec], executor: Executor,
-              on_event: EventHandler | None = None) -> list[RunOutcome]:
+def run_sweep(specs: Sequence[RunSpec], executor: Executor, on_event: EventHandler | None = None) -> list[RunOutcome]:
     """Train the specs not finished on disk yet; return every spec's outcome, in order.
 
     Runs finished earlier are announced first, as "done" events whose outcome is cached.
@@ -456,15 +488,26 @@ def run_sweep(specs: Sequence[RunSpec], executor: Executor,
 class SweepProgress:
     """One tqdm bar over every epoch still to train, fed by SweepEvents.
 
-    The bar appears as soon as training starts. Its clock restarts at the first finished
-    epoch: before that the workers are starting (importing torch, reading the data), and
-    counting that time would make the first ETA several times too long. Epochs that will
-    never come (cached, diverged or failed runs) leave the total, so the ETA counts only
-    work that is really left. Print through ``note``/``write`` so lines do not tear the bar.
+    The bar appears as soon as training starts, and on a terminal it redraws every second
+    even while no event comes, so its clock visibly runs while the workers start (import
+    torch, read the data: tens of seconds on a busy machine). Its clock restarts at the
+    first finished epoch, back-dated by that epoch's duration divided by the runs in flight
+    (they advance together): counting the start-up would make the first ETA several times
+    too long, and not counting the first epoch at all, too short. Epochs
+    that will never come (cached, diverged or failed runs) leave the total, so the ETA
+    counts only work that is really left. When the last run is done the bar closes: the
+    time spent on the report is not training time. Print through ``note``/``write`` so
+    lines do not tear the bar.
     """
 
-    def __init__(self, total_runs: int, total_epochs: int | None = None, *,
-                 file: typing.TextIO | None = None, disable: bool = False) -> None:
+    def __init__(
+        self,
+        total_runs: int,
+        total_epochs: int | None = None,
+        *,
+        file: typing.TextIO | None = None,
+        disable: bool = False,
+    ) -> None:
         from tqdm import tqdm
 
         self._seen: dict[Path, int] = {}
@@ -474,9 +517,28 @@ class SweepProgress:
         stream = file or sys.stderr
         # On a terminal the bar redraws often; into a log file a line every 30 s is enough.
         interactive = hasattr(stream, "isatty") and stream.isatty()
-        self.bar = tqdm(total=total_epochs, unit="epoch", desc="training", file=stream, disable=disable,
-                        dynamic_ncols=True, smoothing=0.0, mininterval=0.1 if interactive else 30.0)
+        self.bar = tqdm(
+            total=total_epochs,
+            unit="epoch",
+            desc="training",
+            file=stream,
+            disable=disable,
+            dynamic_ncols=True,
+            smoothing=0.0,
+            mininterval=0.1 if interactive else 30.0,
+        )
+        self._closed = False
+        self._created = self.bar.start_t if hasattr(self.bar, "start_t") else time.time()
         self._postfix()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        if interactive and not disable and total_runs:
+            self._ticker = threading.Thread(target=self._tick, name="bnlab-progress", daemon=True)
+            self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            self.bar.refresh()
 
     def __call__(self, event: SweepEvent) -> None:
         key = event.spec.run_dir
@@ -486,8 +548,12 @@ class SweepProgress:
         elif event.kind == "epoch":
             if not self._clock_started:
                 self._clock_started = True
-                total = self.bar.total
-                self.bar.reset(total=total)  # the ETA counts from here (see the class docstring)
+                self.bar.reset(total=self.bar.total)  # the ETA counts from here (see the class docstring)
+                # The runs in flight advance together: one epoch of `seconds` from each of
+                # them is `seconds / len(running)` of the bar's time per epoch.
+                seconds = event.record.seconds if event.record is not None else 0.0
+                per_epoch = seconds / max(1, len(self._running))
+                self.bar.start_t -= max(0.0, min(per_epoch, self.bar.start_t - self._created))
             self._seen[key] = self._seen.get(key, 0) + 1
             self.bar.update(1)
         elif event.kind == "restart":
@@ -505,12 +571,15 @@ class SweepProgress:
                 self.bar.total -= planned - self._seen.get(key, 0)
                 self.bar.refresh()
         self._postfix()
+        if self._done == self._runs:
+            self.close()
 
     def _postfix(self) -> None:
         running = ", ".join(self._running[:4]) + (" ..." if len(self._running) > 4 else "")
         # refresh=False: the bar redraws at its own pace (mininterval), not at every event.
-        self.bar.set_postfix_str(f"{self._done}/{self._runs} runs" + (f"; now: {running}" if running else ""),
-                                 refresh=False)
+        self.bar.set_postfix_str(
+            f"{self._done}/{self._runs} runs" + (f"; now: {running}" if running else ""), refresh=False
+        )
 
     def note(self, text: str) -> None:
         """A status line (to the bar's stream) above the bar."""
@@ -526,7 +595,13 @@ class SweepProgress:
         tqdm.write(text, file=file or sys.stdout)
 
     def close(self) -> None:
-        self.bar.close()
+        """Stop the bar (again is harmless); its last state stays on the screen."""
+        self._stop.set()
+        if self._ticker is not None and self._ticker is not threading.current_thread():
+            self._ticker.join(timeout=2.0)
+        if not self._closed:
+            self._closed = True
+            self.bar.close()
 
 
 class InOrder:
@@ -549,8 +624,11 @@ class InOrder:
 def find_run_dirs(sweep_dir: str | os.PathLike) -> list[Path]:
     """OUT/runs/PRESET/seedN directories that hold a history, in preset then seed order.
     Folder names are untrusted: only plain names are taken."""
-    found = [p.parent for p in Path(sweep_dir).glob("runs/*/seed*/history.json")
-             if _plain(p.parent.parent.name) and p.parent.name[4:].isdigit()]
+    found = [
+        p.parent
+        for p in Path(sweep_dir).glob("runs/*/seed*/history.json")
+        if _plain(p.parent.parent.name) and p.parent.name[4:].isdigit()
+    ]
     rank = {name: i for i, name in enumerate(ALL_PRESETS)}
 
     def key(p: Path) -> tuple:
@@ -567,13 +645,23 @@ def _plain(name: str) -> bool:
     return True
 
 
-def compare(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathLike,
-            overrides: dict[str, typing.Any] | None = None, *, dataset: str = "mnist",
-            data_dir: str | os.PathLike | None = None, workers: int | None = None,
-            threads: int = DEFAULT_THREADS_PER_WORKER, executor: Executor | None = None,
-            on_event: EventHandler | None = None, on_stage: Callable[[str], None] | None = None,
-            on_plan: Callable[[list[RunSpec]], None] | None = None, grid: Sequence[GridAxis] = (),
-            extra_results: ExtraResults | None = None) -> tuple[list[RunOutcome], Report | GridReport]:
+def compare(
+    presets: Sequence[str],
+    seeds: Sequence[int],
+    out: str | os.PathLike,
+    overrides: dict[str, typing.Any] | None = None,
+    *,
+    dataset: str = "mnist",
+    data_dir: str | os.PathLike | None = None,
+    workers: int | None = None,
+    threads: int = DEFAULT_THREADS_PER_WORKER,
+    executor: Executor | None = None,
+    on_event: EventHandler | None = None,
+    on_stage: Callable[[str], None] | None = None,
+    on_plan: Callable[[list[RunSpec]], None] | None = None,
+    grid: Sequence[GridAxis] = (),
+    extra_results: ExtraResults | None = None,
+) -> tuple[list[RunOutcome], Report | GridReport]:
     """Plan, train (resuming) and report one sweep: every preset x grid point x seed into
     OUT/runs, the report into OUT/report (``bnlab.grid_report`` for a grid). Returns the
     outcomes (in plan order) and the report.
@@ -592,28 +680,54 @@ def compare(presets: Sequence[str], seeds: Sequence[int], out: str | os.PathLike
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder; give a folder for the sweep.")
-    specs = plan_sweep(presets, seeds, out, {**(overrides or {}), "threads": threads},
-                       dataset=dataset, data_dir=data_dir, grid=grid)
+    specs = plan_sweep(
+        presets, seeds, out, {**(overrides or {}), "threads": threads}, dataset=dataset, data_dir=data_dir, grid=grid
+    )
     with RunLock(out, "sweep directory"):
         pending = [s for s in specs if finished_outcome(s) is None]
         for spec in pending[:1]:
             check_config(spec.config)  # a missing framework or device is said once, before any worker
+        if executor is None:
+            executor = LocalProcessExecutor(workers, threads)
         if pending:
             stage(f"checking the {dataset} files")
             load_data(dataset, data_dir)  # find, verify or download once, before any worker starts
-            stage(f"training {len(pending)} run(s) of {len(specs)}")
+            cached = len(specs) - len(pending)
+            stage(f"training {len(pending)} run(s)" + (f"; {cached} finished earlier" if cached else ""))
+            workers_started = getattr(executor, "workers", None)  # local worker processes, if any
+            if isinstance(workers_started, int):
+                n = min(workers_started, len(pending))
+                stage(
+                    f"starting {n} worker process{'es' if n > 1 else ''} (each imports torch and reads the "
+                    "data before its first epoch)"
+                )
         if on_plan is not None:
             on_plan(specs)
-        outcomes = run_sweep(specs, executor or LocalProcessExecutor(workers, threads), on_event)
+        outcomes = run_sweep(specs, executor, on_event)
         extra = extra_results(specs, outcomes) if extra_results is not None and grid else []
+        started = time.perf_counter()
         stage("building the report")
         report: Report | GridReport
-        if grid:
-            from bnlab.grid_report import build_grid_report
+        try:
+            if grid:
+                from bnlab.grid_report import build_grid_report
 
-            report = build_grid_report(specs, outcomes, grid, out / "report", extra=extra)
-        else:
-            from bnlab.report import build_report
+                report = build_grid_report(specs, outcomes, grid, out / "report", extra=extra)
+            else:
+                from bnlab.report import build_report
 
-            report = build_report([s.run_dir for s in specs], out / "report", outcomes=outcomes)
+                report = build_report(
+                    [s.run_dir for s in specs],
+                    out / "report",
+                    outcomes=outcomes,
+                    on_step=lambda text: stage(f"report: {text}"),
+                )
+        except OutputError as err:
+            done = sum(o.status == RUN_COMPLETE for o in outcomes)
+            raise OutputError(
+                f"the report could not be written: {err} The runs are saved ({done} of "
+                f"{len(outcomes)} complete, in {out / 'runs'}); make room and rerun the same "
+                "command: finished runs are not trained again, only the report is built."
+            ) from None
+        stage(f"report built in {time.perf_counter() - started:.1f} s")
     return outcomes, report

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from bnlab.config import EpochRecord
 
 TABLE_HEADER = "epoch  train/loss  val/loss  train/acc   val/acc"
-SECONDS_HEADER = "  seconds"
+SECONDS_HEADER = "   seconds"  # right-aligned over the rows' " {:>8.2f}s"
 
 
 def table_header(*, seconds: bool = False) -> str:
@@ -20,8 +20,7 @@ def table_header(*, seconds: bool = False) -> str:
 
 def format_row(rec: EpochRecord, *, seconds: bool = False) -> str:
     """One row of the question's table; seconds, when asked for, go in a trailing column."""
-    row = "{0:>4d} {1:>10.4f} {2:>10.4f} {3:>10.4f} {4:>10.4f}".format(
-        rec.epoch, rec.train_loss, rec.val_loss, rec.train_acc, rec.val_acc)
+    row = f"{rec.epoch:>4d} {rec.train_loss:>10.4f} {rec.val_loss:>10.4f} {rec.train_acc:>10.4f} {rec.val_acc:>10.4f}"
     return f"{row} {rec.seconds:>8.2f}s" if seconds else row
 
 

@@ -49,6 +49,4 @@ def examples_on_path():
 
 
 def pytest_configure(config) -> None:
-    config.addinivalue_line(
-        "markers", "full_zoo: the rest of the real-model zoo; runs with BNLAB_FULL_ZOO=1"
-    )
+    config.addinivalue_line("markers", "full_zoo: the rest of the real-model zoo; runs with BNLAB_FULL_ZOO=1")

@@ -34,17 +34,13 @@ class MLP(nn.Module):
 
 
 def conv_bn(c_in, c_out):
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()
-    )
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
 
 
 class ConvNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(
-            conv_bn(3, 8), nn.MaxPool2d(2), conv_bn(8, 16), nn.AdaptiveAvgPool2d(1)
-        )
+        self.features = nn.Sequential(conv_bn(3, 8), nn.MaxPool2d(2), conv_bn(8, 16), nn.AdaptiveAvgPool2d(1))
         self.head = nn.Linear(16, 5)
 
     def forward(self, x):
@@ -60,9 +56,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.down = None
         if stride != 1 or c_in != c_out:
-            self.down = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
-            )
+            self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -122,9 +116,7 @@ class NestedMLP(nn.Module):
     def __init__(self):
         super().__init__()
         self.blocks = nn.ModuleList(
-            nn.Sequential(
-                nn.Linear(20 if i == 0 else 24, 24, bias=False), nn.BatchNorm1d(24), nn.ReLU()
-            )
+            nn.Sequential(nn.Linear(20 if i == 0 else 24, 24, bias=False), nn.BatchNorm1d(24), nn.ReLU())
             for i in range(3)
         )
         self.head = nn.Sequential(nn.Sequential(nn.Linear(24, 4)))
@@ -253,8 +245,9 @@ class SharedConvBN(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.convs = nn.ModuleList([nn.Conv2d(3, 8, 3, padding=1, bias=False),
-                                    nn.Conv2d(8, 8, 3, padding=1, bias=False)])
+        self.convs = nn.ModuleList(
+            [nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.Conv2d(8, 8, 3, padding=1, bias=False)]
+        )
         self.bn = nn.BatchNorm2d(8)
         self.fc = nn.Linear(8, 5)
 
@@ -429,8 +422,7 @@ class CheckpointedBN(nn.Module):
     def forward(self, x):
         from torch.utils.checkpoint import checkpoint
 
-        h = checkpoint(self.block, x, use_reentrant=False) if torch.is_grad_enabled() \
-            else self.block(x)
+        h = checkpoint(self.block, x, use_reentrant=False) if torch.is_grad_enabled() else self.block(x)
         if not self.bn_inside:
             h = self.bn(h)
         return self.out(F.relu(h))
@@ -452,8 +444,7 @@ class FunctionalBN(nn.Module):
 
     def forward(self, x):
         bn = self.bn
-        h = F.batch_norm(self.l1(x), bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                         self.training, 0.1, bn.eps)
+        h = F.batch_norm(self.l1(x), bn.running_mean, bn.running_var, bn.weight, bn.bias, self.training, 0.1, bn.eps)
         return self.out(F.relu(h))
 
 
@@ -467,7 +458,8 @@ def sgd_without_norm_decay(model):
     ids = {id(p) for p in norm}
     other = [p for p in model.parameters() if id(p) not in ids]
     return lambda params: torch.optim.SGD(
-        [{"params": other, "weight_decay": 1e-4}, {"params": norm, "weight_decay": 0.0}], lr=0.05)
+        [{"params": other, "weight_decay": 1e-4}, {"params": norm, "weight_decay": 0.0}], lr=0.05
+    )
 
 
 # -- the cases -----------------------------------------------------------------------
@@ -505,8 +497,7 @@ CASES = [
     Case("nested-sequential-modulelist", NestedMLP, vec(), healthy=True),
     Case("affine-false", AffineFreeMLP, vec(), healthy=True),
     Case("shared-stateless", SharedStateless, vec(), {"bias-before-bn": "info"}, healthy=True),
-    Case("shared-bn-without-running-stats", SharedNoRunningStats, vec(), {"bias-before-bn": "info"},
-         healthy=True),
+    Case("shared-bn-without-running-stats", SharedNoRunningStats, vec(), {"bias-before-bn": "info"}, healthy=True),
     Case("shared-instancenorm", SharedInstanceNorm, img(), healthy=True),
     Case("bn-on-input", InputBN, vec(), healthy=True),
     # running variance still lags after 60 Adam steps here; 100 steps let it catch up
@@ -515,12 +506,10 @@ CASES = [
     Case("shared-bn", SharedBN, vec(), {"shared-bn": "error"}),
     Case("shared-conv-bn", SharedConvBN, img(), {"shared-bn": "error"}),
     Case("shared-syncbn", SharedSyncBN, vec(), {"shared-bn": "error"}),
-    Case("shared-bn-with-unused-bn2", QuestionWithSpareBN, vec(),
-         {"shared-bn": "error", "unused-bn": "info"}),
+    Case("shared-bn-with-unused-bn2", QuestionWithSpareBN, vec(), {"shared-bn": "error", "unused-bn": "info"}),
     Case("shared-bn-untrained", SharedBN, vec(), {"shared-bn": "error"}, train_steps=0),
     Case("keras-momentum", KerasMomentum, vec(), {"momentum-convention": "warning"}),
-    Case("zero-momentum", ZeroMomentum, vec(),
-         {"momentum-convention": "warning", "stats-never-updated": "error"}),
+    Case("zero-momentum", ZeroMomentum, vec(), {"momentum-convention": "warning", "stats-never-updated": "error"}),
     Case("dropout-before-bn", DropoutBeforeBN, vec(), {"dropout-before-bn": "info"}),
     Case("frozen-bn-train-mode", FrozenBN, vec(), {"frozen-bn-train-mode": "info"}),
     Case("bn-eval-during-training", EvalBNDuringTraining, vec(), {"stats-never-updated": "error"}),
@@ -531,24 +520,30 @@ CASES = [
     Case("one-value-per-channel", TinySpatialBN, img(n=1), {"small-batch": "error"}, train_steps=0),
     Case("bias-before-bn", SharedNoRunningStats, vec(), {"bias-before-bn": "info"}, train_steps=0),
     # the doctor's own 5 steps must not be blamed on the model (stale-stats, divergence)
-    Case("resnet-5-steps", ResNet, img(), {"train-eval-divergence": "info"}, healthy=True,
-         train_steps=5),
+    Case("resnet-5-steps", ResNet, img(), {"train-eval-divergence": "info"}, healthy=True, train_steps=5),
     Case("convnet-5-steps", ConvNet, img(), healthy=True, train_steps=5),
     Case("trained-mlp", trained_mlp, vec(), healthy=True, train_steps=0),
     Case("stats-reset", reset_stats_model, vec(), {"stats-reset": "error"}, train_steps=0),
-    Case("stats-reset-then-5-steps", reset_stats_model, vec(), {"stats-reset": "error"},
-         train_steps=5),
-    Case("zero-init-gamma-untrained", ZeroInitGamma, vec(), {"untrained-stats": "info"},
-         train_steps=0),
+    Case("stats-reset-then-5-steps", reset_stats_model, vec(), {"stats-reset": "error"}, train_steps=5),
+    Case("zero-init-gamma-untrained", ZeroInitGamma, vec(), {"untrained-stats": "info"}, train_steps=0),
     Case("nan-output", nan_output_model, vec(), {"non-finite": "error"}, train_steps=0),
     Case("bn-of-bn-untrained", DoubleBN, vec(), {"shared-bn": "error"}, train_steps=0),
     Case("checkpointed-bn", CheckpointedBN, vec(), {"extra-stat-updates": "warning"}),
     Case("checkpointed-block-bn-outside", CheckpointedNoBN, vec(), healthy=True),
     Case("functional-bn-elsewhere", FunctionalBN, vec(), {"stats-updated-outside": "warning"}),
-    Case("weight-decay-on-bn", MLP, vec(), {"bn-weight-decay": "info"},
-         options=lambda m: {"optimizer_factory": sgd_with_decay}),
-    Case("weight-decay-not-on-bn", MLP, vec(), healthy=True,
-         options=lambda m: {"optimizer_factory": sgd_without_norm_decay(m)}),
-    Case("conv-bn-two-images", ConvNet, img(n=2, size=31), {"small-batch": "warning"},
-         train_steps=0),
+    Case(
+        "weight-decay-on-bn",
+        MLP,
+        vec(),
+        {"bn-weight-decay": "info"},
+        options=lambda m: {"optimizer_factory": sgd_with_decay},
+    ),
+    Case(
+        "weight-decay-not-on-bn",
+        MLP,
+        vec(),
+        healthy=True,
+        options=lambda m: {"optimizer_factory": sgd_without_norm_decay(m)},
+    ),
+    Case("conv-bn-two-images", ConvNet, img(n=2, size=31), {"small-batch": "warning"}, train_steps=0),
 ]

@@ -37,8 +37,9 @@ class ConvNet(chainer.Chain):
         super().__init__()
         self.share = share
         with self.init_scope():
-            self.convs = chainer.ChainList(L.Convolution2D(3, 8, 3, pad=1, nobias=True),
-                                           L.Convolution2D(8, 8, 3, pad=1, nobias=True))
+            self.convs = chainer.ChainList(
+                L.Convolution2D(3, 8, 3, pad=1, nobias=True), L.Convolution2D(8, 8, 3, pad=1, nobias=True)
+            )
             self.bns = chainer.ChainList(L.BatchNormalization(8), L.BatchNormalization(8))
             self.fc = L.Linear(8, 5)
 
@@ -172,7 +173,7 @@ def chainer_loop(model, x, steps=12, batch=16, train=True):
     with chainer.using_config("train", train):
         for step in range(steps):
             start = (step * batch) % len(x)
-            loss = F.softmax_cross_entropy(model(x[start:start + batch]), t[start:start + batch])
+            loss = F.softmax_cross_entropy(model(x[start : start + batch]), t[start : start + batch])
             model.cleargrads()
             loss.backward()
             opt.update()
@@ -193,9 +194,11 @@ def test_watch_chainer_healthy_loop() -> None:
 
 
 def test_watch_chainer_shared_bn() -> None:
+    # Batches of 64: with 16 values per channel the two sites' statistics are within
+    # sampling noise of each other, and the doctor says only a warning (stats.sites_alike).
     model = MLP(share=True)
     with doctor.watch(model) as w:
-        chainer_loop(model, vec())
+        chainer_loop(model, vec(256), batch=64)
     (finding,) = w.report().by_check("shared-bn")
     assert finding.severity == "error" and finding.sites == ["call 1 after l1", "call 2 after l2"]
 

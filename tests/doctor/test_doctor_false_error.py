@@ -71,8 +71,7 @@ class TwoViews(nn.Module):
 def test_shared_encoder_is_no_error_after_training_steps(tmp_path: Path, capsys) -> None:
     path = tmp_path / "twoviews.py"
     path.write_text(textwrap.dedent(SHARED_ENCODER))
-    code = main([f"{path}:TwoViews", "--input-shape", "16,3,32,32", "--train-steps", "5",
-                 "--json"])
+    code = main([f"{path}:TwoViews", "--input-shape", "16,3,32,32", "--train-steps", "5", "--json"])
     report = json.loads(capsys.readouterr().out)
     shared = [f for f in report["findings"] if f["check"] == "shared-bn"]
     assert len(shared) == 10  # every BN of the encoder is shared by the two views ...

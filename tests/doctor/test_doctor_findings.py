@@ -17,8 +17,7 @@ from bnlab.doctor import Finding, Report
 @pytest.fixture(scope="module")
 def shared_report() -> Report:
     torch.manual_seed(0)
-    return doctor.check(SharedBN(), torch.randn(64, 20), labels=torch.randint(0, 4, (64,)),
-                        train_steps=20)
+    return doctor.check(SharedBN(), torch.randn(64, 20), labels=torch.randint(0, 4, (64,)), train_steps=20)
 
 
 def test_json_round_trip(shared_report: Report) -> None:
@@ -57,8 +56,13 @@ def test_exit_code_follows_errors_only() -> None:
 
 
 def test_numbers_are_cleaned_for_json() -> None:
-    finding = Finding(check="x", severity="info", title="t", where="a",
-                      data={"a": np.float32(1.5), "b": float("nan"), "c": (1, np.int64(2)), 3: "k"})
+    finding = Finding(
+        check="x",
+        severity="info",
+        title="t",
+        where="a",
+        data={"a": np.float32(1.5), "b": float("nan"), "c": (1, np.int64(2)), 3: "k"},
+    )
     assert finding.data == {"a": 1.5, "b": None, "c": [1, 2], "3": "k"}
     assert json.loads(Report([finding]).to_json())["findings"][0]["data"]["b"] is None
     assert not math.isnan(Report([finding]).findings[0].data["a"])

@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchvision_compat import import_torchvision  # noqa: E402
 
+# lightning imports torchmetrics, which imports torchvision when it is installed: this
+# venv's torchvision needs the test-only shim beside the CPU torch (DEVELOPERS.md).
+try:
+    import_torchvision()
+except ImportError:
+    pass  # no torchvision: lightning does not need it
 lightning = pytest.importorskip("lightning")
 
 from bnlab.doctor.lightning import BNDoctorCallback, BNDoctorFailed  # noqa: E402
@@ -40,14 +47,18 @@ class MNISTClassifier(lightning.LightningModule):
 def loader(mnist_arrays):
     train_x, train_y = mnist_arrays[0][:6400], mnist_arrays[1][:6400]
     data = TensorDataset(torch.as_tensor(train_x), torch.as_tensor(train_y))
-    return DataLoader(data, batch_size=200, shuffle=True,
-                      generator=torch.Generator().manual_seed(0))
+    return DataLoader(data, batch_size=200, shuffle=True, generator=torch.Generator().manual_seed(0))
 
 
 def fit(model, loader, callback, epochs: int = 1) -> lightning.Trainer:
     trainer = lightning.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=[callback],
     )
     trainer.fit(model, loader)
@@ -67,8 +78,7 @@ def test_shared_bn_is_an_error_per_layer_bn_is_not(loader) -> None:
 
     report = shared_cb.report
     assert report.probe["watched_steps"] == 32
-    assert [(f.check, f.severity, f.where) for f in report.errors] == [
-        ("shared-bn", "error", "bn1")]
+    assert [(f.check, f.severity, f.where) for f in report.errors] == [("shared-bn", "error", "bn1")]
     assert not per_layer_cb.report.errors, per_layer_cb.report
     assert not per_layer_cb.report.by_check("shared-bn")
     assert no_hooks(shared) and no_hooks(per_layer)

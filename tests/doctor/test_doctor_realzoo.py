@@ -105,8 +105,12 @@ def as_images(flat: np.ndarray) -> torch.Tensor:
 def digits(mnist_arrays):
     """(train_x, train_y, probe_x, probe_y): 256 training and 16 held-out test images."""
     train_x, train_y, test_x, test_y = mnist_arrays
-    return (as_images(train_x[:256]), torch.as_tensor(train_y[:256]),
-            as_images(test_x[:16]), torch.as_tensor(test_y[:16]))
+    return (
+        as_images(train_x[:256]),
+        torch.as_tensor(train_y[:256]),
+        as_images(test_x[:16]),
+        torch.as_tensor(test_y[:16]),
+    )
 
 
 def calibrate(model: nn.Module, images: torch.Tensor, batch: int = 32) -> nn.Module:
@@ -120,7 +124,7 @@ def calibrate(model: nn.Module, images: torch.Tensor, batch: int = 32) -> nn.Mod
     model.train()
     with torch.no_grad():
         for start in range(0, len(images), batch):
-            model(images[start:start + batch])
+            model(images[start : start + batch])
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
     return model
@@ -133,8 +137,7 @@ def user_train(model: nn.Module, digits, steps: int, batch: int = 16) -> nn.Modu
     model.train()
     for step in range(steps):
         start = (step * batch) % len(train_x)
-        loss = F.cross_entropy(model(train_x[start:start + batch]),
-                               train_y[start:start + batch])
+        loss = F.cross_entropy(model(train_x[start : start + batch]), train_y[start : start + batch])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -202,8 +205,9 @@ def test_fx_traced_model_reads_like_the_original(digits) -> None:
     traced = torch.fx.symbolic_trace(plain)
     report = doctor.check(traced, digits[2], labels=digits[3])
     assert not loud(report), report
-    assert ([layer["path"] for layer in report.summary["layers"]]
-            == [layer["path"] for layer in doctor.check(plain, digits[2]).summary["layers"]])
+    assert [layer["path"] for layer in report.summary["layers"]] == [
+        layer["path"] for layer in doctor.check(plain, digits[2]).summary["layers"]
+    ]
 
 
 @needs_timm
@@ -342,18 +346,14 @@ def two_views(model_file: str, shape: str, capsys) -> tuple[int, list[dict]]:
     return code, [f for f in findings if f["check"] == "shared-bn"]
 
 
-def test_cli_shared_encoder_on_two_views_is_a_warning_with_training_steps(
-    model_file: str, capsys
-) -> None:
+def test_cli_shared_encoder_on_two_views_is_a_warning_with_training_steps(model_file: str, capsys) -> None:
     """Issue 11's false error (the copy trained on the probe batch itself) is gone."""
     code, shared = two_views(model_file, "16,3,64,64", capsys)
     assert code == 0
     assert len(shared) == 20 and all(f["severity"] == "warning" for f in shared)
 
 
-def test_cli_shared_encoder_on_two_views_with_few_values_per_channel(
-    model_file: str, capsys
-) -> None:
+def test_cli_shared_encoder_on_two_views_with_few_values_per_channel(model_file: str, capsys) -> None:
     # layer4 sees 8 values per channel here: the sites' comparison allows for sampling noise.
     code, shared = two_views(model_file, "8,3,32,32", capsys)
     assert code == 0 and shared and all(f["severity"] == "warning" for f in shared)

@@ -55,8 +55,7 @@ def test_a_check_may_not_report_above_its_severity_or_under_another_id() -> None
 def test_a_new_check_registers_by_decorator_alone() -> None:
     @registry.register("test-only-check", "info", "a check made by this test")
     def check(ctx: registry.Context) -> list[Finding]:
-        return [Finding(check="test-only-check", severity="info", title="seen",
-                        where=", ".join(ctx.probe.layers))]
+        return [Finding(check="test-only-check", severity="info", title="seen", where=", ".join(ctx.probe.layers))]
 
     try:
         from doctor_zoo import MLP

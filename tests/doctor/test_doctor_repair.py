@@ -58,9 +58,16 @@ def test_repair_splits_the_shared_bn_and_restores_eval_accuracy(question, mnist_
     assert _same_state(state, _state(model)) and isinstance(model.bn, nn.BatchNorm1d)
     assert isinstance(fixed.model, MLP) and fixed.model.cfg.norm == "per-layer"
     split = [c for c in fixed.changes if c["change"] == "split"]
-    assert split == [{"change": "split", "where": "bn", "calls": 2,
-                      "sites": ["call 1 after l1", "call 2 after l2"], "into": ["bn1", "bn2"],
-                      "layout": "per-layer MLP"}]
+    assert split == [
+        {
+            "change": "split",
+            "where": "bn",
+            "calls": 2,
+            "sites": ["call 1 after l1", "call 2 after l2"],
+            "into": ["bn1", "bn2"],
+            "layout": "per-layer MLP",
+        }
+    ]
     before, after = fixed.before, fixed.after
     # before: the run's own final val acc (same model, same 10,000 test images)
     assert before["val_acc"] == pytest.approx(result.history[-1].val_acc, abs=1e-4)
@@ -95,8 +102,7 @@ def test_fix_writes_a_loadable_state_dict(question, tmp_path: Path, capsys) -> N
     model = build_model(cfg)
     model.load_state_dict(state)  # the answer's layout
     test = sources.builtin_source("mnist", model, "torch", None, 1000, 0).held_out
-    assert repair_torch.evaluate(model, test)["val_acc"] == pytest.approx(
-        repair["after"]["val_acc"], abs=1e-9)
+    assert repair_torch.evaluate(model, test)["val_acc"] == pytest.approx(repair["after"]["val_acc"], abs=1e-9)
     record = json.loads((out / "repair.json").read_text())
     assert record["repair"]["after"] == repair["after"] and record["weights"] == "model.pt"
     assert "norm': 'per-layer'" in (out / "HOW_TO_LOAD.txt").read_text()
@@ -239,7 +245,10 @@ class KeepsBnFrozen(nn.Module):
 def test_frozen_bn_is_kept(mnist_source) -> None:
     model = KeepsBnFrozen()
     new, changes = repair_torch.repair(model, list(mnist_source.fit_batches())[:2])
-    assert {"change": "kept", "where": "bn1",
-            "why": "kept in eval mode by the model's train(): frozen on purpose"} in changes
+    assert {
+        "change": "kept",
+        "where": "bn1",
+        "why": "kept in eval mode by the model's train(): frozen on purpose",
+    } in changes
     assert torch.equal(new.bn1.running_mean, torch.full((16,), 0.5))
     assert not np.allclose(new.bn2.running_mean.numpy(), 0.0)

@@ -71,8 +71,7 @@ def test_chainer_repair_splits_the_link(trained_question, mnist_source) -> None:
     np.testing.assert_allclose(first.avg_mean, np.mean(means, axis=0), rtol=1e-4, atol=1e-5)
 
 
-def test_chainer_repaired_weights_load_into_the_rebuilt_model(trained_question,
-                                                              mnist_source) -> None:
+def test_chainer_repaired_weights_load_into_the_rebuilt_model(trained_question, mnist_source) -> None:
     fixed = repair(trained_question, list(mnist_source.fit_batches())[:5])
     buffer = io.BytesIO()
     chainer.serializers.save_npz(buffer, fixed)
@@ -94,8 +93,7 @@ def test_chainer_answer_is_only_reestimated(mnist_source) -> None:
 def test_chainer_fix_on_the_command_line(tmp_path: Path, capsys) -> None:
     target = f"{EXAMPLES / 'seed_question_chainer.py'}:MyModel"
     out = tmp_path / "fixed"
-    assert main([target, "--data", "mnist", "--train-steps", "5", "--fix", str(out),
-                 "--json"]) == 1
+    assert main([target, "--data", "mnist", "--train-steps", "5", "--fix", str(out), "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["repair"]["framework"] == "chainer"
     assert {"val_acc", "val_loss", "train_eval_agreement"} <= set(report["repair"]["after"])

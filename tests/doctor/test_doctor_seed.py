@@ -18,8 +18,9 @@ def batches(train_x, train_y, seed=0, size=1000):
 
 def run(model, mnist_arrays, steps=60):
     train_x, train_y, test_x, test_y = mnist_arrays
-    return doctor.check(model, test_x[:1000], labels=test_y[:1000], train_steps=steps,
-                        train_batches=batches(train_x, train_y))
+    return doctor.check(
+        model, test_x[:1000], labels=test_y[:1000], train_steps=steps, train_batches=batches(train_x, train_y)
+    )
 
 
 def sites_of(report):
@@ -32,8 +33,7 @@ def assert_seed_story(question, answer):
     assert shared.severity == "error" and question.exit_code == 1
     assert shared.sites == ["call 1 after l1", "call 2 after l2"]
     # Each site is further from the running statistics than any layer of the fixed model.
-    answer_shift = max(site["mean_shift"] for layer in answer.summary["layers"]
-                       for site in layer["sites"])
+    answer_shift = max(site["mean_shift"] for layer in answer.summary["layers"] for site in layer["sites"])
     assert min(s["mean_shift"] for s in shared.data["sites"]) > 2 * answer_shift
     assert shared.data["between_sites"]["mean_shift"] > 0.5
     # Train and eval mode disagree far more often than for the fixed model.

@@ -91,19 +91,21 @@ def test_data_file_with_a_dataloader(data_file: Path, capsys) -> None:
     assert report["summary"]["train_eval"]["acc_train"] > 0.7  # real labels were learnt
 
 
-@pytest.mark.parametrize("name, words", [
-    ("with_nan", "1 NaN or infinite values"),
-    ("empty", "gave 0 batches"),
-    ("bare_inputs", "not an (inputs, labels) pair"),
-    ("short_labels", "have shape (9,)"),
-    ("float_labels", "dtype float32"),
-    ("shapes_change", "every batch must have the same sample shape"),
-    ("raises", "RuntimeError: no data today"),
-    ("NUMBER", "not an iterable of (inputs, labels) batches"),
-    ("missing", "has no attribute 'missing'"),
-])
-def test_bad_data_is_exit_2_with_one_paragraph(data_file: Path, name: str, words: str,
-                                                capsys) -> None:
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("with_nan", "1 NaN or infinite values"),
+        ("empty", "gave 0 batches"),
+        ("bare_inputs", "not an (inputs, labels) pair"),
+        ("short_labels", "have shape (9,)"),
+        ("float_labels", "dtype float32"),
+        ("shapes_change", "every batch must have the same sample shape"),
+        ("raises", "RuntimeError: no data today"),
+        ("NUMBER", "not an iterable of (inputs, labels) batches"),
+        ("missing", "has no attribute 'missing'"),
+    ],
+)
+def test_bad_data_is_exit_2_with_one_paragraph(data_file: Path, name: str, words: str, capsys) -> None:
     assert main([QUESTION, "--data", f"{data_file}:{name}", "--train-steps", "0"]) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err and err.count("\n") == 1
@@ -206,15 +208,17 @@ def _copy_run(run: Path, to: Path) -> Path:
     return to
 
 
-@pytest.mark.parametrize("damage, words", [
-    ("config-json", "is not valid JSON"),
-    ("config-field", "norm must be one of"),
-    ("config-missing", "a folder without config.json"),
-    ("checkpoint-missing", "no such checkpoint file"),
-    ("checkpoint-other-model", "was saved from another model"),
-])
-def test_damaged_run_directory(question_run: Path, tmp_path: Path, damage: str, words: str,
-                               capsys) -> None:
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ("config-json", "is not valid JSON"),
+        ("config-field", "norm must be one of"),
+        ("config-missing", "a folder without config.json"),
+        ("checkpoint-missing", "no such checkpoint file"),
+        ("checkpoint-other-model", "was saved from another model"),
+    ],
+)
+def test_damaged_run_directory(question_run: Path, tmp_path: Path, damage: str, words: str, capsys) -> None:
     run = _copy_run(question_run, tmp_path / "run")
     config = json.loads((run / "config.json").read_text())
     if damage == "config-json":

@@ -67,7 +67,7 @@ def test_sites_alike_allows_for_sampling_noise_with_few_values_per_channel():
     a, b = rng.normal(size=(512, 8)), rng.normal(size=(512, 8))
     (ma, va), (mb, vb) = channel_stats(a), channel_stats(b)
     noisy = site_distance(ma, va, mb, vb, 0.0)
-    assert not sites_alike(noisy)            # read without the noise allowance: "different"
+    assert not sites_alike(noisy)  # read without the noise allowance: "different"
     assert sites_alike(noisy, values_per_channel=8)
     # A real difference (means 1 SD apart) stays different at 8 values, and at 1000 the
     # allowance is small: 0.3 SD apart is different.

@@ -252,8 +252,7 @@ def train_watched(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int
 
 def test_ta402_weight_decay_on_bn_parameters() -> None:
     model = MLP()
-    report = train_watched(model, torch.optim.SGD(model.parameters(), lr=0.05,
-                                                  weight_decay=5e-4))
+    report = train_watched(model, torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=5e-4))
     (finding,) = report.by_check("bn-weight-decay")
     assert finding.where == "bn1"
     # torch-audit's TA402 also names the biases (out.bias); bnlab reports norm layers only.
@@ -264,6 +263,7 @@ def test_ta402_norm_parameters_in_a_no_decay_group_are_fine_in_both() -> None:
     model = MLP()
     norm = list(model.bn1.parameters())
     rest = [p for p in model.parameters() if all(p is not q for q in norm)]
-    optimizer = torch.optim.SGD([{"params": rest, "weight_decay": 5e-4},
-                                 {"params": norm, "weight_decay": 0.0}], lr=0.05)
+    optimizer = torch.optim.SGD(
+        [{"params": rest, "weight_decay": 5e-4}, {"params": norm, "weight_decay": 0.0}], lr=0.05
+    )
     assert not train_watched(model, optimizer).by_check("bn-weight-decay")

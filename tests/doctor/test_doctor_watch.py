@@ -21,7 +21,7 @@ def train(model, x, y, *, epochs=3, batch=50, eval_mode=False, validate=False, l
     for _ in range(epochs):
         model.eval() if eval_mode else model.train()
         for start in range(0, len(x), batch):
-            loss = F.cross_entropy(model(x[start:start + batch]), y[start:start + batch])
+            loss = F.cross_entropy(model(x[start : start + batch]), y[start : start + batch])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -176,7 +176,7 @@ def test_weight_decay_on_bn_with_the_optimizer() -> None:
     decayed = torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=1e-4)
     with doctor.watch(model, optimizer=decayed) as w:
         for start in range(0, 200, 50):
-            loss = F.cross_entropy(model(x[start:start + 50]), y[start:start + 50])
+            loss = F.cross_entropy(model(x[start : start + 50]), y[start : start + 50])
             decayed.zero_grad()
             loss.backward()
             decayed.step()
@@ -186,11 +186,10 @@ def test_weight_decay_on_bn_with_the_optimizer() -> None:
 
     norm = [p for m in (model.bn1, model.bn2) for p in m.parameters()]
     other = [p for p in model.parameters() if all(p is not q for q in norm)]
-    clean = torch.optim.SGD([{"params": other, "weight_decay": 1e-4},
-                             {"params": norm, "weight_decay": 0.0}], lr=0.05)
+    clean = torch.optim.SGD([{"params": other, "weight_decay": 1e-4}, {"params": norm, "weight_decay": 0.0}], lr=0.05)
     with doctor.watch(model) as w:  # found without optimizer=: it steps the model
         for start in range(0, 200, 50):
-            loss = F.cross_entropy(model(x[start:start + 50]), y[start:start + 50])
+            loss = F.cross_entropy(model(x[start : start + 50]), y[start : start + 50])
             clean.zero_grad()
             loss.backward()
             clean.step()
@@ -204,7 +203,7 @@ def test_steps_counted_without_a_checksum_of_the_parameters() -> None:
     model, (x, y) = MLP(), data()
     with doctor.watch(model) as w:
         for start in range(0, 200, 50):
-            loss = F.cross_entropy(model(x[start:start + 50]), y[start:start + 50])
+            loss = F.cross_entropy(model(x[start : start + 50]), y[start : start + 50])
             model.zero_grad()
             loss.backward()
             with torch.no_grad():

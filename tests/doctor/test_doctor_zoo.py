@@ -23,8 +23,9 @@ def assert_untouched(model: torch.nn.Module, before: dict) -> None:
     assert after["state"].keys() == before["state"].keys()
     for key, value in before["state"].items():
         same = torch.equal(after["state"][key], value) or (  # NaN == NaN here
-            value.is_floating_point() and bool(torch.isclose(
-                after["state"][key], value, rtol=0, atol=0, equal_nan=True).all()))
+            value.is_floating_point()
+            and bool(torch.isclose(after["state"][key], value, rtol=0, atol=0, equal_nan=True).all())
+        )
         assert same, key
     assert after["modes"] == before["modes"]
     assert after["grad"] == before["grad"]
@@ -143,8 +144,13 @@ def test_custom_loss_and_optimizer() -> None:
         calls.append(1)
         return torch.nn.functional.cross_entropy(out, y)
 
-    report = doctor.check(SharedBN(), torch.randn(32, 20), labels=torch.randint(0, 4, (32,)),
-                          train_steps=4, loss_fn=loss_fn,
-                          optimizer_factory=partial(torch.optim.SGD, lr=0.1))
+    report = doctor.check(
+        SharedBN(),
+        torch.randn(32, 20),
+        labels=torch.randint(0, 4, (32,)),
+        train_steps=4,
+        loss_fn=loss_fn,
+        optimizer_factory=partial(torch.optim.SGD, lr=0.1),
+    )
     assert len(calls) == 4
     assert report.exit_code == 1

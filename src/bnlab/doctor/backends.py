@@ -1,6 +1,6 @@
 """Doctor backends: what the doctor needs from a framework, and the ONE place that picks it.
 
-A backend is a module (``bnlab.doctor.torch_backend``, ``bnlab.doctor.chainer_backend``)
+A backend is a module (``bnlab.doctor.keras_backend``, ``torch_backend``, ``chainer_backend``)
 that provides the functions of :class:`Backend`: recognise a model, probe it (training a
 copy first when asked) and watch a user's training loop. :data:`BACKENDS` lists them in
 the order they are asked; :func:`detect` is the only framework detection in the doctor.
@@ -17,7 +17,6 @@ Frameworks the doctor recognises but cannot check yet are refused here with a me
 from __future__ import annotations
 
 import importlib
-import sys
 from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Any, Protocol, cast
@@ -28,6 +27,7 @@ from bnlab.doctor.records import CallRecord, ProbeResult, StatUpdates
 # name -> module; asked in this order (a framework built on another comes first:
 # a Keras 3 model on the torch backend is also a torch.nn.Module).
 BACKENDS: dict[str, str] = {
+    "keras": "bnlab.doctor.keras_backend",
     "torch": "bnlab.doctor.torch_backend",
     "chainer": "bnlab.doctor.chainer_backend",
 }
@@ -87,9 +87,7 @@ class Backend(Protocol):
         observations of the model as handed over."""
         ...
 
-    def watcher(
-        self, model: Any, on_pass_start: Callable[[tuple], None], optimizer: Any = None
-    ) -> Watcher:
+    def watcher(self, model: Any, on_pass_start: Callable[[tuple], None], optimizer: Any = None) -> Watcher:
         """Hooks for :func:`bnlab.doctor.watch` (not attached yet)."""
         ...
 
@@ -98,21 +96,21 @@ class Backend(Protocol):
         ...
 
 
-def _keras_model(obj: Any) -> bool:
-    keras = sys.modules.get("keras")
-    layer = getattr(getattr(keras, "layers", None), "Layer", None)
-    return isinstance(layer, type) and isinstance(obj, layer)
+def _keras_2_model(obj: Any) -> bool:
+    return any((getattr(c, "__module__", "") or "").startswith("tf_keras") for c in type(obj).__mro__)
 
 
 # Recognised, not supported yet: (name, test, message). Skipped once a backend of
 # that name is registered in BACKENDS.
 NOT_YET: list[tuple[str, Callable[[Any], bool], str]] = [
     (
-        "keras",
-        _keras_model,
-        "Keras support: not yet; bnlab doctor checks PyTorch (torch.nn.Module) and Chainer "
-        "(chainer.Link) models. A Keras 3 model is refused even on the torch backend, because "
-        "its BatchNormalization layers are not torch BatchNorm modules and would go unseen.",
+        "tf_keras",
+        _keras_2_model,
+        (
+            "Keras 2 (tf_keras) models: not supported; bnlab doctor checks Keras 3 "
+            "(keras.Model), PyTorch (torch.nn.Module) and Chainer (chainer.Link) models. "
+            "Build the model with `import keras` (Keras 3) to check it."
+        ),
     ),
 ]
 
@@ -152,8 +150,8 @@ def detect(model: Any, wanted: str = "auto") -> Backend:
     if found is None:
         kind = f"{type(model).__module__}.{type(model).__qualname__}"
         raise UnsupportedModel(
-            f"expected a torch.nn.Module or a chainer.Link, got {kind}. bnlab doctor checks "
-            "PyTorch and Chainer models."
+            f"expected a keras.Model, a torch.nn.Module or a chainer.Link, got {kind}. bnlab "
+            "doctor checks Keras 3, PyTorch and Chainer models."
         )
     if wanted not in ("auto", found):
         load(wanted)  # an unknown name is its own error

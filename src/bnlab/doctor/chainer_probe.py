@@ -23,8 +23,16 @@ from bnlab.doctor.errors import forward_failed
 from bnlab.doctor.records import CallRecord, LayerInfo, ProbeResult, TrainLog
 from bnlab.doctor.stats import channel_stats
 
-_WITH_BIAS = (L.Linear, L.Convolution1D, L.Convolution2D, L.Convolution3D, L.ConvolutionND,
-              L.Deconvolution2D, L.DeconvolutionND, L.DilatedConvolution2D)
+_WITH_BIAS = (
+    L.Linear,
+    L.Convolution1D,
+    L.Convolution2D,
+    L.Convolution3D,
+    L.ConvolutionND,
+    L.Deconvolution2D,
+    L.DeconvolutionND,
+    L.DilatedConvolution2D,
+)
 
 
 def is_bn(link: chainer.Link) -> bool:
@@ -130,8 +138,7 @@ def borrowed(model: chainer.Link) -> Iterator[chainer.Link]:
 def frozen_statistics(model: chainer.Link) -> Iterator[None]:
     """Train-mode passes that leave avg_mean / avg_var / N as they were."""
     links = list(bn_links(model).values())
-    saved = [(link, link.decay, copy.deepcopy(link.avg_mean), copy.deepcopy(link.avg_var), link.N)
-             for link in links]
+    saved = [(link, link.decay, copy.deepcopy(link.avg_mean), copy.deepcopy(link.avg_var), link.N) for link in links]
     for link in links:
         link.decay = 1.0  # avg = 1 * avg + 0 * batch
     try:
@@ -313,7 +320,10 @@ def _forward(model: chainer.Link, x: Any) -> Any:
 
 
 def observe(
-    work: chainer.Link, x: Any, labels: Any, user_layers: dict[str, LayerInfo],
+    work: chainer.Link,
+    x: Any,
+    labels: Any,
+    user_layers: dict[str, LayerInfo],
     modes: dict[str, bool],
 ) -> ProbeResult:
     """One round of observations of ``work`` (statistics left as they were)."""
@@ -384,8 +394,14 @@ def probe(
         if train_steps > 0:
             given = result
             log = chainer_train.train(
-                work, x, labels, train_steps, loss_fn=loss_fn,
-                optimizer_factory=optimizer_factory, batches=train_batches, lr=lr,
+                work,
+                x,
+                labels,
+                train_steps,
+                loss_fn=loss_fn,
+                optimizer_factory=optimizer_factory,
+                batches=train_batches,
+                lr=lr,
             )
             result = observe(work, x, labels, user_layers, modes or {})
             result.given = given

@@ -18,7 +18,9 @@ from bnlab.doctor.records import CallRecord, StatUpdates
 
 class ChainerWatcher:
     def __init__(
-        self, model: chainer.Link, on_pass_start: Callable[[tuple], None] | None = None,
+        self,
+        model: chainer.Link,
+        on_pass_start: Callable[[tuple], None] | None = None,
         optimizer: Any = None,
     ) -> None:
         self.model = model
@@ -37,8 +39,7 @@ class ChainerWatcher:
         self._recorder.detach()
 
     def step_marker(self) -> object:
-        return tuple(None if p.array is None else float(p.array.sum())
-                     for p in self.model.params())
+        return tuple(None if p.array is None else float(p.array.sum()) for p in self.model.params())
 
     def optimizer(self) -> Any:
         return self._optimizer

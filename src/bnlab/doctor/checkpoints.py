@@ -144,15 +144,20 @@ def _run_config(run_dir: Path) -> Any:
     from bnlab.rundir import read_run
 
     if not (run_dir / "config.json").is_file():
-        raise InputError(f"{run_dir} is a folder without config.json: give a bnlab run directory "
-                         "(written by bnlab train) or FILE.py:NAME.")
+        raise InputError(
+            f"{run_dir} is a folder without config.json: give a bnlab run directory "
+            "(written by bnlab train) or FILE.py:NAME."
+        )
     run = read_run(run_dir)  # InputError for a damaged file
     if run is None:
-        raise InputError(f"{run_dir} has no history.json: the run never started, or this is not "
-                         "a bnlab run directory; train it with bnlab train.")
+        raise InputError(
+            f"{run_dir} has no history.json: the run never started, or this is not "
+            "a bnlab run directory; train it with bnlab train."
+        )
     if not isinstance(run.config.get("model"), dict) or not isinstance(run.config.get("train"), dict):
-        raise InputError(f"{run_dir / 'config.json'} has no 'model' and 'train' sections; it was "
-                         "not written by bnlab train.")
+        raise InputError(
+            f"{run_dir / 'config.json'} has no 'model' and 'train' sections; it was not written by bnlab train."
+        )
     return run.run_config()
 
 
@@ -177,8 +182,10 @@ def load_run_dir(target: str) -> tuple[Any, Any]:
     except (KeyError, TypeError, ValueError) as err:
         raise InputError(f"{path} holds an invalid configuration ({err}).") from err
     if saved.model != cfg.model:
-        raise InputError(f"{path} was saved from another model than {run_dir / 'config.json'} "
-                         "describes; the run directory mixes two runs. Train it again.")
+        raise InputError(
+            f"{path} was saved from another model than {run_dir / 'config.json'} "
+            "describes; the run directory mixes two runs. Train it again."
+        )
     check_keys(build_model(cfg.model), state_dict_of(payload, path), path)
     model, _ = load_checkpoint(path)
     return model, cfg

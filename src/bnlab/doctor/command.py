@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,47 +39,85 @@ DEFAULT_DATA_STEPS = 60
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``bnlab doctor``."""
-    parser.add_argument("target", metavar="TARGET",
-                        help="FILE.py:NAME (NAME: a model class or a zero-argument function "
-                             "returning a model), or a bnlab run directory (runs/question-seed0)")
+    parser.add_argument(
+        "target",
+        metavar="TARGET",
+        help="FILE.py:NAME (NAME: a model class or a zero-argument function "
+        "returning a model), or a bnlab run directory (runs/question-seed0)",
+    )
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--input-shape", metavar="N,D,...",
-                        help="probe with standard-normal inputs of this shape, e.g. 1000,784 "
-                             "(training steps use other random batches)")
-    source.add_argument("--data", metavar="mnist|fashion-mnist|FILE.py:NAME",
-                        help="real data: mnist or fashion-mnist (training split for training "
-                             "steps and --fix, test split for the probe and the evaluation), or "
-                             "FILE.py:NAME returning (inputs, labels) batches, e.g. a DataLoader "
-                             "(the last sixth of its batches is held out for the probe)")
-    parser.add_argument("--data-dir", default=None, help="folder with the MNIST files")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="probe (and training) batch size with --data (default 1000); "
-                             "replaces the first dimension of --input-shape")
-    parser.add_argument("--max-batches", type=int, default=sources.DEFAULT_MAX_BATCHES,
-                        help="batches read from --data FILE.py:NAME at most (kept in memory; "
-                             f"default {sources.DEFAULT_MAX_BATCHES})")
-    parser.add_argument("--checkpoint", metavar="PATH", default=None,
-                        help="load trained weights into the model first: a state_dict saved with "
-                             "torch.save (loaded with weights_only=True), or for Chainer a "
-                             "save_npz file")
-    parser.add_argument("--train-steps", type=int, default=None,
-                        help=f"optimizer steps on a copy before probing (Adam, cross-entropy; "
-                             f"default {DEFAULT_DATA_STEPS} with --data, 0 with --input-shape, "
-                             "0 for trained models: a run directory or --checkpoint)")
-    parser.add_argument("--lr", type=float, default=0.01,
-                        help="learning rate of the training steps (default 0.01)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed for weights, data order and inputs (default 0)")
-    parser.add_argument("--framework", choices=["auto", "torch", "chainer"], default="auto",
-                        help="framework of the model (default: detected)")
-    parser.add_argument("--fix", metavar="OUT", default=None,
-                        help="write a repaired copy of the model to the folder OUT: every BN "
-                             "the doctor finds shared (error) split into one per call site, "
-                             "running statistics re-estimated over one pass of the training "
-                             "data; no retraining. Needs --data")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="let --fix replace the files of an earlier repair in OUT")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    source.add_argument(
+        "--input-shape",
+        metavar="N,D,...",
+        help="probe with standard-normal inputs of this shape, e.g. 1000,784 "
+        "(training steps use other random batches); default: none, give "
+        "this or --data (a run directory brings its own data set)",
+    )
+    source.add_argument(
+        "--data",
+        metavar="DATA",
+        help="real data: mnist or fashion-mnist (training split for training "
+        "steps and --fix, test split for the probe and the evaluation), or "
+        "FILE.py:NAME returning (inputs, labels) batches, e.g. a DataLoader "
+        "(the last sixth of its batches is held out for the probe); default: "
+        "none, or the data set of a run directory TARGET",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the MNIST files (default: as for `bnlab train`: "
+        "$BNLAB_DATA_DIR, the copy shipped with bnlab, the user cache, a download)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="probe (and training) batch size with --data (default 1000); "
+        "replaces the first dimension of --input-shape",
+    )
+    parser.add_argument(
+        "--max-batches",
+        type=int,
+        default=sources.DEFAULT_MAX_BATCHES,
+        help=f"batches read from --data FILE.py:NAME at most (kept in memory; default {sources.DEFAULT_MAX_BATCHES})",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        default=None,
+        help="load trained weights into the model first: a state_dict saved with "
+        "torch.save (loaded with weights_only=True), or for Chainer a "
+        "save_npz file (default: none, the model's own initial weights)",
+    )
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=None,
+        help=f"optimizer steps on a copy before probing (Adam, cross-entropy; "
+        f"default {DEFAULT_DATA_STEPS} with --data, 0 with --input-shape, "
+        "0 for trained models: a run directory or --checkpoint)",
+    )
+    parser.add_argument("--lr", type=float, default=0.01, help="learning rate of the training steps (default 0.01)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights, data order and inputs (default 0)")
+    parser.add_argument(
+        "--framework",
+        choices=["auto", "keras", "torch", "chainer"],
+        default="auto",
+        help="framework of the model (default: auto, detected from the model)",
+    )
+    parser.add_argument(
+        "--fix",
+        metavar="OUT",
+        default=None,
+        help="write a repaired copy of the model to the folder OUT: every BN "
+        "the doctor finds shared (error) split into one per call site, "
+        "running statistics re-estimated over one pass of the training "
+        "data; no retraining. Needs --data (default: no repair)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="let --fix replace the files of an earlier repair in OUT"
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout (default: text)")
 
 
 def _fail(message: str) -> int:
@@ -122,8 +161,8 @@ def _target(args: argparse.Namespace) -> Target:
     if checkpoints.is_run_dir(args.target):
         if args.checkpoint:
             raise probe_inputs.InputError(
-                "--checkpoint is for FILE.py:NAME targets; a run directory brings its own "
-                "checkpoint.pt.")
+                "--checkpoint is for FILE.py:NAME targets; a run directory brings its own checkpoint.pt."
+            )
         model, cfg = checkpoints.load_run_dir(args.target)
         framework = _framework(model, args.framework)
         name = f"{args.target} (bnlab run: preset {cfg.preset}, seed {cfg.train.seed})"
@@ -148,14 +187,16 @@ def _source(args: argparse.Namespace, target: Target) -> tuple[sources.Source, i
         data = sources.parse_data(data)
         steps = _train_steps(args, target, True)
         if data in sources.BUILTIN:
-            src = sources.builtin_source(data, target.model, target.framework, args.data_dir,
-                                         args.batch_size or 1000, args.seed)
+            src = sources.builtin_source(
+                data, target.model, target.framework, args.data_dir, args.batch_size or 1000, args.seed
+            )
         else:
             src = sources.file_source(data, args.batch_size, args.max_batches)
         return src, steps
     if args.input_shape is None:
         raise probe_inputs.InputError(
-            "give the probe input: --data mnist, --data FILE.py:NAME or --input-shape N,D,...")
+            "give the probe input: --data mnist, --data FILE.py:NAME or --input-shape N,D,..."
+        )
     shape = probe_inputs.parse_shape(args.input_shape)
     if args.batch_size:
         shape = (args.batch_size,) + shape[1:]
@@ -170,30 +211,45 @@ def _data_note(src: sources.Source) -> str:
 def _split_and_kept(report: Report) -> tuple[list[str], list[dict[str, Any]]]:
     """The BNs --fix splits (shared-bn errors) and those it leaves shared (warnings)."""
     split = [f.where for f in report.by_check("shared-bn") if f.severity == "error"]
-    kept = [{"change": "kept", "where": f.where,
-             "why": "shared, but its call sites see alike activations (a warning, not an "
-                    "error): left as it is"}
-            for f in report.by_check("shared-bn") if f.severity != "error"]
+    kept = [
+        {
+            "change": "kept",
+            "where": f.where,
+            "why": "shared, but its call sites see alike activations (a warning, not an error): left as it is",
+        }
+        for f in report.by_check("shared-bn")
+        if f.severity != "error"
+    ]
     return split, kept
 
 
-def _fix(args: argparse.Namespace, target: Target, src: sources.Source, report: Report
-         ) -> tuple[Any, list[Any]]:
+def _fix(args: argparse.Namespace, target: Target, src: sources.Source, report: Report) -> tuple[Any, list[Any]]:
     from bnlab.doctor import fix_output
     from bnlab.doctor.repair import repair_report
 
     assert src.fit_batches is not None and src.held_out is not None
     split, kept = _split_and_kept(report)
-    result = repair_report(target.model, src.fit_batches(), src.held_out, split=split,
-                           framework=target.framework,
-                           evaluated_on=src.uses.get("evaluation (--fix)", ""))
+    result = repair_report(
+        target.model,
+        src.fit_batches(),
+        src.held_out,
+        split=split,
+        framework=target.framework,
+        evaluated_on=src.uses.get("evaluation (--fix)", ""),
+    )
     result.changes += kept
     config = getattr(result.model, "cfg", None)
-    mlp_config = (dataclasses.asdict(config)
-                  if dataclasses.is_dataclass(config) and not isinstance(config, type) else None)
-    written = fix_output.write(result, Path(args.fix), target=args.target,
-                               report=report.to_dict(), overwrite=args.overwrite,
-                               mlp_config=mlp_config)
+    mlp_config = (
+        dataclasses.asdict(config) if dataclasses.is_dataclass(config) and not isinstance(config, type) else None
+    )
+    written = fix_output.write(
+        result,
+        Path(args.fix),
+        target=args.target,
+        report=report.to_dict(),
+        overwrite=args.overwrite,
+        mlp_config=mlp_config,
+    )
     return result, written
 
 
@@ -210,10 +266,18 @@ def _check(args: argparse.Namespace) -> tuple[Report, dict[str, Any], str]:
         raise probe_inputs.InputError(
             "--fix re-estimates running statistics on real training data and evaluates the "
             "repair on held-out data: give --data (mnist, fashion-mnist or FILE.py:NAME) "
-            "instead of --input-shape.")
-    report = check(target.model, src.probe_x, labels=src.probe_y, train_steps=steps,
-                   train_batches=src.train_batches, framework=target.framework, lr=args.lr,
-                   source=src.description)
+            "instead of --input-shape."
+        )
+    report = check(
+        target.model,
+        src.probe_x,
+        labels=src.probe_y,
+        train_steps=steps,
+        train_batches=src.train_batches,
+        framework=target.framework,
+        lr=args.lr,
+        source=src.description,
+    )
     if target.name:
         report.model = target.name
     if steps == 0:  # no training steps were taken: don't list their batches
@@ -236,6 +300,10 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--batch-size must be 1 or more.")
     if args.max_batches < 1:
         return _fail("--max-batches must be 1 or more.")
+    if not 0 <= args.seed < 2**32:  # numpy's global seed (Chainer's initializers) takes 32 bits
+        return _fail(f"--seed must lie in [0, 2**32 - 1]; got {args.seed}.")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        return _fail(f"--lr must be a positive number; got {args.lr}.")
     _seed(args.seed)
     try:
         report, extra, fix_text = _check(args)

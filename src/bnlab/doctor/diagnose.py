@@ -24,13 +24,21 @@ def summary(probe: ProbeResult) -> dict[str, Any]:
         sites = []
         for call in calls:
             dist = vs_running(call, layer) if tracked(layer) else None
-            sites.append({"site": call.site, "values_per_channel": call.values_per_channel,
-                          **(dist.as_dict() if dist else {})})
-        layers.append({"path": path, "kind": layer.kind,
-                       "calls": len(calls) or probe.eval_calls.get(path, 0),
-                       layer.rate_name: _setting(layer.rate), "eps": _setting(layer.eps),
-                       "tracks_running_stats": layer.tracks_running_stats,
-                       "at_init": layer.at_init, "sites": sites})
+            sites.append(
+                {"site": call.site, "values_per_channel": call.values_per_channel, **(dist.as_dict() if dist else {})}
+            )
+        layers.append(
+            {
+                "path": path,
+                "kind": layer.kind,
+                "calls": len(calls) or probe.eval_calls.get(path, 0),
+                layer.rate_name: _setting(layer.rate),
+                "eps": _setting(layer.eps),
+                "tracks_running_stats": layer.tracks_running_stats,
+                "at_init": layer.at_init,
+                "sites": sites,
+            }
+        )
     result: dict[str, Any] = {"layers": layers}
     div = divergence(probe)
     if div is not None:
@@ -49,7 +57,8 @@ def run_checks(probe: ProbeResult, source: str = "") -> Report:
     findings = registry.run_all(probe)
     log = probe.train_log
     probe_info: dict[str, Any] = {
-        "input_shape": list(probe.input_shape), "source": source,
+        "input_shape": list(probe.input_shape),
+        "source": source,
         "samples": probe.input_shape[0] if probe.input_shape else None,
         "train_steps": log.steps if log else 0,
     }

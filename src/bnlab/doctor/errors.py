@@ -30,9 +30,7 @@ def _text(err: BaseException) -> str:
 
 def forward_failed(err: BaseException) -> ProbeError:
     """The error for a model whose forward pass raised ``err`` on the probe input."""
-    return ProbeError(
-        f"the model's forward pass failed on the probe input: {_text(err)}", SHAPE_HINT
-    )
+    return ProbeError(f"the model's forward pass failed on the probe input: {_text(err)}", SHAPE_HINT)
 
 
 def training_step_failed(step: int, err: BaseException) -> ProbeError:

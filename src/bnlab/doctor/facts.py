@@ -34,8 +34,7 @@ def untrained(probe: ProbeResult) -> list[LayerInfo]:
     return [
         layer
         for layer in probe.layers.values()
-        if layer.is_batchnorm and layer.at_init and not layer.affine_moved
-        and called(probe, layer.path)
+        if layer.is_batchnorm and layer.at_init and not layer.affine_moved and called(probe, layer.path)
     ]
 
 
@@ -57,15 +56,9 @@ def divergence(probe: ProbeResult) -> dict[str, float] | None:
 
 
 def divergence_line(div: dict[str, float], when: str = "") -> str:
-    line = (
-        f"train vs eval mode{when}: {div['differ']:.1%} of {div['samples']} probe predictions "
-        "differ"
-    )
+    line = f"train vs eval mode{when}: {div['differ']:.1%} of {div['samples']} probe predictions differ"
     if "acc_train" in div:
-        line += (
-            f"; accuracy {div['acc_train']:.3f} (train mode) vs "
-            f"{div['acc_eval']:.3f} (eval mode)"
-        )
+        line += f"; accuracy {div['acc_train']:.3f} (train mode) vs {div['acc_eval']:.3f} (eval mode)"
     return line
 
 

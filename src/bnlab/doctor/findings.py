@@ -200,14 +200,9 @@ def _header(report: Report) -> list[str]:
         lines.append(f"normalization layers: {', '.join(parts)}")
     agreement = report.summary.get("train_eval")
     if agreement and agreement.get("differ") is not None:
-        text = (
-            f"train vs eval mode: {agreement['differ']:.1%} of predictions differ"
-        )
+        text = f"train vs eval mode: {agreement['differ']:.1%} of predictions differ"
         if agreement.get("acc_train") is not None:
-            text += (
-                f"; accuracy {agreement['acc_train']:.3f} (train mode) vs "
-                f"{agreement['acc_eval']:.3f} (eval mode)"
-            )
+            text += f"; accuracy {agreement['acc_train']:.3f} (train mode) vs {agreement['acc_eval']:.3f} (eval mode)"
         lines.append(text)
     counts = [_count(len(report.by_severity(name)), name) for name in SEVERITIES]
     lines.append(", ".join(counts) + f" -> exit {report.exit_code}")
@@ -215,9 +210,7 @@ def _header(report: Report) -> list[str]:
 
 
 def _wrap(label: str, text: str, width: int) -> list[str]:
-    return textwrap.wrap(
-        text, width=width, initial_indent=f"  {label}: ", subsequent_indent="    "
-    )
+    return textwrap.wrap(text, width=width, initial_indent=f"  {label}: ", subsequent_indent="    ")
 
 
 def _render_finding(finding: Finding, width: int) -> list[str]:
@@ -229,9 +222,7 @@ def _render_finding(finding: Finding, width: int) -> list[str]:
     if finding.evidence:
         lines.append("  evidence:")
         for item in finding.evidence:
-            lines += textwrap.wrap(
-                item, width=width, initial_indent="    - ", subsequent_indent="      "
-            )
+            lines += textwrap.wrap(item, width=width, initial_indent="    - ", subsequent_indent="      ")
     if finding.consequence:
         lines += _wrap("consequence", finding.consequence, width)
     if finding.fix:
@@ -244,9 +235,7 @@ def _render_finding(finding: Finding, width: int) -> list[str]:
 def render_text(report: Report, width: int = 88) -> str:
     """The report as it is printed by ``bnlab doctor``."""
     lines = [
-        wrapped
-        for line in _header(report)
-        for wrapped in textwrap.wrap(line, width=width, subsequent_indent="  ")
+        wrapped for line in _header(report) for wrapped in textwrap.wrap(line, width=width, subsequent_indent="  ")
     ]
     for finding in report.findings:
         lines.append("")
@@ -255,9 +244,7 @@ def render_text(report: Report, width: int = 88) -> str:
         lines.append("")
         lines.append("notes:")
         for note in report.notes:
-            lines += textwrap.wrap(
-                note, width=width, initial_indent="  - ", subsequent_indent="    "
-            )
+            lines += textwrap.wrap(note, width=width, initial_indent="  - ", subsequent_indent="    ")
     if not report.findings:
         lines.append("")
         lines.append("no batch-normalization problems found.")
@@ -279,7 +266,7 @@ def _html_finding(finding: Finding) -> str:
     parts.append(f"<div><i>where</i>: <code>{esc(where)}</code></div>")
     if finding.evidence:
         items = "".join(f"<li>{esc(item)}</li>" for item in finding.evidence)
-        parts.append(f"<div><i>evidence</i>:<ul style=\"margin:2px 0\">{items}</ul></div>")
+        parts.append(f'<div><i>evidence</i>:<ul style="margin:2px 0">{items}</ul></div>')
     for label, text in (("consequence", finding.consequence), ("fix", finding.fix)):
         if text:
             parts.append(f"<div><i>{label}</i>: {esc(text)}</div>")
@@ -293,8 +280,10 @@ def render_html(report: Report) -> str:
     """The report as an HTML fragment (what a notebook shows for a Report)."""
     esc = html.escape
     header = _header(report)
-    parts = ['<div class="bnlab-doctor-report" style="font-family:sans-serif;max-width:60em">',
-             f"<h4 style=\"margin:4px 0\">{esc(header[0])}</h4>"]
+    parts = [
+        '<div class="bnlab-doctor-report" style="font-family:sans-serif;max-width:60em">',
+        f'<h4 style="margin:4px 0">{esc(header[0])}</h4>',
+    ]
     parts += [f"<div>{esc(line)}</div>" for line in header[1:]]
     parts += [_html_finding(finding) for finding in report.findings]
     if report.notes:

@@ -31,12 +31,13 @@ def planned_files(out_dir: Path, framework: str) -> list[Path]:
 def check_writable(out_dir: Path, framework: str, overwrite: bool) -> None:
     """Refuse before any work is done: OUT must be a folder (or absent) without our files."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--fix {out_dir}: exists and is not a folder; give a folder for the "
-                         "repaired model.")
+        raise InputError(f"--fix {out_dir}: exists and is not a folder; give a folder for the repaired model.")
     existing = [p.name for p in planned_files(out_dir, framework) if p.exists()]
     if existing and not overwrite:
-        raise InputError(f"--fix {out_dir}: {', '.join(existing)} already exist; bnlab doctor "
-                         "does not overwrite files. Give another folder, or add --overwrite.")
+        raise InputError(
+            f"--fix {out_dir}: {', '.join(existing)} already exist; bnlab doctor "
+            "does not overwrite files. Give another folder, or add --overwrite."
+        )
 
 
 def _weights(result: RepairResult) -> bytes:
@@ -68,23 +69,30 @@ def _how_to(result: RepairResult, out_dir: Path, target: str, mlp_config: Any) -
     splits = result.splits
     build = f"model = ...  # your model, built as for {target}\n"
     if splits:
-        build += (f"    model = split_shared(model, {splits!r})"
-                  "  # one BN per call site\n")
+        build += f"    model = split_shared(model, {splits!r})  # one BN per call site\n"
     if result.framework == "chainer":
         load = f"chainer.serializers.load_npz({str(weights)!r}, model)\n"
         head = "    import chainer\n    from bnlab.doctor.repair import split_shared\n"
     else:
         load = f"model.load_state_dict(torch.load({str(weights)!r}, weights_only=True))\n"
         head = "    import torch\n    from bnlab.doctor.repair import split_shared\n"
-    note = ("Each shared BN is now one BN per call site (chosen by call order within a forward "
-            "pass); give your own model class one BN per call site to drop the wrapper.\n\n"
-            if splits else "")
+    note = (
+        "Each shared BN is now one BN per call site (chosen by call order within a forward "
+        "pass); give your own model class one BN per call site to drop the wrapper.\n\n"
+        if splits
+        else ""
+    )
     return note + head + "    " + build + "    " + load
 
 
 def write(
-    result: RepairResult, out_dir: Path, *, target: str, report: dict[str, Any],
-    overwrite: bool = False, mlp_config: Any = None,
+    result: RepairResult,
+    out_dir: Path,
+    *,
+    target: str,
+    report: dict[str, Any],
+    overwrite: bool = False,
+    mlp_config: Any = None,
 ) -> list[Path]:
     """Write OUT's three files; returns their paths."""
     from bnlab.rundir import atomic_write_bytes, atomic_write_text
@@ -93,8 +101,7 @@ def write(
     out_dir.mkdir(parents=True, exist_ok=True)
     weights, changes, how_to = planned_files(out_dir, result.framework)
     atomic_write_bytes(weights, _weights(result))
-    record = {"target": target, "weights": weights.name, "load": HOW_TO,
-              "repair": result.to_dict(), "doctor": report}
+    record = {"target": target, "weights": weights.name, "load": HOW_TO, "repair": result.to_dict(), "doctor": report}
     atomic_write_text(changes, json.dumps(record, indent=2, allow_nan=False) + "\n")
     atomic_write_text(how_to, _how_to(result, out_dir, target, mlp_config))
     return [weights, changes, how_to]

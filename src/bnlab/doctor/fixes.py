@@ -36,17 +36,18 @@ def attribute(path: str, root: str = "self") -> str:
     return expr
 
 
+def _keras_constructor(layer: LayerInfo, name: str | None = None) -> str:
+    named = f", name={name!r}" if name else ""
+    return f"keras.layers.BatchNormalization(momentum={number(layer.rate)}, epsilon={number(layer.eps)}{named})"
+
+
 def _constructor(layer: LayerInfo) -> str:
+    if layer.framework == "keras":
+        return _keras_constructor(layer)
     if layer.framework == "chainer":
-        return (
-            f"L.BatchNormalization({layer.num_channels}, decay={number(layer.rate)}, "
-            f"eps={number(layer.eps)})"
-        )
+        return f"L.BatchNormalization({layer.num_channels}, decay={number(layer.rate)}, eps={number(layer.eps)})"
     kind = layer.kind if layer.kind.startswith(("BatchNorm", "SyncBatchNorm")) else "BatchNorm1d"
-    return (
-        f"nn.{kind}({layer.num_channels}, eps={number(layer.eps)}, "
-        f"momentum={number(layer.rate)})"
-    )
+    return f"nn.{kind}({layer.num_channels}, eps={number(layer.eps)}, momentum={number(layer.rate)})"
 
 
 def site_names(layer: LayerInfo, calls: list[CallRecord]) -> list[str]:
@@ -69,14 +70,28 @@ def _in_container(path: str) -> bool:
     return any(part.isdigit() for part in path.split("."))
 
 
+def _keras_per_site(layer: LayerInfo, calls: list[CallRecord]) -> str:
+    names = site_names(layer, calls)
+    lines = ["# one BatchNormalization per call site, each with its own moving statistics"]
+    lines += [f"{name} = {_keras_constructor(layer, name)}" for name in names]
+    lines.append("# subclassed: self.<name> = ... in __init__; functional: use each once")
+    for name, call in zip(names, calls, strict=True):
+        if call.producer and call.via == "direct" and call.producer != layer.path:
+            lines.append(f"h = {name}({_identifier(call.producer)}_output)  # was {layer.path}(...)")
+        else:
+            lines.append(f"h = {name}(...)  # was call {call.index} of {layer.path}")
+    return "\n".join(lines)
+
+
 def one_bn_per_site(layer: LayerInfo, calls: list[CallRecord]) -> str:
+    if layer.framework == "keras":
+        return _keras_per_site(layer, calls)
     if layer.framework != "chainer" and layer.aliases:
         # The same object registered twice (placed twice in a Sequential): replace the
         # second and later places by new layers.
         lines = ["# give every place its own BN (the same object is registered several times)"]
         lines += [
-            f"{attribute(alias, 'model')} = {_constructor(layer)}"
-            f"  # was {attribute(layer.path, 'model')}"
+            f"{attribute(alias, 'model')} = {_constructor(layer)}  # was {attribute(layer.path, 'model')}"
             for alias in layer.aliases
         ]
         return "\n".join(lines)
@@ -94,13 +109,25 @@ def one_bn_per_site(layer: LayerInfo, calls: list[CallRecord]) -> str:
         elif call.producer and call.via == "direct":
             lines.append(f"... self.{name}({attribute(call.producer)}(...)) ...")
         else:
-            lines.append(
-                f"... self.{name}(...)  # was call {call.index} of {attribute(layer.path)}"
-            )
+            lines.append(f"... self.{name}(...)  # was call {call.index} of {attribute(layer.path)}")
     return "\n".join(lines)
 
 
 def recompute_stats(framework: str) -> str:
+    if framework == "keras":
+        return "\n".join(
+            [
+                "# re-estimate the moving statistics on training data (weights unchanged):",
+                "# a cumulative average: batch k gets weight 1/k",
+                "bns = [l for l in model._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]",
+                "for k, x in enumerate(train_batches, start=1):",
+                "    for bn in bns:",
+                "        bn.momentum = (k - 1) / k",
+                "    model(x, training=True)  # updates moving_mean / moving_variance",
+                "for bn in bns:",
+                "    bn.momentum = 0.99  # or your own value",
+            ]
+        )
     if framework == "chainer":
         return "\n".join(
             [
@@ -129,6 +156,14 @@ def recompute_stats(framework: str) -> str:
 
 
 def train_mode_during_training(framework: str) -> str:
+    if framework == "keras":
+        return "\n".join(
+            [
+                "model.fit(x, y)  # fit() calls the model with training=True",
+                "# a custom loop: out = model(x, training=True) in the training step,",
+                "# model(x, training=False) only for validation / inference",
+            ]
+        )
     if framework == "chainer":
         return "\n".join(
             [
@@ -147,11 +182,14 @@ def train_mode_during_training(framework: str) -> str:
 
 
 def rate_code(layer: LayerInfo, value: float) -> str:
-    if layer.framework == "chainer":
+    if layer.framework == "keras":
         return (
-            f"L.BatchNormalization({layer.num_channels}, decay={number(value)}, "
-            f"eps={number(layer.eps)})"
+            f"keras.layers.BatchNormalization(momentum={number(value)}, "
+            f"epsilon={number(layer.eps)})\n"
+            f"# or, on the built model: the layer {layer.path!r}.momentum = {number(value)}"
         )
+    if layer.framework == "chainer":
+        return f"L.BatchNormalization({layer.num_channels}, decay={number(value)}, eps={number(layer.eps)})"
     return (
         f"nn.{layer.kind}({layer.num_channels}, momentum={number(value)})\n"
         f"# or, on the built model: {attribute(layer.path, 'model')}.momentum = {number(value)}"
@@ -195,6 +233,9 @@ def checkpoint_without_bn_updates() -> str:
 
 
 def no_bias(framework: str, kinds: list[str]) -> str:
+    if framework == "keras":
+        kind = kinds[0] if kinds else "Dense"
+        return f"keras.layers.{kind}(..., use_bias=False)  # the BN's beta plays the role of the bias"
     if framework == "chainer":
         return "L.Linear(n_in, n_out, nobias=True)  # likewise Convolution2D(..., nobias=True)"
     kind = kinds[0] if kinds else "Linear"
@@ -202,12 +243,16 @@ def no_bias(framework: str, kinds: list[str]) -> str:
 
 
 def dropout_after_bn(framework: str) -> str:
+    if framework == "keras":
+        return "h = keras.layers.Dropout(0.5)(keras.ops.relu(bn(dense(h))))  # dropout after BN"
     if framework == "chainer":
         return "h = F.dropout(F.relu(self.bn(self.l(h))), ratio=0.5)  # dropout after BN"
     return "h = self.drop(F.relu(self.bn(self.lin(h))))  # dropout after BN, not before"
 
 
 def freeze_bn(framework: str) -> str:
+    if framework == "keras":
+        return "bn.trainable = False  # Keras then runs the layer in inference mode, stats kept"
     if framework == "chainer":
         return "\n".join(
             [
@@ -231,6 +276,8 @@ def sync_bn() -> str:
 
 
 def bigger_batches(framework: str) -> str:
+    if framework == "keras":
+        return "model.fit(x, y, batch_size=32)  # or a tf.data / PyDataset with bigger batches"
     if framework == "chainer":
         return "iterator = chainer.iterators.SerialIterator(data, batch_size=32, repeat=True)"
     return "loader = DataLoader(data, batch_size=32, shuffle=True, drop_last=True)"

@@ -7,7 +7,8 @@ Arrays are float32 numpy; both probes accept them. MNIST comes from
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -26,13 +27,10 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
     except ValueError:
-        raise InputError(
-            f"--input-shape must be integers separated by commas, like 1000,784; got {text!r}"
-        ) from None
+        raise InputError(f"--input-shape must be integers separated by commas, like 1000,784; got {text!r}") from None
     if len(shape) < 2 or any(d <= 0 for d in shape):
         raise InputError(
-            "--input-shape needs a batch size and at least one more positive dimension, "
-            f"like 1000,784; got {text!r}"
+            f"--input-shape needs a batch size and at least one more positive dimension, like 1000,784; got {text!r}"
         )
     return shape
 
@@ -45,7 +43,9 @@ def random_inputs(shape: tuple[int, ...], seed: int) -> np.ndarray:
 def _accepts(model: Any, framework: str, x: np.ndarray) -> bool:
     """Whether ``model`` (a throwaway copy) runs on ``x`` in eval mode."""
     try:
-        if framework == "chainer":
+        if framework == "keras":
+            model(x, training=False)  # inference mode: nothing is updated
+        elif framework == "chainer":
             import chainer
 
             with chainer.using_config("train", False), chainer.no_backprop_mode():
@@ -60,12 +60,25 @@ def _accepts(model: Any, framework: str, x: np.ndarray) -> bool:
     return True
 
 
+def _keras_trial(model: Any) -> Any:
+    """A Keras clone to try shapes on (Keras models don't deep-copy); the model itself
+    if it cannot be cloned: an inference call updates nothing (it only builds an
+    unbuilt subclassed model, as its first real call would)."""
+    import keras
+
+    try:
+        return keras.models.clone_model(model)
+    except Exception:  # noqa: BLE001 - any failure to clone: try on the model itself
+        return model
+
+
 def fit_shape(model: Any, framework: str, flat: np.ndarray) -> tuple[int, ...]:
     """The per-sample MNIST shape that ``model`` accepts, tried on two samples."""
-    trial = copy.deepcopy(model)
-    if framework == "torch":
-        trial.eval()
     for shape in MNIST_SHAPES:
+        # A fresh copy per shape: a Lazy module takes its shapes from the first batch it sees.
+        trial = _keras_trial(model) if framework == "keras" else _copy(model, framework)
+        if framework == "torch":
+            trial.eval()
         if _accepts(trial, framework, flat[:2].reshape((2,) + shape)):
             return shape
     tried = ", ".join("(N," + ",".join(map(str, s)) + ")" for s in MNIST_SHAPES)
@@ -73,6 +86,14 @@ def fit_shape(model: Any, framework: str, flat: np.ndarray) -> tuple[int, ...]:
         f"the model accepts none of the MNIST shapes {tried}; give the shape it expects with "
         "--input-shape instead of --data."
     )
+
+
+def _copy(model: Any, framework: str) -> Any:
+    if framework != "torch":
+        return copy.deepcopy(model)
+    from bnlab.doctor.torch_probe import _lazy_memo  # deepcopy refuses uninitialized Lazy tensors
+
+    return copy.deepcopy(model, _lazy_memo(model))
 
 
 Batch = tuple[np.ndarray, np.ndarray]
@@ -91,23 +112,18 @@ def mnist(
     try:
         from bnlab.data import load_mnist, to_float
     except ImportError as err:
-        raise InputError(
-            f"--data mnist needs bnlab.data, which could not be imported ({err})."
-        ) from err
+        raise InputError(f"--data mnist needs bnlab.data, which could not be imported ({err}).") from err
     try:
         data = load_mnist(data_dir)
     except Exception as err:  # noqa: BLE001 - missing files, bad checksum, no network...
         raise InputError(
-            f"could not load MNIST ({type(err).__name__}: {err}); "
-            "point --data-dir at the folder with the MNIST files."
+            f"could not load MNIST ({type(err).__name__}: {err}); point --data-dir at the folder with the MNIST files."
         ) from err
     rng = np.random.default_rng(seed)
     test_x = _flat(to_float(data.test_images))
     test_y = np.asarray(data.test_labels).astype(np.int64)
     if batch_size > len(test_x):
-        raise InputError(
-            f"--batch-size {batch_size} is larger than the MNIST test set ({len(test_x)})."
-        )
+        raise InputError(f"--batch-size {batch_size} is larger than the MNIST test set ({len(test_x)}).")
     pick = rng.permutation(len(test_x))[:batch_size]
     train_x = _flat(to_float(data.train_images))
     train_y = np.asarray(data.train_labels).astype(np.int64)
@@ -116,7 +132,7 @@ def mnist(
         while True:  # shuffled epochs, full batches only
             order = rng.permutation(len(train_x))
             for start in range(0, len(order) - batch_size + 1, batch_size):
-                idx = order[start:start + batch_size]
+                idx = order[start : start + batch_size]
                 yield train_x[idx].reshape((batch_size,) + shape), train_y[idx]
 
     return test_x[pick], test_y[pick], batches

@@ -24,9 +24,7 @@ from typing import Any
 try:
     from lightning.pytorch.callbacks import Callback
 except ImportError as err:
-    raise ImportError(
-        "bnlab.doctor.lightning needs PyTorch Lightning: pip install 'bnlab[lightning]'"
-    ) from err
+    raise ImportError("bnlab.doctor.lightning needs PyTorch Lightning: pip install 'bnlab[lightning]'") from err
 
 from bnlab.doctor.findings import Report
 from bnlab.doctor.watch import Watch, watch
@@ -99,8 +97,7 @@ class BNDoctorCallback(Callback):
         optimizers = list(getattr(trainer, "optimizers", []) or [])
         # One optimizer: hand it over (weight decay on BN parameters is then checked);
         # with several, the watch finds the one it sees stepping the model.
-        self._watch = watch(self._target(pl_module),
-                            optimizer=optimizers[0] if len(optimizers) == 1 else None)
+        self._watch = watch(self._target(pl_module), optimizer=optimizers[0] if len(optimizers) == 1 else None)
         self._watch.__enter__()
 
     def _close(self, trainer: Any, *, failed: bool = False) -> Report | None:
@@ -132,8 +129,7 @@ class BNDoctorCallback(Callback):
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         report = self._close(trainer)
-        if report is not None and any(f.severity in _FAIL_ON[self.fail_on]
-                                      for f in report.findings):
+        if report is not None and any(f.severity in _FAIL_ON[self.fail_on] for f in report.findings):
             raise BNDoctorFailed(report)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:

@@ -28,14 +28,9 @@ def split_target(target: str) -> tuple[Path, str]:
     """``"dir/file.py:Name"`` -> (path, name)."""
     path, sep, name = target.rpartition(":")
     if not sep or not path or not name:
-        raise LoadError(
-            f"expected FILE.py:NAME (for example examples/seed_question_torch.py:MyModel), "
-            f"got {target!r}."
-        )
+        raise LoadError(f"expected FILE.py:NAME (for example examples/seed_question_torch.py:MyModel), got {target!r}.")
     if not name.isidentifier():
-        raise LoadError(
-            f"{name!r} in {target!r} is not a Python name; NAME must be a class or function."
-        )
+        raise LoadError(f"{name!r} in {target!r} is not a Python name; NAME must be a class or function.")
     return Path(path), name
 
 
@@ -58,9 +53,7 @@ def import_file(path: Path, purpose: str = "the model") -> ModuleType:
     ``purpose`` (what the file defines) only words the messages.
     """
     if not path.is_file():
-        raise LoadError(
-            f"{path}: no such file. Give the path to the Python file that defines {purpose}."
-        )
+        raise LoadError(f"{path}: no such file. Give the path to the Python file that defines {purpose}.")
     name = _module_name(path)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -74,7 +67,7 @@ def import_file(path: Path, purpose: str = "the model") -> ModuleType:
     except (Exception, SystemExit) as err:  # noqa: BLE001 - anything the user's file raises
         sys.modules.pop(name, None)
         hint = (
-            "The file ran its script part on import: put it under `if __name__ == \"__main__\":`."
+            'The file ran its script part on import: put it under `if __name__ == "__main__":`.'
             if isinstance(err, SystemExit)
             else f"Fix it (`python {path}` shows the full traceback) and run bnlab doctor again."
         )
@@ -93,7 +86,7 @@ def is_model(obj: Any) -> bool:
     return not isinstance(obj, type) and recognised(obj)
 
 
-_MODEL_BASES = {"Module", "Link", "Chain", "ChainList"}
+_MODEL_BASES = {"Module", "Link", "Chain", "ChainList", "Model"}
 
 
 def _candidates(module: ModuleType) -> list[str]:
@@ -102,7 +95,11 @@ def _candidates(module: ModuleType) -> list[str]:
     for attr, value in vars(module).items():
         if attr.startswith("_") or getattr(value, "__module__", None) != module.__name__:
             continue
-        if inspect.isclass(value) and _MODEL_BASES & {b.__name__ for b in inspect.getmro(value)} or inspect.isfunction(value):
+        if (
+            inspect.isclass(value)
+            and _MODEL_BASES & {b.__name__ for b in inspect.getmro(value)}
+            or inspect.isfunction(value)
+        ):
             names.append(attr)
     return names
 
@@ -111,9 +108,7 @@ def build(module: ModuleType, name: str, path: Path) -> Any:
     """The model that ``name`` stands for in ``module``."""
     if not hasattr(module, name):
         found = ", ".join(_candidates(module)) or "none"
-        raise LoadError(
-            f"{path} has no attribute {name!r}. Model classes and functions in it: {found}."
-        )
+        raise LoadError(f"{path} has no attribute {name!r}. Model classes and functions in it: {found}.")
     obj = getattr(module, name)
     if is_model(obj):
         return obj
@@ -134,8 +129,8 @@ def build(module: ModuleType, name: str, path: Path) -> Any:
         ) from err
     if not is_model(model):
         raise LoadError(
-            f"{path}:{name}() returned a {type(model).__name__}, not a torch.nn.Module or a "
-            "chainer.Link."
+            f"{path}:{name}() returned a {type(model).__name__}, not a keras.Model, a "
+            "torch.nn.Module or a chainer.Link."
         )
     return model
 

@@ -37,9 +37,7 @@ class LayerInfo:
     @property
     def stats_finite(self) -> bool:
         """No NaN or infinity in the running statistics."""
-        return all(
-            a is None or bool(np.all(np.isfinite(a))) for a in (self.running_mean, self.running_var)
-        )
+        return all(a is None or bool(np.all(np.isfinite(a))) for a in (self.running_mean, self.running_var))
 
     @property
     def affine_moved(self) -> bool:
@@ -48,9 +46,7 @@ class LayerInfo:
         Any initialisation sets one value for every channel (1 and 0 by default, 0 for
         torchvision's ``zero_init_residual``); training moves each channel its own way.
         """
-        spread = [
-            float(np.ptp(a)) for a in (self.weight, self.bias) if a is not None and a.size > 1
-        ]
+        spread = [float(np.ptp(a)) for a in (self.weight, self.bias) if a is not None and a.size > 1]
         return bool(spread) and max(spread) > 1e-3
 
     @property

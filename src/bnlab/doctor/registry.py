@@ -109,12 +109,7 @@ def run_all(probe: ProbeResult) -> list[Finding]:
     """The findings of every registered check on ``probe``."""
     ctx = Context(probe)
     for phase in sorted({spec.phase for spec in all_checks()}):
-        found = [
-            finding
-            for spec in all_checks()
-            if spec.phase == phase
-            for finding in _validated(spec, spec.run(ctx))
-        ]
+        found = [finding for spec in all_checks() if spec.phase == phase for finding in _validated(spec, spec.run(ctx))]
         ctx.findings.extend(found)
     return ctx.findings
 

@@ -41,6 +41,12 @@ def _backend(model: Any, framework: str) -> ModuleType:
         from bnlab.doctor import repair_chainer
 
         return repair_chainer
+    if kind == "keras":
+        raise UsageError(
+            "--fix / repair for Keras models: not yet. For a functional or Sequential model, "
+            "bnlab.doctor.keras_repair.repair(model, batches) returns a new model with one "
+            "BatchNormalization per call site and re-estimated moving statistics."
+        )
     raise UsageError(f"framework must be 'auto', 'torch' or 'chainer', not {framework!r}")
 
 
@@ -48,8 +54,7 @@ def _batches(batches: Iterable[Any]) -> list[tuple[Any, Any]]:
     """``(inputs, labels)`` pairs, or bare inputs (labels are not needed to re-estimate)."""
     out: list[tuple[Any, Any]] = []
     for item in batches:
-        out.append((item[0], item[1]) if isinstance(item, (tuple, list)) and len(item) == 2
-                   else (item, None))
+        out.append((item[0], item[1]) if isinstance(item, (tuple, list)) and len(item) == 2 else (item, None))
     return out
 
 
@@ -72,9 +77,15 @@ class RepairResult:
     def to_dict(self) -> dict[str, Any]:
         from bnlab.doctor.findings import clean
 
-        return clean({"framework": self.framework, "changes": self.changes,
-                      "before": self.before, "after": self.after,
-                      "evaluated_on": self.evaluated_on})
+        return clean(
+            {
+                "framework": self.framework,
+                "changes": self.changes,
+                "before": self.before,
+                "after": self.after,
+                "evaluated_on": self.evaluated_on,
+            }
+        )
 
     def to_text(self) -> str:
         return render_text(self)
@@ -134,34 +145,42 @@ def _number(value: Any) -> str:
 
 def _change_line(change: dict[str, Any]) -> str:
     if change["change"] == "split":
-        return (f"split {change['where']} (called {change['calls']} times: "
-                f"{'; '.join(change['sites'])}) into {', '.join(change['into'])} "
-                f"({change['layout']}); affine parameters copied")
+        return (
+            f"split {change['where']} (called {change['calls']} times: "
+            f"{'; '.join(change['sites'])}) into {', '.join(change['into'])} "
+            f"({change['layout']}); affine parameters copied"
+        )
     if change["change"] == "kept":
         return f"kept {change['where']}: {change['why']}"
     moved = change["old_vs_new"]
     source = f" (from {change['from']})" if change["from"] != change["where"] else ""
-    return (f"re-estimated {change['where']}{source} over {change['batches']} batches: the old "
-            f"statistics were {moved['mean_shift']:.2f} SD (mean) and a variance ratio of "
-            f"{moved['var_ratio']:.2f} from the new")
+    return (
+        f"re-estimated {change['where']}{source} over {change['batches']} batches: the old "
+        f"statistics were {moved['mean_shift']:.2f} SD (mean) and a variance ratio of "
+        f"{moved['var_ratio']:.2f} from the new"
+    )
 
 
 def render_text(result: RepairResult, width: int = 88) -> str:
     lines = ["repair: a new model (the one given is unchanged); no weight was trained"]
     methods = sorted({c["method"] for c in result.changes if c["change"] == "re-estimated"})
     for change in result.changes:
-        lines += textwrap.wrap(_change_line(change), width=width, initial_indent="  - ",
-                               subsequent_indent="    ")
+        lines += textwrap.wrap(_change_line(change), width=width, initial_indent="  - ", subsequent_indent="    ")
     if methods:
-        lines += textwrap.wrap(f"running statistics: cumulative average in train mode "
-                               f"({'; '.join(methods)})", width=width, initial_indent="  ",
-                               subsequent_indent="    ")
+        lines += textwrap.wrap(
+            f"running statistics: cumulative average in train mode ({'; '.join(methods)})",
+            width=width,
+            initial_indent="  ",
+            subsequent_indent="    ",
+        )
     if result.before or result.after:
         lines.append(f"  {'':<30}{'before':>8}  {'after':>8}")
-        for key, label in (("val_acc", "val acc (eval mode)"), ("val_loss", "val loss (eval mode)"),
-                           ("train_eval_agreement", "train/eval agreement")):
-            lines.append(f"  {label:<30}{_number(result.before.get(key)):>8}  "
-                         f"{_number(result.after.get(key)):>8}")
+        for key, label in (
+            ("val_acc", "val acc (eval mode)"),
+            ("val_loss", "val loss (eval mode)"),
+            ("train_eval_agreement", "train/eval agreement"),
+        ):
+            lines.append(f"  {label:<30}{_number(result.before.get(key)):>8}  {_number(result.after.get(key)):>8}")
         if result.evaluated_on:
             lines.append(f"  evaluated on {result.evaluated_on}")
     return "\n".join(lines) + "\n"

@@ -55,8 +55,7 @@ def call_sites(model: chainer.Link, x: Any) -> dict[str, list[str]]:
     """Per BN link: the call sites of one eval-mode forward pass of a copy on ``x``,
     named as the doctor names them ("after l1")."""
     work = copy.deepcopy(model)
-    with chainer.using_config("train", False), chainer.no_backprop_mode(), \
-            Recorder(work, stats=False) as recorder:
+    with chainer.using_config("train", False), chainer.no_backprop_mode(), Recorder(work, stats=False) as recorder:
         work(x)
     sites: dict[str, list[str]] = {}
     for call in recorder.calls:
@@ -112,8 +111,10 @@ def reestimate(model: chainer.Link, batches: Iterable[Any]) -> int:
 
 
 def _stats(link: chainer.Link) -> tuple[np.ndarray, np.ndarray]:
-    return (np.asarray(cuda.to_cpu(link.avg_mean), np.float64).copy(),
-            np.asarray(cuda.to_cpu(link.avg_var), np.float64).copy())
+    return (
+        np.asarray(cuda.to_cpu(link.avg_mean), np.float64).copy(),
+        np.asarray(cuda.to_cpu(link.avg_var), np.float64).copy(),
+    )
 
 
 def repair(
@@ -128,25 +129,41 @@ def repair(
     shared = {path: len(s) for path, s in sites.items() if len(s) > 1}
     wanted = set(shared) if split is None else set(split)
     if wanted - set(shared):
-        raise RepairError(f"cannot split {', '.join(sorted(wanted - set(shared)))}: not a "
-                          "BatchNormalization link called more than once per forward pass.")
+        raise RepairError(
+            f"cannot split {', '.join(sorted(wanted - set(shared)))}: not a "
+            "BatchNormalization link called more than once per forward pass."
+        )
     before = {path: (_stats(link), float(link.eps)) for path, link in bn_links(model).items()}
     new = split_shared(model, {path: shared[path] for path in sorted(wanted)})
     changes: list[dict[str, Any]] = []
     origin = {}
     for path in sorted(wanted):
         into = [f"{path}.{i}" for i in range(shared[path])]
-        changes.append({"change": "split", "where": path, "calls": shared[path],
-                        "sites": sites[path], "into": into,
-                        "layout": "PerCallBatchNormalization"})
+        changes.append(
+            {
+                "change": "split",
+                "where": path,
+                "calls": shared[path],
+                "sites": sites[path],
+                "into": into,
+                "layout": "PerCallBatchNormalization",
+            }
+        )
         origin.update({name: path for name in into})
     count = reestimate(new, batches)
     for path, link in bn_links(new).items():
         (old_mean, old_var), eps = before[origin.get(path, path)]
         mean, var = _stats(link)
-        changes.append({"change": "re-estimated", "where": path, "from": origin.get(path, path),
-                        "batches": count, "method": "decay 1 - 1/k at the k-th call",
-                        "old_vs_new": distance(old_mean, old_var, mean, var, eps).as_dict()})
+        changes.append(
+            {
+                "change": "re-estimated",
+                "where": path,
+                "from": origin.get(path, path),
+                "batches": count,
+                "method": "decay 1 - 1/k at the k-th call",
+                "old_vs_new": distance(old_mean, old_var, mean, var, eps).as_dict(),
+            }
+        )
     return new, changes
 
 
@@ -168,8 +185,7 @@ def evaluate(model: chainer.Link, batches: list[Any]) -> dict[str, Any]:
                 train_scores = _scores(work(x))
             scores = _scores(out)
             if scores.ndim != 2 or scores.shape[1] < 2:
-                return {"val_acc": None, "val_loss": None, "train_eval_agreement": None,
-                        "samples": 0}
+                return {"val_acc": None, "val_loss": None, "train_eval_agreement": None, "samples": 0}
             pred = scores.argmax(axis=1)
             total += len(pred)
             correct += int((pred == labels).sum())
@@ -177,6 +193,9 @@ def evaluate(model: chainer.Link, batches: list[Any]) -> dict[str, Any]:
             loss_sum += float(F.softmax_cross_entropy(out, labels, reduce="no").array.sum())
     if not total:
         return {"val_acc": None, "val_loss": None, "train_eval_agreement": None, "samples": 0}
-    return {"val_acc": correct / total, "val_loss": loss_sum / total,
-            "train_eval_agreement": agree / total, "samples": total}
-
+    return {
+        "val_acc": correct / total,
+        "val_loss": loss_sum / total,
+        "train_eval_agreement": agree / total,
+        "samples": total,
+    }

@@ -145,8 +145,7 @@ def _stateful_norms(model: nn.Module) -> dict[str, Any]:
 def _update_bn_fits(norms: dict[str, nn.Module], single_input: bool) -> bool:
     """``update_bn`` handles plain BatchNorm layers fed one tensor: stock classes only."""
     return single_input and all(
-        isinstance(m, _BatchNorm) and type(m).forward is _BatchNorm.forward
-        for m in norms.values()
+        isinstance(m, _BatchNorm) and type(m).forward is _BatchNorm.forward for m in norms.values()
     )
 
 
@@ -188,8 +187,7 @@ def reestimate(model: nn.Module, batches: Iterable[Any]) -> dict[str, Any]:
     frozen = sorted(set(norms) - set(active))
     method = "torch.optim.swa_utils.update_bn"
     with torch.no_grad():
-        if active and len(active) == len(norms) and _update_bn_fits(norms, all(
-                len(args) == 1 for args in inputs)):
+        if active and len(active) == len(norms) and _update_bn_fits(norms, all(len(args) == 1 for args in inputs)):
             torch.optim.swa_utils.update_bn([args[0] for args in inputs], model)
         else:
             method = "per-call momentum 1/k (cumulative average)"
@@ -202,8 +200,10 @@ def reestimate(model: nn.Module, batches: Iterable[Any]) -> dict[str, Any]:
 
 
 def _stats(module: Any) -> tuple[np.ndarray, np.ndarray]:
-    return (module.running_mean.detach().double().cpu().numpy().copy(),
-            module.running_var.detach().double().cpu().numpy().copy())
+    return (
+        module.running_mean.detach().double().cpu().numpy().copy(),
+        module.running_var.detach().double().cpu().numpy().copy(),
+    )
 
 
 def repair(
@@ -217,46 +217,75 @@ def repair(
     wanted = set(shared) if split is None else set(split)
     unknown = wanted - set(shared)
     if split is not None and unknown:
-        raise RepairError(f"cannot split {', '.join(sorted(unknown))}: not a stateful norm "
-                          "called more than once per forward pass.")
+        raise RepairError(
+            f"cannot split {', '.join(sorted(unknown))}: not a stateful norm called more than once per forward pass."
+        )
     changes: list[dict[str, Any]] = []
     before = {name: _stats(m) for name, m in _stateful_norms(model).items()}
     if wanted and _is_shared_mlp(model):
         new = _per_layer_mlp(model)
         new_names = [name for name in _stateful_norms(new) if name != "bn_logits"]
-        changes.append({"change": "split", "where": "bn", "calls": len(shared["bn"]),
-                        "sites": shared["bn"], "into": new_names, "layout": "per-layer MLP"})
+        changes.append(
+            {
+                "change": "split",
+                "where": "bn",
+                "calls": len(shared["bn"]),
+                "sites": shared["bn"],
+                "into": new_names,
+                "layout": "per-layer MLP",
+            }
+        )
         origin = {name: "bn" for name in new_names}
     else:
         new = split_shared(model, {path: len(shared[path]) for path in sorted(wanted)})
         origin = {}
         for path in sorted(wanted):
             into = [f"{path}.per_call.{i}" for i in range(len(shared[path]))]
-            changes.append({"change": "split", "where": path, "calls": len(shared[path]),
-                            "sites": shared[path], "into": into, "layout": "PerCallNorm"})
+            changes.append(
+                {
+                    "change": "split",
+                    "where": path,
+                    "calls": len(shared[path]),
+                    "sites": shared[path],
+                    "into": into,
+                    "layout": "PerCallNorm",
+                }
+            )
             origin.update({name: path for name in into})
     info = reestimate(new, batches)
     for name, module in _stateful_norms(new).items():
         if name in info["frozen"]:
-            changes.append({"change": "kept", "where": name,
-                            "why": "kept in eval mode by the model's train(): frozen on purpose"})
+            changes.append(
+                {"change": "kept", "where": name, "why": "kept in eval mode by the model's train(): frozen on purpose"}
+            )
             continue
         old_mean, old_var = before[origin.get(name, name)]
         mean, var = _stats(module)
-        changes.append(_reestimated(name, origin.get(name), old_mean, old_var, mean, var,
-                                    float(module.eps), info))
+        changes.append(_reestimated(name, origin.get(name), old_mean, old_var, mean, var, float(module.eps), info))
     return new, changes
 
 
-def _reestimated(name: str, origin: str | None, old_mean: np.ndarray, old_var: np.ndarray,
-                 mean: np.ndarray, var: np.ndarray, eps: float, info: dict[str, Any]
-                 ) -> dict[str, Any]:
+def _reestimated(
+    name: str,
+    origin: str | None,
+    old_mean: np.ndarray,
+    old_var: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
+    eps: float,
+    info: dict[str, Any],
+) -> dict[str, Any]:
     from bnlab.doctor.stats import distance
 
     moved = distance(old_mean, old_var, mean, var, eps)
-    return {"change": "re-estimated", "where": name, "from": origin or name,
-            "batches": info["batches"], "method": info["method"],
-            "old_vs_new": moved.as_dict()}
+    return {
+        "change": "re-estimated",
+        "where": name,
+        "from": origin or name,
+        "batches": info["batches"],
+        "method": info["method"],
+        "old_vs_new": moved.as_dict(),
+    }
 
 
 # -- evaluation -----------------------------------------------------------------------------
@@ -291,5 +320,9 @@ def evaluate(model: nn.Module, batches: list[Any]) -> dict[str, Any]:
             loss_sum += float(F.cross_entropy(out, target, reduction="sum"))
     if not scored or not total:
         return {"val_acc": None, "val_loss": None, "train_eval_agreement": None, "samples": 0}
-    return {"val_acc": correct / total, "val_loss": loss_sum / total,
-            "train_eval_agreement": agree / total, "samples": total}
+    return {
+        "val_acc": correct / total,
+        "val_loss": loss_sum / total,
+        "train_eval_agreement": agree / total,
+        "samples": total,
+    }

@@ -101,9 +101,7 @@ def class_count(model: Any, framework: str, x: np.ndarray) -> int:
     return int(shape[1])
 
 
-def random_source(
-    model: Any, framework: str, shape: tuple[int, ...], seed: int, train_steps: int
-) -> Source:
+def random_source(model: Any, framework: str, shape: tuple[int, ...], seed: int, train_steps: int) -> Source:
     """A standard-normal probe; training steps on fresh standard-normal batches.
 
     Training on the probe batch itself would let the copy memorize it, and a memorized
@@ -146,14 +144,10 @@ def _load_builtin(name: str, data_dir: str | None) -> Any:
 
 
 def _in_batches(x: np.ndarray, y: np.ndarray, size: int, shape: tuple[int, ...]) -> list[Batch]:
-    return [
-        (x[i:i + size].reshape((-1,) + shape), y[i:i + size]) for i in range(0, len(x), size)
-    ]
+    return [(x[i : i + size].reshape((-1,) + shape), y[i : i + size]) for i in range(0, len(x), size)]
 
 
-def builtin_source(
-    name: str, model: Any, framework: str, data_dir: str | None, batch_size: int, seed: int
-) -> Source:
+def builtin_source(name: str, model: Any, framework: str, data_dir: str | None, batch_size: int, seed: int) -> Source:
     """Training split for steps and re-estimation, test split for the probe and evaluation."""
     from bnlab.data import to_float
 
@@ -163,9 +157,7 @@ def builtin_source(
     train_y = np.asarray(data.train_labels).astype(np.int64)
     test_y = np.asarray(data.test_labels).astype(np.int64)
     if batch_size > len(test_x):
-        raise InputError(
-            f"--batch-size {batch_size} is larger than the {label} test set ({len(test_x)})."
-        )
+        raise InputError(f"--batch-size {batch_size} is larger than the {label} test set ({len(test_x)}).")
     shape = probe_inputs.fit_shape(model, framework, test_x)
     rng = np.random.default_rng(seed)
     pick = rng.permutation(len(test_x))[:batch_size]
@@ -176,7 +168,7 @@ def builtin_source(
         while True:  # shuffled epochs, full batches only
             order = step_rng.permutation(len(train_x))
             for b in range(full):
-                idx = order[b * batch_size:(b + 1) * batch_size]
+                idx = order[b * batch_size : (b + 1) * batch_size]
                 yield train_x[idx].reshape((batch_size,) + shape), train_y[idx]
 
     def one_pass() -> Iterable[Batch]:
@@ -190,8 +182,7 @@ def builtin_source(
         uses={
             "probe": f"{batch_size} {label} test images (seed {seed})",
             "training steps": f"{label} training images in shuffled batches of {batch_size}",
-            "re-estimation (--fix)": f"one pass over the {label} training set: {full} batches "
-                                     f"of {batch_size}",
+            "re-estimation (--fix)": f"one pass over the {label} training set: {full} batches of {batch_size}",
             "evaluation (--fix)": f"the whole {label} test set ({len(test_x)} images)",
         },
         fit_batches=one_pass,
@@ -214,27 +205,38 @@ def _checked_batch(item: Any, index: int, where: str, sample_shape: tuple | None
     """One ``(inputs, labels)`` batch as float32 / int64 arrays, or an InputError."""
     fix = f"{where} must give (inputs, labels) pairs: float inputs (N, ...), integer labels (N,)."
     if not isinstance(item, (tuple, list)) or len(item) != 2:
-        raise InputError(f"batch {index + 1} of {where} is of type {type(item).__name__}, not "
-                         f"an (inputs, labels) pair. {fix}")
+        raise InputError(
+            f"batch {index + 1} of {where} is of type {type(item).__name__}, not an (inputs, labels) pair. {fix}"
+        )
     x, y = (_as_numpy(part) for part in item)
     if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
-        raise InputError(f"batch {index + 1} of {where} holds {type(x).__name__} and "
-                         f"{type(y).__name__}; expected arrays or tensors. {fix}")
+        raise InputError(
+            f"batch {index + 1} of {where} holds {type(x).__name__} and "
+            f"{type(y).__name__}; expected arrays or tensors. {fix}"
+        )
     if x.ndim < 2 or not np.issubdtype(x.dtype, np.floating):
-        raise InputError(f"the inputs of batch {index + 1} of {where} have shape {x.shape} and "
-                         f"dtype {x.dtype}; expected floating point with a batch dimension. {fix}")
+        raise InputError(
+            f"the inputs of batch {index + 1} of {where} have shape {x.shape} and "
+            f"dtype {x.dtype}; expected floating point with a batch dimension. {fix}"
+        )
     if y.ndim < 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
-        raise InputError(f"the labels of batch {index + 1} of {where} have shape {y.shape} and "
-                         f"dtype {y.dtype}, for {len(x)} inputs; expected one integer class per "
-                         f"sample. {fix}")
+        raise InputError(
+            f"the labels of batch {index + 1} of {where} have shape {y.shape} and "
+            f"dtype {y.dtype}, for {len(x)} inputs; expected one integer class per "
+            f"sample. {fix}"
+        )
     if sample_shape is not None and x.shape[1:] != sample_shape:
-        raise InputError(f"batch {index + 1} of {where} has samples of shape {x.shape[1:]}, "
-                         f"batch 1 had {sample_shape}; every batch must have the same sample "
-                         "shape.")
+        raise InputError(
+            f"batch {index + 1} of {where} has samples of shape {x.shape[1:]}, "
+            f"batch 1 had {sample_shape}; every batch must have the same sample "
+            "shape."
+        )
     if not np.all(np.isfinite(x)):
         bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
-        raise InputError(f"the inputs of batch {index + 1} of {where} hold {bad} NaN or "
-                         "infinite values; clean or normalize the data before the doctor sees it.")
+        raise InputError(
+            f"the inputs of batch {index + 1} of {where} hold {bad} NaN or "
+            "infinite values; clean or normalize the data before the doctor sees it."
+        )
     return x.astype(np.float32, copy=False), y.astype(np.int64, copy=False)
 
 
@@ -247,27 +249,35 @@ def _iterable_of(spec: str) -> tuple[Iterable[Any], str]:
     except LoadError as err:
         raise InputError(f"--data {spec}: {err}") from err
     if not hasattr(module, name):
-        public = [n for n, v in vars(module).items() if not n.startswith("_")
-                  and not inspect.ismodule(v)
-                  and not ((inspect.isclass(v) or inspect.isfunction(v))
-                           and v.__module__ != module.__name__)]
-        raise InputError(f"--data {spec}: {path} has no attribute {name!r}. NAME must be a "
-                         "function with no arguments returning (inputs, labels) batches, or such "
-                         f"an iterable (a DataLoader). Names defined there: "
-                         f"{', '.join(public) or 'none'}.")
+        public = [
+            n
+            for n, v in vars(module).items()
+            if not n.startswith("_")
+            and not inspect.ismodule(v)
+            and not ((inspect.isclass(v) or inspect.isfunction(v)) and v.__module__ != module.__name__)
+        ]
+        raise InputError(
+            f"--data {spec}: {path} has no attribute {name!r}. NAME must be a "
+            "function with no arguments returning (inputs, labels) batches, or such "
+            f"an iterable (a DataLoader). Names defined there: "
+            f"{', '.join(public) or 'none'}."
+        )
     obj = getattr(module, name)
     if callable(obj) and not hasattr(obj, "__iter__"):
         where = f"{spec}()"
         try:
             obj = obj()
         except Exception as err:
-            raise InputError(f"calling {where} raised {type(err).__name__}: {err}. NAME must be "
-                             "callable with no arguments.") from err
+            raise InputError(
+                f"calling {where} raised {type(err).__name__}: {err}. NAME must be callable with no arguments."
+            ) from err
     else:
         where = spec
     if isinstance(obj, (str, bytes)) or not hasattr(obj, "__iter__"):
-        raise InputError(f"{where} is of type {type(obj).__name__}, not an iterable of "
-                         "(inputs, labels) batches (a list, a generator or a DataLoader).")
+        raise InputError(
+            f"{where} is of type {type(obj).__name__}, not an iterable of "
+            "(inputs, labels) batches (a list, a generator or a DataLoader)."
+        )
     return obj, where
 
 
@@ -284,12 +294,15 @@ def file_source(spec: str, batch_size: int | None, max_batches: int) -> Source:
     except InputError:
         raise
     except Exception as err:
-        raise InputError(f"iterating over {where} raised {type(err).__name__}: {err} "
-                         f"(after {len(batches)} batches).") from err
+        raise InputError(
+            f"iterating over {where} raised {type(err).__name__}: {err} (after {len(batches)} batches)."
+        ) from err
     if len(batches) < 2:
-        raise InputError(f"{where} gave {len(batches)} batch{'es' if len(batches) != 1 else ''}; "
-                         "the doctor needs at least 2: training and re-estimation use most of "
-                         "them, one in six (at least one) is held out for the probe.")
+        raise InputError(
+            f"{where} gave {len(batches)} batch{'es' if len(batches) != 1 else ''}; "
+            "the doctor needs at least 2: training and re-estimation use most of "
+            "them, one in six (at least one) is held out for the probe."
+        )
     held = max(1, len(batches) // HELD_OUT_SHARE)
     train, held_out = batches[:-held], batches[-held:]
     probe_x, probe_y = held_out[0]
@@ -320,7 +333,8 @@ def parse_data(text: str) -> str:
         return text
     path, sep, name = text.rpartition(":")
     if not sep or not path or not name.isidentifier():
-        raise InputError(f"--data must be {' or '.join(BUILTIN)} or FILE.py:NAME (a function "
-                         f"returning (inputs, labels) batches); got {text!r}.")
+        raise InputError(
+            f"--data must be {' or '.join(BUILTIN)} or FILE.py:NAME (a function "
+            f"returning (inputs, labels) batches); got {text!r}."
+        )
     return text
-

@@ -16,8 +16,7 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def is_stateful_norm(module: nn.Module) -> bool:
-    return bool(is_norm(module) and module.track_running_stats
-                and module.running_mean is not None)
+    return bool(is_norm(module) and module.track_running_stats and module.running_mean is not None)
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
@@ -121,9 +120,7 @@ def optimizer_info(model: nn.Module, optimizer: Any) -> Any:
     if groups is None:
         return None
     decay_of = {
-        id(param): float(group.get("weight_decay", 0.0) or 0.0)
-        for group in groups
-        for param in group["params"]
+        id(param): float(group.get("weight_decay", 0.0) or 0.0) for group in groups for param in group["params"]
     }
     decays = {}
     for name, module in model.named_modules():

@@ -55,9 +55,7 @@ def _to_numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
     return None if tensor is None else tensor.detach().to("cpu", torch.float64).numpy().copy()
 
 
-def layer_info(
-    path: str, module: Any, training: bool | None = None, aliases: list[str] | None = None
-) -> LayerInfo:
+def layer_info(path: str, module: Any, training: bool | None = None, aliases: list[str] | None = None) -> LayerInfo:
     """A norm layer's settings and statistics, copied out of the module."""
     tracked = module.num_batches_tracked if module.track_running_stats else None
     affine = bool(module.affine) and module.weight is not None
@@ -106,7 +104,8 @@ def _lazy_memo(model: nn.Module) -> dict[int, Any]:
         if is_lazy(tensor):
             memo[id(tensor)] = (
                 UninitializedParameter(requires_grad=tensor.requires_grad)
-                if isinstance(tensor, nn.Parameter) else UninitializedBuffer()
+                if isinstance(tensor, nn.Parameter)
+                else UninitializedBuffer()
             )
     return memo
 
@@ -376,8 +375,9 @@ def materialize_lazy(model: nn.Module, args: tuple) -> bool:
     shapes from the input, and eval mode leaves running statistics at their initial
     values. Returns whether there was anything to materialize.
     """
-    lazy = [m for m in model.modules() if isinstance(m, nn.modules.lazy.LazyModuleMixin)
-            and m.has_uninitialized_params()]
+    lazy = [
+        m for m in model.modules() if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
+    ]
     if not lazy:
         return False
     modes = {m: m.training for m in model.modules()}
@@ -389,7 +389,8 @@ def materialize_lazy(model: nn.Module, args: tuple) -> bool:
         raise ProbeError(
             "the model has Lazy modules (LazyLinear, LazyBatchNorm...), and the forward pass "
             f"that gives them their shapes failed on the probe input: {type(err).__name__}: "
-            f"{err}", "Check that the input matches the model (--input-shape, or --data)."
+            f"{err}",
+            "Check that the input matches the model (--input-shape, or --data).",
         ) from err
     finally:
         for module, mode in modes.items():
@@ -425,9 +426,7 @@ def parallel_info(model: nn.Module, batch_size: int) -> ParallelInfo | None:
     return None
 
 
-def observe(
-    work: nn.Module, args: tuple, labels: Any, modes: dict[str, bool], notes: list[str]
-) -> ProbeResult:
+def observe(work: nn.Module, args: tuple, labels: Any, modes: dict[str, bool], notes: list[str]) -> ProbeResult:
     """One round of observations of ``work`` (statistics left as they were): its norm
     layers, a train-mode pass with every norm call recorded, the train-mode (BN only)
     and eval-mode predictions."""
@@ -462,8 +461,9 @@ def observe(
         labels=None if labels is None else np.asarray(_labels_numpy(labels)).reshape(-1),
         output_diff=None if train_pred is not None else _relative_diff(train_out, eval_out),
         output_finite=None if None in finite or not finite else all(finite),
-        output_note=(f"the model returns a {type(outputs[0]).__name__}; the doctor reads "
-                     f"output{where}") if where else "",
+        output_note=(f"the model returns a {type(outputs[0]).__name__}; the doctor reads output{where}")
+        if where
+        else "",
     )
 
 
@@ -495,19 +495,25 @@ def probe(
         args = as_args(inputs, device)
         batch = first_tensor(args)
         if batch is None:
-            raise ProbeError("the probe input must be a tensor (or a tuple of tensors)",
-                             "Check that the input matches the model (--input-shape).")
+            raise ProbeError(
+                "the probe input must be a tensor (or a tuple of tensors)",
+                "Check that the input matches the model (--input-shape).",
+            )
         if materialize_lazy(work, args):
-            notes.append("Lazy modules were given their shapes by one eval-mode forward pass "
-                         "on the doctor's copy")
+            notes.append("Lazy modules were given their shapes by one eval-mode forward pass on the doctor's copy")
         result = observe(work, args, labels, user_modes, notes)
         log = TrainLog(steps=0)
         if train_steps > 0:
             given = result
             log = torch_train.train(
-                work, args, labels, train_steps,
-                loss_fn=loss_fn, optimizer_factory=optimizer_factory,
-                batches=train_batches, lr=lr,
+                work,
+                args,
+                labels,
+                train_steps,
+                loss_fn=loss_fn,
+                optimizer_factory=optimizer_factory,
+                batches=train_batches,
+                lr=lr,
             )
             result = observe(work, args, labels, user_modes, notes)
             result.given = given

@@ -38,9 +38,7 @@ class TorchWatcher:
     ) -> None:
         self.model = model
         self.on_pass_start = on_pass_start
-        self.norms = {
-            name: m for name, m in model.named_modules() if name and is_stateful_norm(m)
-        }
+        self.norms = {name: m for name, m in model.named_modules() if name and is_stateful_norm(m)}
         self.paths = {id(m): name for name, m in self.norms.items()}
         self.calls: list[CallRecord] = []
         self.forward_calls: Counter[str] = Counter()
@@ -59,8 +57,11 @@ class TorchWatcher:
     # -- attach / detach ---------------------------------------------------------
     def attach(self) -> None:
         self._start = {
-            path: (m.running_mean.detach().clone(), m.running_var.detach().clone(),
-                   None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+            path: (
+                m.running_mean.detach().clone(),
+                m.running_var.detach().clone(),
+                None if m.num_batches_tracked is None else m.num_batches_tracked.clone(),
+            )
             for path, m in self.norms.items()
             if not is_lazy(m.running_mean)
         }
@@ -69,9 +70,7 @@ class TorchWatcher:
             self._handles.append(self.model.register_forward_hook(self._root_done))
             for module in self.norms.values():
                 self._handles.append(module.register_forward_pre_hook(self._norm_call))
-            self._handles.append(
-                register_optimizer_step_post_hook(self._optimizer_step)
-            )
+            self._handles.append(register_optimizer_step_post_hook(self._optimizer_step))
         except Exception:
             self.detach()
             raise
@@ -108,20 +107,25 @@ class TorchWatcher:
         channels = int(x.shape[1])
         self.calls.append(
             CallRecord(
-                path=path, index=self._counts[path], producer=None, producer_kind=None,
-                via="ops", producer_has_bias=False, producer_is_dropout=False,
-                batch_size=int(x.shape[0]), values_per_channel=x.numel() // max(channels, 1),
-                mean=_NOTHING, var=_NOTHING, training=bool(module.training),
+                path=path,
+                index=self._counts[path],
+                producer=None,
+                producer_kind=None,
+                via="ops",
+                producer_has_bias=False,
+                producer_is_dropout=False,
+                batch_size=int(x.shape[0]),
+                values_per_channel=x.numel() // max(channels, 1),
+                mean=_NOTHING,
+                var=_NOTHING,
+                training=bool(module.training),
             )
         )
 
     def _optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         owns = self._owns.get(id(optimizer))
         if owns is None:
-            owns = any(
-                id(p) in self._param_ids for group in optimizer.param_groups
-                for p in group["params"]
-            )
+            owns = any(id(p) in self._param_ids for group in optimizer.param_groups for p in group["params"])
             self._owns[id(optimizer)] = owns
         if owns:
             self.optimizer_steps += 1
@@ -139,13 +143,14 @@ class TorchWatcher:
         result = {}
         for path, (mean, var, counter) in self._start.items():
             module = self.norms[path]
-            changed = not (torch.equal(mean, module.running_mean)
-                           and torch.equal(var, module.running_var))
+            changed = not (torch.equal(mean, module.running_mean) and torch.equal(var, module.running_var))
             delta = None
             if counter is not None and module.num_batches_tracked is not None:
                 delta = int(module.num_batches_tracked) - int(counter)
             result[path] = StatUpdates(
-                forward_calls=self.forward_calls[path], extra_calls=self.extra_calls[path],
-                counter_delta=delta, changed=changed,
+                forward_calls=self.forward_calls[path],
+                extra_calls=self.extra_calls[path],
+                counter_delta=delta,
+                changed=changed,
             )
         return result

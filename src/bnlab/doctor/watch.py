@@ -87,13 +87,9 @@ class Watch:
     def report(self) -> Report:
         """The findings; available after the ``with`` block."""
         if self._failure is not None:
-            raise RuntimeError(
-                f"bnlab doctor could not build the report: {self._failure}"
-            ) from self._failure
+            raise RuntimeError(f"bnlab doctor could not build the report: {self._failure}") from self._failure
         if self._report is None:
-            raise RuntimeError(
-                "the report is available once the `with watch(model)` block has ended"
-            )
+            raise RuntimeError("the report is available once the `with watch(model)` block has ended")
         return self._report
 
     # -- hooks ---------------------------------------------------------------------
@@ -138,8 +134,7 @@ class Watch:
             )
             seen.passes += 1
             if (call.batch_size, call.values_per_channel) < (seen.samples, seen.values):
-                seen.samples, seen.values, seen.site = (
-                    call.batch_size, call.values_per_channel, call.site)
+                seen.samples, seen.values, seen.site = (call.batch_size, call.values_per_channel, call.site)
 
     # -- the report -------------------------------------------------------------------
     def _build_report(self) -> Report:

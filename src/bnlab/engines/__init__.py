@@ -22,7 +22,7 @@ from typing import Any
 from bnlab.config import ENGINES as ENGINE_NAMES
 from bnlab.config import EpochRecord, RunConfig
 from bnlab.engines.common import RunResult, check_minibatches, load_data
-from bnlab.errors import TrainingDiverged, UsageError
+from bnlab.errors import MissingExtra, TrainingDiverged, UsageError
 
 # Engine name -> module. Imported only when used: each framework is an optional extra.
 ENGINES: dict[str, str] = {
@@ -36,7 +36,15 @@ assert tuple(ENGINES) == ENGINE_NAMES, "config.EngineName and the registry must 
 def engine_module(name: str) -> Any:
     if name not in ENGINES:
         raise UsageError(f"unknown engine {name!r}; engines are: {', '.join(ENGINES)}.")
-    return importlib.import_module(ENGINES[name])
+    try:
+        return importlib.import_module(ENGINES[name])
+    except ModuleNotFoundError as err:
+        if err.name != ENGINES[name]:
+            raise  # the engine exists but something it imports is missing: its own check says so
+        raise MissingExtra(
+            f"the {name} engine is not part of this bnlab installation ({ENGINES[name]} "
+            f"is missing); train with --engine torch, or install a bnlab that has it."
+        ) from None
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -44,10 +52,17 @@ def check_config(cfg: RunConfig) -> None:
     engine_module(cfg.train.engine).check_config(cfg)
 
 
-def train(cfg: RunConfig, data: Any = None, *, data_dir: str | os.PathLike | None = None,
-          out_dir: str | os.PathLike | None = None, echo: Callable[[str], None] | None = print,
-          on_epoch: Callable[[EpochRecord], None] | None = None,
-          initial_state: dict[str, Any] | None = None, overwrite: bool = False) -> RunResult:
+def train(
+    cfg: RunConfig,
+    data: Any = None,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    echo: Callable[[str], None] | None = print,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    initial_state: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> RunResult:
     """Train one run and return its history and model.
 
     ``echo`` prints the question's table (None: silent); ``on_epoch`` receives each
@@ -57,7 +72,15 @@ def train(cfg: RunConfig, data: Any = None, *, data_dir: str | os.PathLike | Non
     Raises TrainingDiverged if the loss becomes NaN or infinite; a run that stops on any
     other error is recorded as failed (or interrupted) before the error propagates.
     """
-    from bnlab.rundir import RUN_DIVERGED, RUN_FAILED, RUN_INTERRUPTED, RunLock, RunRecorder, prepare_run_dir
+    from bnlab.rundir import (
+        RUN_DIVERGED,
+        RUN_FAILED,
+        RUN_INTERRUPTED,
+        RunLock,
+        RunRecorder,
+        prepare_run_dir,
+        refuse_to_overwrite,
+    )
 
     engine = engine_module(cfg.train.engine)
     engine.check_config(cfg)
@@ -66,6 +89,7 @@ def train(cfg: RunConfig, data: Any = None, *, data_dir: str | os.PathLike | Non
     lock = None
     if out_dir is not None:
         out_dir = Path(out_dir)
+        refuse_to_overwrite(out_dir, overwrite=overwrite)  # before the lock file: a refusal writes nothing
         lock = RunLock(out_dir)
         lock.acquire()
         try:

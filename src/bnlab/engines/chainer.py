@@ -36,9 +36,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from bnlab.conventions import convert
 from bnlab.config import EpochRecord, ModelConfig, RunConfig, TrainConfig
-from bnlab.engines.common import BNCallLog, RunResult, diverged, environment, epoch_orders, first_bad, split_batches
+from bnlab.conventions import convert
+from bnlab.engines.common import (
+    BNCallLog,
+    RunResult,
+    diverged,
+    environment,
+    epoch_orders,
+    first_bad,
+    numpy_arrays,
+    split_batches,
+)
 from bnlab.errors import MissingExtra, UsageError
 from bnlab.models import build_model
 from bnlab.rundir import RunRecorder
@@ -46,7 +55,7 @@ from bnlab.rundir import RunRecorder
 MISSING_CHAINER = (
     "The chainer engine needs Chainer 7.8.1, which is not importable here ({err}). Install the "
     "extra: see DEVELOPERS.md (in short, last of all in bnlab's virtual environment: "
-    "`pip install \"setuptools<70\" wheel \"numpy<2\"` then `pip install --no-build-isolation "
+    '`pip install "setuptools<70" wheel "numpy<2"` then `pip install --no-build-isolation '
     "chainer==7.8.1`; Chainer imports pkg_resources and numpy.distutils, so setuptools<70 must "
     "stay installed), or train with --engine torch."
 )
@@ -68,7 +77,21 @@ def import_chainer() -> ModuleType:
     return chainer
 
 
+def require_chainer_installed() -> None:
+    """Raise ChainerMissing when no Chainer is installed, without importing it (a sweep asks
+    this once, in the parent, before starting workers; importing Chainer takes seconds)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("chainer") is not None
+    except (ImportError, ValueError) as err:  # ValueError: a stub module without a spec
+        raise ChainerMissing(MISSING_CHAINER.format(err=err)) from err
+    if not found:
+        raise ChainerMissing(MISSING_CHAINER.format(err="no module named 'chainer'"))
+
+
 # ------------------------------------------------------------------ what the engine can do
+
 
 def check_config(cfg: RunConfig) -> None:
     """Raise UsageError, naming the field and the fix, for settings Chainer cannot run.
@@ -80,28 +103,41 @@ def check_config(cfg: RunConfig) -> None:
     m, t = cfg.model, cfg.train
     fix = "train this preset with --engine torch, which implements it"
     problems = [
-        (m.running_var != "unbiased",
-         f"model.running_var={m.running_var!r}: Chainer's BatchNormalization always averages the "
-         "unbiased (n/(n-1)) batch variance; --set running_var=unbiased or " + fix),
-        (m.logits_norm,
-         "model.logits_norm=True: the Chainer program has no BatchNormalization on the logits; "
-         "--set logits_norm=false or " + fix),
-        (m.init != "chainer-he-normal",
-         f"model.init={m.init!r}: the chainer engine initializes with chainer.initializers.HeNormal "
-         "as the question's program does; --set init=chainer-he-normal or " + fix),
-        (t.adam_eps_mode != "chainer",
-         f"train.adam_eps_mode={t.adam_eps_mode!r}: Chainer's Adam adds eps to sqrt(v) before the "
-         "bias correction, which is adam_eps_mode='chainer'; --set adam_eps_mode=chainer or " + fix),
-        (t.train_metrics != "train-forward",
-         f"train.train_metrics={t.train_metrics!r}: the Chainer program averages the metrics of the "
-         "training forward pass; --set train_metrics=train-forward or " + fix),
-        (t.device not in ("auto", "cpu"),
-         f"train.device={t.device!r}: the chainer engine runs on the CPU with numpy (no CuPy); "
-         "use --device cpu (or auto), or --engine torch for a GPU"),
+        (
+            m.running_var != "unbiased",
+            f"model.running_var={m.running_var!r}: Chainer's BatchNormalization always averages the "
+            "unbiased (n/(n-1)) batch variance; --set running_var=unbiased or " + fix,
+        ),
+        (
+            m.logits_norm,
+            "model.logits_norm=True: the Chainer program has no BatchNormalization on the logits; "
+            "--set logits_norm=false or " + fix,
+        ),
+        (
+            m.init != "chainer-he-normal",
+            f"model.init={m.init!r}: the chainer engine initializes with chainer.initializers.HeNormal "
+            "as the question's program does; --set init=chainer-he-normal or " + fix,
+        ),
+        (
+            t.adam_eps_mode != "chainer",
+            f"train.adam_eps_mode={t.adam_eps_mode!r}: Chainer's Adam adds eps to sqrt(v) before the "
+            "bias correction, which is adam_eps_mode='chainer'; --set adam_eps_mode=chainer or " + fix,
+        ),
+        (
+            t.train_metrics != "train-forward",
+            f"train.train_metrics={t.train_metrics!r}: the Chainer program averages the metrics of the "
+            "training forward pass; --set train_metrics=train-forward or " + fix,
+        ),
+        (
+            t.device not in ("auto", "cpu"),
+            f"train.device={t.device!r}: the chainer engine runs on the CPU with numpy (no CuPy); "
+            "use --device cpu (or auto), or --engine torch for a GPU",
+        ),
     ]
     messages = [msg for bad, msg in problems if bad]
     if messages:
         raise UsageError(f"Preset {cfg.preset!r} cannot run with --engine chainer: " + "; ".join(messages) + ".")
+    require_chainer_installed()
 
 
 def chainer_decay(model_cfg: ModelConfig) -> float:
@@ -141,7 +177,9 @@ def _define_chain_class(chainer: ModuleType) -> type:
             decay = chainer_decay(cfg)
             with self.init_scope():
                 for i in range(self.n_layers):
-                    init = chainer.initializers.HeNormal(rng=rng) if rng is not None else chainer.initializers.HeNormal()
+                    init = (
+                        chainer.initializers.HeNormal(rng=rng) if rng is not None else chainer.initializers.HeNormal()
+                    )
                     setattr(self, f"l{i + 1}", L.Linear(widths[i], widths[i + 1], initialW=init))
                 if cfg.norm == "per-layer":
                     for i in range(1, self.n_layers):
@@ -178,9 +216,12 @@ def _define_chain_class(chainer: ModuleType) -> type:
     return ChainerMLP
 
 
-def build_chainer_model(model_cfg: ModelConfig, seed: int | None = None,
-                        state_dict: dict[str, torch.Tensor] | None = None,
-                        dtype: np.dtype | type = np.float32) -> Any:
+def build_chainer_model(
+    model_cfg: ModelConfig,
+    seed: int | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    dtype: np.dtype | type = np.float32,
+) -> Any:
     """The Chainer model on the CPU (numpy arrays of ``dtype``; training uses float32).
 
     With ``state_dict`` (a torch ``MLP`` state_dict) its parameters, running statistics and
@@ -205,8 +246,13 @@ def _chainer_slot(key: str) -> tuple[str, str]:
     """(link name, attribute) holding the torch state_dict entry ``key``."""
     link, _, field = key.rpartition(".")
     is_linear = not link.startswith("bn")
-    table = {"weight": "W" if is_linear else "gamma", "bias": "b" if is_linear else "beta",
-             "running_mean": "avg_mean", "running_var": "avg_var", "num_batches_tracked": "bn_calls"}
+    table = {
+        "weight": "W" if is_linear else "gamma",
+        "bias": "b" if is_linear else "beta",
+        "running_mean": "avg_mean",
+        "running_var": "avg_var",
+        "num_batches_tracked": "bn_calls",
+    }
     if field not in table:
         raise KeyError(f"state_dict key {key!r} has no Chainer counterpart")
     return link, table[field]
@@ -253,6 +299,7 @@ def chainer_state_dict(chain: Any) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------- one step
 
+
 def make_chainer_optimizer(chain: Any, tc: TrainConfig) -> Any:
     """Chainer's Adam with the run's hyper-parameters (eps before bias correction, by design)."""
     chainer = import_chainer()
@@ -288,6 +335,7 @@ def chainer_evaluate(chain: Any, x: np.ndarray, y: np.ndarray) -> tuple[float, f
 
 # ------------------------------------------------------------------------------ tracing
 
+
 class ChainerBNTrace(BNCallLog):
     """The torch engine's BN trace, recorded from the Chainer model (same output format)."""
 
@@ -308,6 +356,7 @@ class ChainerBNTrace(BNCallLog):
 
 
 # ------------------------------------------------------------------------------ threads
+
 
 def _openblas_setters() -> Iterator[tuple[Callable, Callable]]:
     """(set, get) thread functions of every OpenBLAS this process has loaded."""
@@ -344,9 +393,14 @@ def blas_threads(n: int) -> Iterator[str]:
     for setter, _ in found:
         setter(n)
     try:
-        yield f"OpenBLAS threads set to {n}" if found else (
-            f"threads={n} not applied: numpy's BLAS is not an OpenBLAS bnlab can reach; "
-            "set OMP_NUM_THREADS before starting Python")
+        yield (
+            f"OpenBLAS threads set to {n}"
+            if found
+            else (
+                f"threads={n} not applied: numpy's BLAS is not an OpenBLAS bnlab can reach; "
+                "set OMP_NUM_THREADS before starting Python"
+            )
+        )
     finally:
         for (setter, _), count in zip(found, previous):
             setter(count)
@@ -354,36 +408,39 @@ def blas_threads(n: int) -> Iterator[str]:
 
 # ------------------------------------------------------------------------------ training
 
-def run(cfg: RunConfig, data: Any, recorder: RunRecorder, *,
-        initial_state: dict[str, torch.Tensor] | None = None) -> RunResult:
+
+def run(
+    cfg: RunConfig, data: Any, recorder: RunRecorder, *, initial_state: dict[str, torch.Tensor] | None = None
+) -> RunResult:
     """Train one run with real Chainer links, through the same run directory as torch.
 
     The returned ``RunResult.model`` is a torch ``MLP`` holding the trained Chainer state.
     """
     check_config(cfg)
     chainer = import_chainer()
-    with blas_threads(cfg.train.threads) as threads_note, \
-            chainer.using_config("use_ideep", "never"), chainer.using_config("dtype", np.dtype(np.float32)):
+    with (
+        blas_threads(cfg.train.threads) as threads_note,
+        chainer.using_config("use_ideep", "never"),
+        chainer.using_config("dtype", np.dtype(np.float32)),
+    ):
         state, bn_trace = _train_loop(cfg, data, recorder, initial_state, chainer, threads_note)
     model = build_model(cfg.model, seed=0)  # every value is overwritten by the trained state
     model.load_state_dict(state)
     return RunResult(cfg, recorder.history, model, recorder.out_dir, bn_trace)
 
 
-def _arrays(data: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Float32 images / 255 and int32 labels (what F.softmax_cross_entropy takes), once."""
-    from bnlab.data import to_float
-
-    return (to_float(data.train_images), np.asarray(data.train_labels, dtype=np.int32),
-            to_float(data.test_images), np.asarray(data.test_labels, dtype=np.int32))
-
-
-def _train_loop(cfg: RunConfig, data: Any, recorder: RunRecorder, initial_state: dict[str, torch.Tensor] | None,
-                chainer: ModuleType, threads_note: str) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray] | None]:
+def _train_loop(
+    cfg: RunConfig,
+    data: Any,
+    recorder: RunRecorder,
+    initial_state: dict[str, torch.Tensor] | None,
+    chainer: ModuleType,
+    threads_note: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray] | None]:
     tc = cfg.train
     chain = build_chainer_model(cfg.model, seed=tc.seed, state_dict=initial_state)
     optimizer = make_chainer_optimizer(chain, tc)
-    x_train, y_train, x_val, y_val = _arrays(data)
+    x_train, y_train, x_val, y_val = numpy_arrays(data)
     trace = None
     if tc.trace_bn_channels:
         trace = chain.trace = ChainerBNTrace(list(chain.bn_calls), tc.trace_bn_channels)
@@ -405,8 +462,11 @@ def _train_loop(cfg: RunConfig, data: Any, recorder: RunRecorder, initial_state:
         if bad is not None:
             raise diverged(cfg, epoch, bad, losses[bad])
         val_loss, val_acc = chainer_evaluate(chain, x_val, y_val)
-        recorder.epoch(EpochRecord(epoch, float(np.mean(losses)), val_loss, float(np.mean(accs)), val_acc,
-                                   time.perf_counter() - started))
+        recorder.epoch(
+            EpochRecord(
+                epoch, float(np.mean(losses)), val_loss, float(np.mean(accs)), val_acc, time.perf_counter() - started
+            )
+        )
     bn_trace = trace.close() if trace else None
     state = chainer_state_dict(chain)
     recorder.finish(state, bn_trace)

@@ -45,6 +45,19 @@ def load_data(dataset: str, data_dir: str | os.PathLike | None) -> Dataset:
     return load_dataset(dataset, data_dir)
 
 
+def numpy_arrays(data: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Float32 images / 255 (the question's ``astype('float32') / 255``) and int32 labels,
+    as the numpy-fed engines (Chainer, TensorFlow) take them; made once per run."""
+    from bnlab.data import to_float
+
+    return (
+        to_float(data.train_images),
+        np.asarray(data.train_labels, dtype=np.int32),
+        to_float(data.test_images),
+        np.asarray(data.test_labels, dtype=np.int32),
+    )
+
+
 def epoch_orders(seed: int, n: int, epochs: int) -> Iterator[torch.Tensor]:
     """The seeded permutation of the training set for each epoch, made on the CPU.
 
@@ -82,8 +95,10 @@ def check_minibatches(cfg: RunConfig, n_train: int) -> None:
     minibatch (its batch variance is 0 and the unbiased running variance becomes NaN)."""
     tc = cfg.train
     if tc.batch_size > n_train:
-        raise UsageError(f"--batch-size {tc.batch_size} is larger than the {n_train:,} training images of "
-                         f"{cfg.dataset}; choose at most {n_train}.")
+        raise UsageError(
+            f"--batch-size {tc.batch_size} is larger than the {n_train:,} training images of "
+            f"{cfg.dataset}; choose at most {n_train}."
+        )
     m = cfg.model
     if m.norm == "none" and not m.logits_norm:
         return
@@ -96,7 +111,8 @@ def check_minibatches(cfg: RunConfig, n_train: int) -> None:
             f"batch_size {tc.batch_size} with batching {tc.batching!r} leaves a minibatch of {smallest} "
             f"sample out of {n_train}, and batch normalization needs at least 2 samples per minibatch "
             "in training. Choose a batch size that does not leave a remainder of 1, or use "
-            "--set batching=array-split (near-equal minibatches).")
+            "--set batching=array-split (near-equal minibatches)."
+        )
 
 
 def diverged(cfg: RunConfig, epoch: int, batch: int, value: float) -> TrainingDiverged:
@@ -105,7 +121,8 @@ def diverged(cfg: RunConfig, epoch: int, batch: int, value: float) -> TrainingDi
         f"Training of preset {cfg.preset!r} (seed {cfg.train.seed}, {cfg.train.engine} engine) diverged: the "
         f"loss became {value} at epoch {epoch}, batch {batch}. The run directory keeps the {epoch} finished "
         f"epochs. Lower the learning rate (--lr, now {cfg.train.lr}) or check the input data for NaN or "
-        "infinite values.")
+        "infinite values."
+    )
 
 
 def first_bad(losses: Any) -> int | None:
@@ -152,5 +169,8 @@ class BNCallLog:
         self._calls_this_step.clear()
 
     def _call_arrays(self) -> dict[str, np.ndarray]:
-        return {"module": np.asarray(self._module_ids, dtype=np.int32),
-                "site": np.asarray(self._site_ids, dtype=np.int32), "module_names": np.asarray(self.names)}
+        return {
+            "module": np.asarray(self._module_ids, dtype=np.int32),
+            "site": np.asarray(self._site_ids, dtype=np.int32),
+            "module_names": np.asarray(self.names),
+        }

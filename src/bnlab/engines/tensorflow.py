@@ -62,6 +62,7 @@ from bnlab.engines.common import (
     environment,
     epoch_orders,
     first_bad,
+    numpy_arrays,
     split_batches,
 )
 from bnlab.errors import MissingExtra, UsageError
@@ -72,7 +73,7 @@ TF_VERSION = "2.21.0"
 MISSING_TENSORFLOW = (
     "The tensorflow engine needs TensorFlow with the tf_keras package (for tf.layers), which is not "
     "importable here ({err}). Install the extra into bnlab's virtual environment, in this order: "
-    f"`pip install \"tensorflow-cpu=={TF_VERSION}\"` then `pip install --no-deps tf_keras=={TF_VERSION}` "
+    f'`pip install "tensorflow-cpu=={TF_VERSION}"` then `pip install --no-deps tf_keras=={TF_VERSION}` '
     "(--no-deps: tf_keras otherwise pulls a second, full tensorflow over tensorflow-cpu); or train with "
     "--engine torch."
 )
@@ -81,8 +82,9 @@ LEGACY_KERAS_NEEDED = (
     "without it tf.compat.v1.layers is not available ({err}). Set TF_USE_LEGACY_KERAS=1 in the "
     "environment before starting Python (or before the first `import tensorflow`)."
 )
-BN_VARIANCE_NOTE = ("tf.layers.batch_normalization (non-fused, 2-D input) stores the biased batch "
-                    "variance in moving_variance")
+BN_VARIANCE_NOTE = (
+    "tf.layers.batch_normalization (non-fused, 2-D input) stores the biased batch variance in moving_variance"
+)
 
 
 class TensorFlowMissing(MissingExtra):
@@ -123,6 +125,7 @@ def _missing(module: str) -> bool:
 
 # ------------------------------------------------------------------ what the engine can do
 
+
 def check_config(cfg: RunConfig) -> None:
     """Raise UsageError, naming the field and the fix, for settings TF1's program cannot run,
     and TensorFlowMissing when TensorFlow or tf_keras is not installed (found without
@@ -133,15 +136,23 @@ def check_config(cfg: RunConfig) -> None:
     m, t = cfg.model, cfg.train
     fix = "train this preset with --engine torch, which implements it"
     problems = [
-        (m.init == "torch-default",
-         "model.init='torch-default': the tensorflow engine initializes with TF's own initializers; "
-         "--set init=tf-glorot-uniform (tf.layers.dense's default) or --set init=chainer-he-normal, or " + fix),
-        (t.adam_eps_mode != "chainer",
-         f"train.adam_eps_mode={t.adam_eps_mode!r}: tf.train.AdamOptimizer adds eps to sqrt(v) before "
-         "the bias correction, which is adam_eps_mode='chainer'; --set adam_eps_mode=chainer or " + fix),
-        (t.device not in ("auto", "cpu"),
-         (f"train.device={t.device!r}: the tensorflow engine runs on the CPU (tensorflow-cpu); use "
-          "--device cpu (or auto), or --engine torch for a GPU")),
+        (
+            m.init == "torch-default",
+            "model.init='torch-default': the tensorflow engine initializes with TF's own initializers; "
+            "--set init=tf-glorot-uniform (tf.layers.dense's default) or --set init=chainer-he-normal, or " + fix,
+        ),
+        (
+            t.adam_eps_mode != "chainer",
+            f"train.adam_eps_mode={t.adam_eps_mode!r}: tf.train.AdamOptimizer adds eps to sqrt(v) before "
+            "the bias correction, which is adam_eps_mode='chainer'; --set adam_eps_mode=chainer or " + fix,
+        ),
+        (
+            t.device not in ("auto", "cpu"),
+            (
+                f"train.device={t.device!r}: the tensorflow engine runs on the CPU (tensorflow-cpu); use "
+                "--device cpu (or auto), or --engine torch for a GPU"
+            ),
+        ),
     ]
     messages = [msg for bad, msg in problems if bad]
     if messages:
@@ -160,6 +171,7 @@ def as_tf_float32(value: float) -> float:
 
 
 # ------------------------------------------------------------------------------ the graph
+
 
 def _dense_name(i: int, n_layers: int) -> str:
     # The question's names: hidden1, hidden2, ..., outputs.
@@ -180,8 +192,8 @@ class TFProgram:
     accuracy: Any
     train_op: Any
     update_ops: list[Any]
-    variables: dict[str, Any]        # torch state_dict key -> tf.Variable (num_batches_tracked excluded)
-    calls_per_step: dict[str, int]   # BN name -> training calls per step (2 for the shared bn)
+    variables: dict[str, Any]  # torch state_dict key -> tf.Variable (num_batches_tracked excluded)
+    calls_per_step: dict[str, int]  # BN name -> training calls per step (2 for the shared bn)
     bn_calls: dict[str, int] = field(default_factory=dict)
     trace_fetches: list[tuple[str, Any]] = field(default_factory=list)  # per BN call: (name, [4, k] stats)
     _feeds: dict[str, Any] = field(default_factory=dict)
@@ -215,8 +227,9 @@ def _initializer(tf1: ModuleType, init: str) -> Any:
     return tf1.glorot_uniform_initializer()
 
 
-def build_program(model_cfg: ModelConfig, train_cfg: TrainConfig, *, dtype: type = np.float32,
-                  trace_channels: int = 0) -> TFProgram:
+def build_program(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, *, dtype: type = np.float32, trace_channels: int = 0
+) -> TFProgram:
     """The question's TF graph for ``model_cfg`` (weights from the graph seed ``train_cfg.seed``),
     its Adam step, and a session on ``train_cfg.threads`` threads. ``dtype`` float64 is for the
     parity tests; training runs float32 as the program does."""
@@ -235,8 +248,12 @@ def build_program(model_cfg: ModelConfig, train_cfg: TrainConfig, *, dtype: type
             xentropy = tf1.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
             loss = tf1.reduce_mean(xentropy, name="loss")
         with tf1.name_scope("train"):
-            optimizer = tf1.train.AdamOptimizer(learning_rate=train_cfg.lr, beta1=train_cfg.adam_beta1,
-                                                beta2=train_cfg.adam_beta2, epsilon=train_cfg.adam_eps)
+            optimizer = tf1.train.AdamOptimizer(
+                learning_rate=train_cfg.lr,
+                beta1=train_cfg.adam_beta1,
+                beta2=train_cfg.adam_beta2,
+                epsilon=train_cfg.adam_eps,
+            )
             train_op = optimizer.minimize(loss)
         with tf1.name_scope("eval"):
             correct = tf1.nn.in_top_k(tf1.cast(logits, tf.float32), y, 1)
@@ -253,12 +270,27 @@ def build_program(model_cfg: ModelConfig, train_cfg: TrainConfig, *, dtype: type
     config.experimental.disable_functional_ops_lowering = True
     session = tf1.Session(graph=graph, config=config)
     session.run(init)
-    return TFProgram(model_cfg, graph, session, x, y, training, loss, accuracy, train_op, update_ops,
-                     variables, norms, {name: 0 for name in norms}, traces)
+    return TFProgram(
+        model_cfg,
+        graph,
+        session,
+        x,
+        y,
+        training,
+        loss,
+        accuracy,
+        train_op,
+        update_ops,
+        variables,
+        norms,
+        {name: 0 for name in norms},
+        traces,
+    )
 
 
-def _forward(tf1: ModuleType, cfg: ModelConfig, x: Any, training: Any,
-             trace_channels: int) -> tuple[Any, dict[str, int], list[tuple[str, Any]]]:
+def _forward(
+    tf1: ModuleType, cfg: ModelConfig, x: Any, training: Any, trace_channels: int
+) -> tuple[Any, dict[str, int], list[tuple[str, Any]]]:
     """Dense -> [BN] -> ReLU per hidden layer, dense logits [-> BN]. Returns the logits, the
     BN names with their calls per step, and the trace tensors (empty when not tracing)."""
     n_layers = len(cfg.widths) - 1
@@ -271,14 +303,16 @@ def _forward(tf1: ModuleType, cfg: ModelConfig, x: Any, training: Any,
         reuse = name in calls
         with tf1.control_dependencies(after_previous.get(name, [])):
             before = set(tf1.get_collection(tf1.GraphKeys.UPDATE_OPS))
-            out = tf1.layers.batch_normalization(h, training=training, momentum=tf_momentum(cfg),
-                                                 epsilon=cfg.bn_eps, name=name, reuse=reuse or None)
+            out = tf1.layers.batch_normalization(
+                h, training=training, momentum=tf_momentum(cfg), epsilon=cfg.bn_eps, name=name, reuse=reuse or None
+            )
             updates = [op for op in tf1.get_collection(tf1.GraphKeys.UPDATE_OPS) if op not in before]
         calls[name] = calls.get(name, 0) + 1
         with tf1.control_dependencies(updates):
             # The moving statistics right after this call's updates (read only when traced).
-            moving = [tf1.identity(_variable(tf1, f"{name}/{v}:0").read_value())
-                      for v in ("moving_mean", "moving_variance")]
+            moving = [
+                tf1.identity(_variable(tf1, f"{name}/{v}:0").read_value()) for v in ("moving_mean", "moving_variance")
+            ]
         after_previous[name] = updates + [m.op for m in moving]
         if trace_channels:
             k = min(trace_channels, int(h.shape[1]))
@@ -371,8 +405,10 @@ def tf_state_dict(program: TFProgram) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------- one step
 
-def train_step(program: TFProgram, xb: np.ndarray, yb: np.ndarray, train_metrics: str,
-               trace: list[np.ndarray] | None = None) -> tuple[float, float]:
+
+def train_step(
+    program: TFProgram, xb: np.ndarray, yb: np.ndarray, train_metrics: str, trace: list[np.ndarray] | None = None
+) -> tuple[float, float]:
     """One Adam step on one minibatch, as the program runs it; returns (loss, accuracy).
 
     ``sess.run([training_op, extra_update_ops], training=True)``, then, for
@@ -407,6 +443,7 @@ def evaluate(program: TFProgram, x: np.ndarray, y: np.ndarray) -> tuple[float, f
 
 # ------------------------------------------------------------------------------ tracing
 
+
 class TFBNTrace:
     """The torch engine's BN trace layout (values, module, site, module_names) from TF's
     per-call fetches: batch mean / biased variance of the BN input, moving mean / variance
@@ -431,14 +468,20 @@ class TFBNTrace:
         channels = self.rows[0].shape[1] if self.rows else 0
         values = np.stack(self.rows).astype(np.float32) if self.rows else np.zeros((0, 4, channels), np.float32)
         module = np.asarray([self.names.index(n) for n in self.calls] * self.steps, dtype=np.int32)
-        return {"values": values, "module": module, "site": np.asarray(self.sites * self.steps, dtype=np.int32),
-                "module_names": np.asarray(self.names)}
+        return {
+            "values": values,
+            "module": module,
+            "site": np.asarray(self.sites * self.steps, dtype=np.int32),
+            "module_names": np.asarray(self.names),
+        }
 
 
 # ------------------------------------------------------------------------------ training
 
-def run(cfg: RunConfig, data: Any, recorder: RunRecorder, *,
-        initial_state: dict[str, torch.Tensor] | None = None) -> RunResult:
+
+def run(
+    cfg: RunConfig, data: Any, recorder: RunRecorder, *, initial_state: dict[str, torch.Tensor] | None = None
+) -> RunResult:
     """Train ``cfg`` with TensorFlow, reporting through ``recorder`` like the other engines.
 
     The returned ``RunResult.model`` is a torch ``MLP`` holding the trained TF state.
@@ -459,31 +502,30 @@ def run(cfg: RunConfig, data: Any, recorder: RunRecorder, *,
     return RunResult(cfg, recorder.history, model, recorder.out_dir, bn_trace)
 
 
-def _arrays(data: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The program's ``astype('float32') / 255`` images and int32 labels, once."""
-    from bnlab.data import to_float
-
-    return (to_float(data.train_images), np.asarray(data.train_labels, dtype=np.int32),
-            to_float(data.test_images), np.asarray(data.test_labels, dtype=np.int32))
-
-
 def _environment(cfg: RunConfig, data: Any, tf: ModuleType) -> dict[str, Any]:
     import tf_keras
 
     extra: dict[str, Any] = {
-        "engine": "tensorflow", "tensorflow": tf.__version__, "tf_keras": tf_keras.__version__,
-        "torch": torch.__version__, "tf_threads": {"intra_op": cfg.train.threads, "inter_op": cfg.train.threads}}
+        "engine": "tensorflow",
+        "tensorflow": tf.__version__,
+        "tf_keras": tf_keras.__version__,
+        "torch": torch.__version__,
+        "tf_threads": {"intra_op": cfg.train.threads, "inter_op": cfg.train.threads},
+    }
     if cfg.model.norm != "none" or cfg.model.logits_norm:
         extra["bn_moving_variance"] = BN_VARIANCE_NOTE + (
             f" (the config's running_var={cfg.model.running_var!r} is another framework's)"
-            if cfg.model.running_var != "biased" else "")
+            if cfg.model.running_var != "biased"
+            else ""
+        )
     return environment("cpu", data, extra)
 
 
-def _train_loop(cfg: RunConfig, data: Any, program: TFProgram, recorder: RunRecorder,
-                tf: ModuleType) -> dict[str, np.ndarray] | None:
+def _train_loop(
+    cfg: RunConfig, data: Any, program: TFProgram, recorder: RunRecorder, tf: ModuleType
+) -> dict[str, np.ndarray] | None:
     tc = cfg.train
-    x_train, y_train, x_val, y_val = _arrays(data)
+    x_train, y_train, x_val, y_val = numpy_arrays(data)
     trace = TFBNTrace(program) if tc.trace_bn_channels and program.trace_fetches else None
     recorder.start(_environment(cfg, data, tf))
     for epoch, order in enumerate(epoch_orders(tc.seed, len(x_train), tc.epochs)):
@@ -491,14 +533,18 @@ def _train_loop(cfg: RunConfig, data: Any, program: TFProgram, recorder: RunReco
         losses, accs = [], []
         for idx in split_batches(order, tc.batch_size, tc.batching):
             i = idx.numpy()
-            loss, acc = train_step(program, x_train[i], y_train[i], tc.train_metrics,
-                                   trace.step_rows() if trace else None)
+            loss, acc = train_step(
+                program, x_train[i], y_train[i], tc.train_metrics, trace.step_rows() if trace else None
+            )
             losses.append(loss)
             accs.append(acc)
         bad = first_bad(losses)
         if bad is not None:
             raise diverged(cfg, epoch, bad, losses[bad])
         val_loss, val_acc = evaluate(program, x_val, y_val)
-        recorder.epoch(EpochRecord(epoch, float(np.mean(losses)), val_loss, float(np.mean(accs)), val_acc,
-                                   time.perf_counter() - started))
+        recorder.epoch(
+            EpochRecord(
+                epoch, float(np.mean(losses)), val_loss, float(np.mean(accs)), val_acc, time.perf_counter() - started
+            )
+        )
     return trace.close() if trace else None

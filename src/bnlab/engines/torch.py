@@ -31,8 +31,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} was asked for, but this machine has no CUDA device "
-                         "PyTorch can use; use --device cpu (or auto).")
+        raise UsageError(
+            f"--device {name} was asked for, but this machine has no CUDA device "
+            "PyTorch can use; use --device cpu (or auto)."
+        )
     return torch.device(name)
 
 
@@ -54,8 +56,12 @@ def device_tensors(data: Any, device: torch.device) -> tuple[torch.Tensor, ...]:
         return np.asarray(a, dtype=np.int64)  # a fresh, writable copy
 
     train_u8 = np.array(data.train_images, dtype=np.uint8).reshape(len(data.train_images), -1)
-    return (put(train_u8), put(labels(data.train_labels)),
-            put(to_float(data.test_images)), put(labels(data.test_labels)))
+    return (
+        put(train_u8),
+        put(labels(data.train_labels)),
+        put(to_float(data.test_images)),
+        put(labels(data.test_labels)),
+    )
 
 
 def gather_batch(images_u8: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,8 +107,9 @@ class BNTrace(BNCallLog):
         return {"values": values.astype(np.float32), **self._call_arrays()}
 
 
-def run(cfg: RunConfig, data: Any, recorder: RunRecorder, *,
-        initial_state: dict[str, torch.Tensor] | None = None) -> RunResult:
+def run(
+    cfg: RunConfig, data: Any, recorder: RunRecorder, *, initial_state: dict[str, torch.Tensor] | None = None
+) -> RunResult:
     """Train one run with torch (``threads`` pinned for the run, restored after)."""
     previous_threads = torch.get_num_threads()
     if cfg.train.threads:
@@ -113,8 +120,7 @@ def run(cfg: RunConfig, data: Any, recorder: RunRecorder, *,
         torch.set_num_threads(previous_threads)
 
 
-def _run(cfg: RunConfig, data: Any, recorder: RunRecorder,
-         initial_state: dict[str, torch.Tensor] | None) -> RunResult:
+def _run(cfg: RunConfig, data: Any, recorder: RunRecorder, initial_state: dict[str, torch.Tensor] | None) -> RunResult:
     tc = cfg.train
     device = resolve_device(tc.device)
     model = build_model(cfg.model, seed=tc.seed)
@@ -153,8 +159,9 @@ def _run(cfg: RunConfig, data: Any, recorder: RunRecorder,
             raise diverged(cfg, epoch, bad, losses[bad].item())
         if trace:
             trace.end_epoch()
-        recorder.epoch(EpochRecord(epoch, float(losses.mean()), summary[1], summary[0], summary[2],
-                                   time.perf_counter() - started))
+        recorder.epoch(
+            EpochRecord(epoch, float(losses.mean()), summary[1], summary[0], summary[2], time.perf_counter() - started)
+        )
     bn_trace = trace.close() if trace else None
     recorder.finish(model.state_dict(), bn_trace)
     return RunResult(cfg, recorder.history, model, recorder.out_dir, bn_trace)

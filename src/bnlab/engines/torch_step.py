@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import cast
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -36,8 +36,10 @@ NormObserver = Callable[[nn.BatchNorm1d, torch.Tensor], None]
 
 # ---------------------------------------------------------------------------------- loss
 
-def cross_entropy_and_grad(logits: torch.Tensor, labels: torch.Tensor,
-                           with_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+
+def cross_entropy_and_grad(
+    logits: torch.Tensor, labels: torch.Tensor, with_grad: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mean cross-entropy of ``logits`` (n, classes) against integer ``labels`` (n,), and,
     with ``with_grad``, its gradient with respect to the logits.
 
@@ -81,16 +83,17 @@ def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 # ------------------------------------------------------------------------------ the step
 
+
 @dataclass
 class _Hidden:
     """What the backward needs from one hidden layer."""
 
     linear: nn.Linear
     norm: nn.BatchNorm1d | None
-    inputs: torch.Tensor         # what the Linear read
-    pre_norm: torch.Tensor       # the Linear's output
+    inputs: torch.Tensor  # what the Linear read
+    pre_norm: torch.Tensor  # the Linear's output
     saved: tuple[torch.Tensor, torch.Tensor] | None  # BN's batch mean and 1/std
-    activation: torch.Tensor     # the ReLU's output
+    activation: torch.Tensor  # the ReLU's output
 
 
 def check_supported(model: nn.Module) -> None:
@@ -98,15 +101,14 @@ def check_supported(model: nn.Module) -> None:
     if type(model) is not MLP:
         raise ValueError(f"backprop by hand trains bnlab's MLP only, not {type(model).__name__}")
     for norm in [*model._norms, getattr(model, "bn_logits", None)]:
-        if norm is not None and not (norm.affine and norm.track_running_stats
-                                     and isinstance(norm.momentum, float)):
-            raise ValueError("backprop by hand needs affine BatchNorm with running statistics "
-                             "and a numeric momentum")
+        if norm is not None and not (norm.affine and norm.track_running_stats and isinstance(norm.momentum, float)):
+            raise ValueError("backprop by hand needs affine BatchNorm with running statistics and a numeric momentum")
 
 
 @torch.no_grad()
-def loss_and_gradients(model: MLP, x: torch.Tensor, labels: torch.Tensor,
-                       observe: NormObserver | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_and_gradients(
+    model: MLP, x: torch.Tensor, labels: torch.Tensor, observe: NormObserver | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One training-mode forward and backward of ``model`` on a minibatch.
 
     Sets every parameter's ``.grad`` to its gradient of the mean cross-entropy (replacing
@@ -147,8 +149,9 @@ def loss_and_gradients(model: MLP, x: torch.Tensor, labels: torch.Tensor,
     return loss, out
 
 
-def _norm_forward(norm: nn.BatchNorm1d, z: torch.Tensor, observe: NormObserver | None
-                  ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+def _norm_forward(
+    norm: nn.BatchNorm1d, z: torch.Tensor, observe: NormObserver | None
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """BatchNorm's training forward as the module runs it, keeping the kernel's saved
     batch mean and 1/std for the backward."""
     if isinstance(norm, BiasedVarBatchNorm1d):
@@ -157,25 +160,29 @@ def _norm_forward(norm: nn.BatchNorm1d, z: torch.Tensor, observe: NormObserver |
     else:
         assert norm.num_batches_tracked is not None
         norm.num_batches_tracked.add_(1)
-        out, mean, invstd = aten.native_batch_norm(z, norm.weight, norm.bias, norm.running_mean,
-                                                   norm.running_var, True, norm.momentum, norm.eps)
+        out, mean, invstd = aten.native_batch_norm(
+            z, norm.weight, norm.bias, norm.running_mean, norm.running_var, True, norm.momentum, norm.eps
+        )
     if observe is not None:
         observe(norm, z)
     return out, (mean, invstd)
 
 
-def _norm_backward(norm: nn.BatchNorm1d, grad: torch.Tensor, z: torch.Tensor,
-                   saved: tuple[torch.Tensor, torch.Tensor], grads: dict) -> torch.Tensor:
+def _norm_backward(
+    norm: nn.BatchNorm1d, grad: torch.Tensor, z: torch.Tensor, saved: tuple[torch.Tensor, torch.Tensor], grads: dict
+) -> torch.Tensor:
     mean, invstd = saved
     grad_z, grad_weight, grad_bias = aten.native_batch_norm_backward(
-        grad, z, norm.weight, None, None, mean, invstd, True, norm.eps, [True, True, True])
+        grad, z, norm.weight, None, None, mean, invstd, True, norm.eps, [True, True, True]
+    )
     _accumulate(grads, norm.weight, grad_weight)  # a shared BN is called, and gets a gradient, per site
     _accumulate(grads, norm.bias, grad_bias)
     return grad_z
 
 
-def _linear_backward(linear: nn.Linear, inputs: torch.Tensor, grad: torch.Tensor, grads: dict,
-                     input_grad: bool) -> torch.Tensor | None:
+def _linear_backward(
+    linear: nn.Linear, inputs: torch.Tensor, grad: torch.Tensor, grads: dict, input_grad: bool
+) -> torch.Tensor | None:
     # The products autograd runs for addmm(bias, inputs, weight.t()), in the same layouts.
     _accumulate(grads, linear.weight, grad.t().mm(inputs))
     _accumulate(grads, linear.bias, grad.sum(0))
@@ -188,20 +195,26 @@ def _accumulate(grads: dict, param: torch.Tensor, grad: torch.Tensor) -> None:
 
 # --------------------------------------------------------------------------------- Adam
 
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # fused Adam runs one kernel for all parameters on CPU and CUDA alike.
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                            eps=cfg.adam_eps, fused=True)
+    return torch.optim.Adam(
+        model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=True
+    )
 
 
 def _can_call_fused_kernel(optimizer: torch.optim.Optimizer) -> bool:
-    if not (isinstance(optimizer, torch.optim.Adam) and hasattr(torch, "_fused_adam_")
-            and len(optimizer.param_groups) == 1):
+    if not (
+        isinstance(optimizer, torch.optim.Adam) and hasattr(torch, "_fused_adam_") and len(optimizer.param_groups) == 1
+    ):
         return False
     group = optimizer.param_groups[0]
     plain = group.get("fused") and not (group["amsgrad"] or group["maximize"] or group.get("differentiable"))
-    return bool(plain) and isinstance(group["lr"], float) and all(
-        p.grad is not None and not p.grad.is_sparse for p in group["params"])
+    return (
+        bool(plain)
+        and isinstance(group["lr"], float)
+        and all(p.grad is not None and not p.grad.is_sparse for p in group["params"])
+    )
 
 
 def adam_step(optimizer: torch.optim.Optimizer, eps: float) -> None:
@@ -228,10 +241,23 @@ def adam_step(optimizer: torch.optim.Optimizer, eps: float) -> None:
     steps = [s["step"] for s in states]
     torch._foreach_add_(steps, 1)
     beta1, beta2 = group["betas"]
-    torch._fused_adam_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                       [s["exp_avg_sq"] for s in states], [], steps, lr=group["lr"], beta1=beta1, beta2=beta2,
-                       weight_decay=group["weight_decay"], eps=eps, amsgrad=False, maximize=False,
-                       grad_scale=None, found_inf=None)
+    torch._fused_adam_(
+        params,
+        [p.grad for p in params],
+        [s["exp_avg"] for s in states],
+        [s["exp_avg_sq"] for s in states],
+        [],
+        steps,
+        lr=group["lr"],
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=group["weight_decay"],
+        eps=eps,
+        amsgrad=False,
+        maximize=False,
+        grad_scale=None,
+        found_inf=None,
+    )
 
 
 def chainer_style_eps(eps: float, beta2: float, step: int) -> float:
@@ -241,13 +267,21 @@ def chainer_style_eps(eps: float, beta2: float, step: int) -> float:
     PyTorch: p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps').
     They agree exactly when eps' = eps / sqrt(1 - b2^t).
     """
-    return eps / math.sqrt(1.0 - beta2 ** step)
+    return eps / math.sqrt(1.0 - beta2**step)
 
 
 # ------------------------------------------------------------------------ the whole step
 
-def train_step(model: MLP, optimizer: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
-               step: int, tc: TrainConfig, observe: NormObserver | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+
+def train_step(
+    model: MLP,
+    optimizer: torch.optim.Optimizer,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    step: int,
+    tc: TrainConfig,
+    observe: NormObserver | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One Adam step on one minibatch (``step`` is 1-based); returns the (loss, logits)
     that the epoch's train/loss and train/acc average, as detached device tensors.
 

@@ -16,13 +16,21 @@ from bnlab.doctor.records import ProbeResult
 from bnlab.doctor.registry import Context, register
 
 # Findings that explain a divergence when they are errors or warnings.
-CAUSES = ("shared-bn", "stats-reset", "stale-stats", "stats-never-updated",
-          "momentum-convention", "eval-mode-training", "extra-stat-updates",
-          "stats-updated-outside", "small-batch", "dropout-before-bn")
+CAUSES = (
+    "shared-bn",
+    "stats-reset",
+    "stale-stats",
+    "stats-never-updated",
+    "momentum-convention",
+    "eval-mode-training",
+    "extra-stat-updates",
+    "stats-updated-outside",
+    "small-batch",
+    "dropout-before-bn",
+)
 
 
-@register("train-eval-divergence", "info",
-          "train and eval mode disagree (joins the finding that explains it)", phase=1)
+@register("train-eval-divergence", "info", "train and eval mode disagree (joins the finding that explains it)", phase=1)
 def check_divergence(ctx: Context) -> list[Finding]:
     probe = ctx.probe
     given = probe.as_given
@@ -49,17 +57,20 @@ def _untrained_given(given: ProbeResult) -> bool:
 
 def _finding(probe: ProbeResult, judged: ProbeResult, div: dict, line: str) -> Finding:
     evidence = [line]
-    fix = ("Check the trained model (or train it longer); if the modes still disagree, "
-           "look for BN misuse the probe can't see (statistics from other data, "
-           "preprocessing that differs between training and evaluation).")
+    fix = (
+        "Check the trained model (or train it longer); if the modes still disagree, "
+        "look for BN misuse the probe can't see (statistics from other data, "
+        "preprocessing that differs between training and evaluation)."
+    )
     title = "train mode and eval mode predict different classes; no BN cause found"
     if untrained(probe):
         title = "train and eval mode disagree (expected: the model is untrained)"
         fix = "Train the model (or pass train_steps / --train-steps) and check again."
     elif judged is probe and probe.train_log is not None and probe.given is not None:
         steps = probe.train_log.steps
-        moved = [share_moved(layer.rate, layer.rate_name, steps)
-                 for layer in probe.layers.values() if layer.is_batchnorm]
+        moved = [
+            share_moved(layer.rate, layer.rate_name, steps) for layer in probe.layers.values() if layer.is_batchnorm
+        ]
         shares = [m for m in moved if m is not None]
         if shares:
             evidence.append(

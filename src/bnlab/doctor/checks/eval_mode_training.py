@@ -8,8 +8,7 @@ from bnlab.doctor.findings import Finding
 from bnlab.doctor.registry import Context, register
 
 
-@register("eval-mode-training", "warning",
-          "watch: trainable BN layers in eval mode during training steps", phase=1)
+@register("eval-mode-training", "warning", "watch: trainable BN layers in eval mode during training steps", phase=1)
 def check_eval_mode_training(ctx: Context) -> list[Finding]:
     probe, log = ctx.probe, ctx.probe.train_log
     if log is None or not log.watched or not log.eval_mode_steps:
@@ -25,7 +24,10 @@ def check_eval_mode_training(ctx: Context) -> list[Finding]:
     if not layers:
         return []
     fix = (
-        "Train under chainer.using_config('train', True) (the default), or freeze the "
+        "Call the model with training=True in the training step (fit() does), or freeze "
+        "the layers with layer.trainable = False if intended."
+        if probe.framework == "keras"
+        else "Train under chainer.using_config('train', True) (the default), or freeze the "
         "layers completely (disable_update()) if intended."
         if probe.framework == "chainer"
         else "Call model.train() before each training step (after validation), or freeze "
@@ -38,11 +40,9 @@ def check_eval_mode_training(ctx: Context) -> list[Finding]:
             title="BN layers were in eval mode during training steps",
             where=", ".join(layers),
             evidence=[
-                f"{path}: in eval mode in {count} of {log.steps} training steps"
-                for path, count in layers.items()
+                f"{path}: in eval mode in {count} of {log.steps} training steps" for path, count in layers.items()
             ]
-            + ["their parameters are trainable, but their running statistics did not "
-               "follow those steps"],
+            + ["their parameters are trainable, but their running statistics did not follow those steps"],
             data={"eval_mode_steps": layers, "steps": log.steps},
             consequence=(
                 "The layers normalize with frozen statistics while the weights before "

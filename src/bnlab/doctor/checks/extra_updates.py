@@ -11,9 +11,11 @@ from bnlab.doctor.records import LayerInfo, StatUpdates, TrainLog
 from bnlab.doctor.registry import Context, register
 
 
-@register("extra-stat-updates", "warning",
-          "BN statistics updated more often than the layer runs in forward passes "
-          "(checkpoint recomputation)")
+@register(
+    "extra-stat-updates",
+    "warning",
+    "BN statistics updated more often than the layer runs in forward passes (checkpoint recomputation)",
+)
 def check_extra_updates(ctx: Context) -> list[Finding]:
     log = ctx.probe.train_log
     if log is None or not log.steps:
@@ -31,14 +33,12 @@ def check_extra_updates(ctx: Context) -> list[Finding]:
 
 
 def _finding(layer: LayerInfo, upd: StatUpdates, log: TrainLog) -> Finding:
-    updates = upd.counter_delta if upd.counter_delta is not None else (
-        upd.forward_calls + upd.extra_calls)
+    updates = upd.counter_delta if upd.counter_delta is not None else (upd.forward_calls + upd.extra_calls)
     per_call = updates / max(upd.forward_calls, 1)
     evidence = [
         f"over {log.steps} training steps {log.where}: {updates} updates of the running "
         f"statistics, {upd.forward_calls} calls in forward passes"
-        + (f" and {upd.extra_calls} more outside them (during backward)" if upd.extra_calls
-           else ""),
+        + (f" and {upd.extra_calls} more outside them (during backward)" if upd.extra_calls else ""),
     ]
     if upd.counter_delta is not None:
         evidence.append(f"num_batches_tracked grew by {upd.counter_delta}")
@@ -51,12 +51,16 @@ def _finding(layer: LayerInfo, upd: StatUpdates, log: TrainLog) -> Finding:
     return Finding(
         check="extra-stat-updates",
         severity="warning",
-        title=f"running statistics of '{layer.path}' are updated {per_call:.3g} times per "
-              "forward call",
+        title=f"running statistics of '{layer.path}' are updated {per_call:.3g} times per forward call",
         where=layer.path,
         evidence=evidence,
-        data={"steps": log.steps, "updates": updates, "forward_calls": upd.forward_calls,
-              "extra_calls": upd.extra_calls, "counter_delta": upd.counter_delta},
+        data={
+            "steps": log.steps,
+            "updates": updates,
+            "forward_calls": upd.forward_calls,
+            "extra_calls": upd.extra_calls,
+            "counter_delta": upd.counter_delta,
+        },
         consequence=(
             "Activation checkpointing recomputes the forward pass during backward, and BN in "
             "train mode updates its statistics again on that recomputation: the running "

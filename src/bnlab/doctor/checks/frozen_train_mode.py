@@ -8,8 +8,7 @@ from bnlab.doctor.findings import Finding
 from bnlab.doctor.registry import Context, register
 
 
-@register("frozen-bn-train-mode", "info",
-          "a BN with frozen parameters left in train mode (its statistics still move)")
+@register("frozen-bn-train-mode", "info", "a BN with frozen parameters left in train mode (its statistics still move)")
 def check_frozen(ctx: Context) -> list[Finding]:
     findings = []
     for path, layer in ctx.probe.layers.items():

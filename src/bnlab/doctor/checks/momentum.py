@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bnlab.conventions import from_torch_momentum, to_torch_momentum
+from bnlab.conventions import CONVENTIONS, OLD, from_torch_momentum, to_torch_momentum
 from bnlab.doctor import fixes, thresholds
 from bnlab.doctor.facts import tracked
 from bnlab.doctor.findings import Finding, number
@@ -10,8 +10,9 @@ from bnlab.doctor.records import LayerInfo
 from bnlab.doctor.registry import Context, register
 
 
-@register("momentum-convention", "warning",
-          "a BN momentum/decay of 0 or one that looks like another framework's convention")
+@register(
+    "momentum-convention", "warning", "a BN momentum/decay of 0 or one that looks like another framework's convention"
+)
 def check_momentum(ctx: Context) -> list[Finding]:
     findings = []
     for layer in ctx.probe.layers.values():
@@ -26,12 +27,13 @@ def check_momentum(ctx: Context) -> list[Finding]:
 def _finding(layer: LayerInfo) -> Finding | None:
     rate = float(layer.rate) if layer.rate is not None else 0.0
     torch_equiv = to_torch_momentum(layer.framework, rate)  # weight of the new batch
-    chainer = layer.framework == "chainer"
+    convention = CONVENTIONS[layer.framework]
+    weights_old = convention.weights == OLD  # Chainer's decay, Keras's momentum
     name = layer.rate_name
     if torch_equiv == 0:
         title = f"{name}={number(rate)}: running statistics never change"
         detail = "each training batch gets weight 0 in the running average"
-        converted = 0.9 if chainer else 0.1  # the frameworks' defaults
+        converted = convention.default
         fix = f"Use the default {name}={number(converted)}."
     elif torch_equiv > thresholds.MOMENTUM_SUSPECT:
         title = f"{name}={number(rate)} looks like another framework's convention"
@@ -39,13 +41,13 @@ def _finding(layer: LayerInfo) -> Finding | None:
             f"each training batch replaces {torch_equiv:.0%} of the running statistics, "
             "so they follow the last few batches almost exactly"
         )
-        if chainer:
-            # decay=0.1 is PyTorch's momentum=0.1 typed into Chainer.
-            converted = from_torch_momentum("chainer", rate)
+        if weights_old:
+            # decay=0.1 / momentum=0.1 is PyTorch's momentum=0.1 typed into Chainer/Keras.
+            converted = from_torch_momentum(layer.framework, rate)
             fix = (
-                f"Chainer's decay weights the OLD value. If you meant PyTorch's "
-                f"momentum={number(rate)}, use decay={number(converted)} "
-                f"(bnlab.conventions.from_torch_momentum('chainer', {number(rate)}))."
+                f"{convention.name}'s {name} weights the OLD value. If you meant PyTorch's "
+                f"momentum={number(rate)}, use {name}={number(converted)} "
+                f"(bnlab.conventions.from_torch_momentum({layer.framework!r}, {number(rate)}))."
             )
         else:
             # momentum=0.9 is Keras/TF/Chainer's 0.9 typed into PyTorch.

@@ -8,8 +8,9 @@ from bnlab.doctor.findings import Finding, number
 from bnlab.doctor.registry import Context, register
 
 
-@register("stats-never-updated", "error",
-          "training steps ran but the running statistics stayed at their initial values")
+@register(
+    "stats-never-updated", "error", "training steps ran but the running statistics stayed at their initial values"
+)
 def check_never_updated(ctx: Context) -> list[Finding]:
     probe = ctx.probe
     if not probe.trained:
@@ -42,8 +43,12 @@ def check_never_updated(ctx: Context) -> list[Finding]:
                 title=f"running statistics of '{path}' are never updated by training",
                 where=path,
                 evidence=evidence,
-                data={"steps": log.steps, "at_init": layer.at_init, "eval_mode_steps": eval_steps,
-                      "num_batches_tracked": layer.num_batches_tracked},
+                data={
+                    "steps": log.steps,
+                    "at_init": layer.at_init,
+                    "eval_mode_steps": eval_steps,
+                    "num_batches_tracked": layer.num_batches_tracked,
+                },
                 consequence=(
                     "In eval mode the layer normalizes with mean 0 and variance 1, i.e. not at "
                     "all, so activations keep whatever scale training gave them."

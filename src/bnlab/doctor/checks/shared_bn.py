@@ -18,8 +18,9 @@ from bnlab.doctor.registry import Context, register
 from bnlab.doctor.stats import site_distance, sites_alike
 
 
-@register("shared-bn", "error",
-          "a BN with running statistics called more than once per forward pass (also `bn(bn(x))`)")
+@register(
+    "shared-bn", "error", "a BN with running statistics called more than once per forward pass (also `bn(bn(x))`)"
+)
 def check_shared(ctx: Context) -> list[Finding]:
     probe = ctx.probe
     findings = []
@@ -40,21 +41,15 @@ def _self_fed(layer: LayerInfo, calls: list[CallRecord]) -> list[CallRecord]:
 
 def _finding(probe: ProbeResult, layer: LayerInfo, calls: list[CallRecord], count: int) -> Finding:
     div = divergence(probe)
-    evidence = [
-        f"called {count} times in one forward pass, one set of running statistics "
-        f"({settings(layer)})"
-    ]
+    evidence = [f"called {count} times in one forward pass, one set of running statistics ({settings(layer)})"]
     site_data = []
     for call in calls:
         dist = vs_running(call, layer)
         if dist is None:
             continue
-        evidence.append(
-            f"call {call.index} {call.site}: batch vs running statistics: {dist.describe()}"
-        )
-        site_data.append({"index": call.index, "site": call.site, "producer": call.producer,
-                          **dist.as_dict()})
-    pairs = [(a, b) for i, a in enumerate(calls) for b in calls[i + 1:] if a.mean.shape == b.mean.shape]
+        evidence.append(f"call {call.index} {call.site}: batch vs running statistics: {dist.describe()}")
+        site_data.append({"index": call.index, "site": call.site, "producer": call.producer, **dist.as_dict()})
+    pairs = [(a, b) for i, a in enumerate(calls) for b in calls[i + 1 :] if a.mean.shape == b.mean.shape]
     between = [site_distance(a.mean, a.var, b.mean, b.var, layer.eps) for a, b in pairs]
     values = [min(a.values_per_channel, b.values_per_channel) for a, b in pairs]
     worst = max(between, key=lambda d: d.mean_shift + abs(np.log(d.var_ratio)), default=None)

@@ -13,8 +13,7 @@ from bnlab.doctor.records import LayerInfo, SmallCall
 from bnlab.doctor.registry import Context, register
 
 
-@register("small-batch", "error",
-          "BN normalizing over too few samples in train mode (one value per channel: error)")
+@register("small-batch", "error", "BN normalizing over too few samples in train mode (one value per channel: error)")
 def check_small_batch(ctx: Context) -> list[Finding]:
     probe = ctx.probe
     log = probe.train_log
@@ -23,9 +22,9 @@ def check_small_batch(ctx: Context) -> list[Finding]:
         for path, seen in log.smallest.items():
             layer = probe.layers.get(path)
             if layer is not None and layer.is_batchnorm and too_small(seen.samples, seen.values):
-                findings.append(_finding(
-                    layer, seen, f"in your loop ({seen.passes} train-mode pass(es) this small), "
-                    "smallest"))
+                findings.append(
+                    _finding(layer, seen, f"in your loop ({seen.passes} train-mode pass(es) this small), smallest")
+                )
         return findings
     for path, layer in probe.layers.items():
         train_calls = [c for c in probe.calls_of(path) if c.training]
@@ -50,8 +49,7 @@ def _finding(layer: LayerInfo, seen: SmallCall, where: str) -> Finding:
         title=(
             f"'{layer.path}' normalizes over {seen.values} value(s) per channel in train mode"
             if single or seen.values < thresholds.SMALL_BATCH_WARN
-            else f"'{layer.path}' normalizes over batches of {seen.samples} sample(s) in "
-            "train mode"
+            else f"'{layer.path}' normalizes over batches of {seen.samples} sample(s) in train mode"
         ),
         where=layer.path,
         sites=[seen.site],
@@ -65,8 +63,7 @@ def _finding(layer: LayerInfo, seen: SmallCall, where: str) -> Finding:
             "With one value per channel the batch variance is 0: the output is beta for every "
             "input (PyTorch refuses with 'Expected more than 1 value per channel')."
             if single
-            else "Batch statistics this noisy make training unstable and the running statistics "
-            "a poor estimate."
+            else "Batch statistics this noisy make training unstable and the running statistics a poor estimate."
         ),
         fix=(
             "Train with larger batches (drop a final partial batch), or use GroupNorm / "

@@ -18,8 +18,7 @@ from bnlab.doctor.stats import Distance
 WARMED_UP = 0.95
 
 
-@register("stale-stats", "warning",
-          "running statistics far from the probe batch's statistics (model as handed over)")
+@register("stale-stats", "warning", "running statistics far from the probe batch's statistics (model as handed over)")
 def check_stale(ctx: Context) -> list[Finding]:
     given = ctx.probe.as_given
     findings = []
@@ -41,8 +40,7 @@ def check_stale(ctx: Context) -> list[Finding]:
 
 def _finding(layer: LayerInfo, call: CallRecord, dist: Distance, doctor_trained: bool) -> Finding:
     evidence = [
-        f"probe batch ({call.values_per_channel} values per channel) vs running "
-        f"statistics: {dist.describe()}",
+        f"probe batch ({call.values_per_channel} values per channel) vs running statistics: {dist.describe()}",
         f"thresholds: mean shift > {thresholds.MEAN_SHIFT_WARN} SD or variance ratio "
         f"outside [{thresholds.VAR_RATIO_LOW}, {thresholds.VAR_RATIO_HIGH}]",
     ]
@@ -61,13 +59,15 @@ def _finding(layer: LayerInfo, call: CallRecord, dist: Distance, doctor_trained:
     return Finding(
         check="stale-stats",
         severity="info" if warming else "warning",
-        title=(f"running statistics of '{layer.path}' are still warming up" if warming
-               else f"running statistics of '{layer.path}' don't describe its input"),
+        title=(
+            f"running statistics of '{layer.path}' are still warming up"
+            if warming
+            else f"running statistics of '{layer.path}' don't describe its input"
+        ),
         where=layer.path,
         sites=[call.site],
         evidence=evidence,
-        data={"site": call.site, **dist.as_dict(), "values_per_channel": call.values_per_channel,
-              "share_moved": moved},
+        data={"site": call.site, **dist.as_dict(), "values_per_channel": call.values_per_channel, "share_moved": moved},
         consequence=(
             "In eval mode this layer normalizes with statistics of a different distribution, "
             "so the next layer receives shifted, rescaled activations it was not trained on."

@@ -16,14 +16,15 @@ from bnlab.doctor.registry import Context, register
 from bnlab.doctor.stats import distance
 
 
-@register("stats-reset", "error",
-          "gamma/beta trained but running statistics at their initial 0/1 (reset or not loaded)")
+@register(
+    "stats-reset", "error", "gamma/beta trained but running statistics at their initial 0/1 (reset or not loaded)"
+)
 def check_reset(ctx: Context) -> list[Finding]:
     given = ctx.probe.as_given
     layers = [
-        layer for layer in given.layers.values()
-        if tracked(layer) and layer.is_batchnorm and layer.at_init and layer.affine_moved
-        and called(given, layer.path)
+        layer
+        for layer in given.layers.values()
+        if tracked(layer) and layer.is_batchnorm and layer.at_init and layer.affine_moved and called(given, layer.path)
     ]
     if not layers:
         return []
@@ -45,10 +46,8 @@ def _finding(given: ProbeResult, layers: list[LayerInfo]) -> Finding:
             "running mean all 0 and variance all 1 (initial values)"
         )
         calls = given.calls_of(layer.path)
-        if (calls and calls[0].mean.size and layer.running_mean is not None
-                and layer.running_var is not None):
-            dist = distance(calls[0].mean, calls[0].var, layer.running_mean,
-                            layer.running_var, layer.eps)
+        if calls and calls[0].mean.size and layer.running_mean is not None and layer.running_var is not None:
+            dist = distance(calls[0].mean, calls[0].var, layer.running_mean, layer.running_var, layer.eps)
             if dist.is_off():
                 off.append(layer.path)
                 evidence.append(f"the probe batch at {layer.path} vs (0, 1): {dist.describe()}")
@@ -62,8 +61,7 @@ def _finding(given: ProbeResult, layers: list[LayerInfo]) -> Finding:
         title="BN layers are trained but their running statistics are at their initial values",
         where=", ".join(layer.path for layer in layers),
         evidence=evidence,
-        data={"layers": [layer.path for layer in layers], "off_at_probe": off,
-              "train_eval": div},
+        data={"layers": [layer.path for layer in layers], "off_at_probe": off, "train_eval": div},
         consequence=(
             "Eval mode normalizes these layers with mean 0 and variance 1 instead of the "
             "statistics the weights were trained with, so the eval-mode model is not the "
@@ -75,6 +73,7 @@ def _finding(given: ProbeResult, layers: list[LayerInfo]) -> Finding:
             "Load the BN buffers with the weights, or re-estimate the statistics with one "
             "pass over training data in train mode (no gradient step needed)."
         ),
-        fix_code=fixes.reestimate_stats() if layers[0].framework == "torch"
+        fix_code=fixes.reestimate_stats()
+        if layers[0].framework == "torch"
         else fixes.recompute_stats(layers[0].framework),
     )

@@ -20,8 +20,7 @@ def check_unused(ctx: Context) -> list[Finding]:
     evidence = [f"defined but not called in the forward pass: {', '.join(unused)}"]
     if shared:
         evidence.append(
-            f"meanwhile {', '.join(shared)} is called several times: was "
-            f"{unused[0]} meant for one of those calls?"
+            f"meanwhile {', '.join(shared)} is called several times: was {unused[0]} meant for one of those calls?"
         )
     return [
         Finding(

@@ -8,8 +8,11 @@ from bnlab.doctor.findings import Finding
 from bnlab.doctor.registry import Context, register
 
 
-@register("stats-updated-outside", "warning",
-          "running statistics change although the layer is never called (F.batch_norm elsewhere)")
+@register(
+    "stats-updated-outside",
+    "warning",
+    "running statistics change although the layer is never called (F.batch_norm elsewhere)",
+)
 def check_updated_outside(ctx: Context) -> list[Finding]:
     log = ctx.probe.train_log
     if log is None or not log.steps:
@@ -27,7 +30,8 @@ def check_updated_outside(ctx: Context) -> list[Finding]:
                 evidence=[
                     f"over {log.steps} training steps {log.where} its running mean/variance "
                     "changed, yet no train-mode call of the layer was seen",
-                    "num_batches_tracked did not grow" if upd.counter_delta == 0
+                    "num_batches_tracked did not grow"
+                    if upd.counter_delta == 0
                     else f"num_batches_tracked grew by {upd.counter_delta}",
                 ],
                 data={"steps": log.steps, "counter_delta": upd.counter_delta},

@@ -23,11 +23,9 @@ def check_weight_decay(ctx: Context) -> list[Finding]:
         Finding(
             check="bn-weight-decay",
             severity="info",
-            title=f"{info.kind} applies weight decay to the parameters of {len(decays)} "
-                  "normalization layer(s)",
+            title=f"{info.kind} applies weight decay to the parameters of {len(decays)} normalization layer(s)",
             where=", ".join(decays),
-            evidence=[f"weight_decay {', '.join(number(v) for v in values)} on gamma/beta of "
-                      f"{', '.join(decays)}"],
+            evidence=[f"weight_decay {', '.join(number(v) for v in values)} on gamma/beta of {', '.join(decays)}"],
             data={"optimizer": info.kind, "weight_decay": decays},
             consequence=(
                 "BN makes the layer before it scale-invariant, so decaying gamma only shrinks "

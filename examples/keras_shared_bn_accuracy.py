@@ -1,0 +1,60 @@
+"""Measure the question's bug in Keras 3: eval accuracy of the shared-BN MLP vs one BN per site.
+
+Trains ``functional_model()`` of examples/seed_question_keras.py and of
+examples/seed_answer_keras.py with model.fit (Adam 0.01, batch 1000, real MNIST, as the
+question's program) and prints the test accuracy with moving statistics
+(``training=False``) and with batch statistics (``training=True``).
+
+    KERAS_BACKEND=torch python examples/keras_shared_bn_accuracy.py --epochs 20 --seeds 0
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from seed_answer_keras import functional_model as answer
+from seed_question_keras import functional_model as question
+
+from bnlab.data import load_mnist, to_float
+
+
+def accuracy(model, x, y, training):
+    hits = 0
+    for start in range(0, len(x), 1000):
+        out = keras.ops.convert_to_numpy(model(x[start : start + 1000], training=training))
+        hits += int((out.argmax(axis=1) == y[start : start + 1000]).sum())
+    return hits / len(x)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
+    args = parser.parse_args()
+    data = load_mnist()
+    train_x = to_float(data.train_images).reshape(-1, 784)
+    train_y = np.asarray(data.train_labels).astype(np.int64)
+    test_x = to_float(data.test_images).reshape(-1, 784)
+    test_y = np.asarray(data.test_labels).astype(np.int64)
+    print(f"keras {keras.__version__}, backend {keras.backend.backend()}, {args.epochs} epochs")
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for name, build in (("shared BN", question), ("BN per site", answer)):
+            keras.utils.set_random_seed(seed)
+            model = build()
+            model.compile(
+                optimizer=keras.optimizers.Adam(0.01), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            )
+            model.fit(train_x, train_y, batch_size=1000, epochs=args.epochs, shuffle=True, verbose=0)
+            print(
+                f"seed {seed} {name:12s} eval accuracy (moving stats) "
+                f"{accuracy(model, test_x, test_y, False):.3f}, batch stats "
+                f"{accuracy(model, test_x, test_y, True):.3f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
