@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bnlab.errors import BnlabError, InputError
 from bnlab.grid_report import GridResult
 from bnlab.rundir import RUN_COMPLETE, atomic_write_json
 
@@ -50,11 +51,16 @@ def repair_run(run_dir: Path, data_dir: str | os.PathLike | None = None) -> dict
     from bnlab.rundir import load_checkpoint
 
     model, cfg = load_checkpoint(run_dir / "checkpoint.pt")
-    src = sources.builtin_source(
-        cfg.dataset, model, "torch", str(data_dir) if data_dir else None, REPAIR_BATCH, REPAIR_SEED
-    )
-    assert src.fit_batches is not None and src.held_out is not None  # a built-in data set has both
-    result = repair_report(model, src.fit_batches(), src.held_out, framework="torch")
+    try:
+        src = sources.builtin_source(
+            cfg.dataset, model, "torch", str(data_dir) if data_dir else None, REPAIR_BATCH, REPAIR_SEED
+        )
+        assert src.fit_batches is not None and src.held_out is not None  # a built-in data set has both
+        result = repair_report(model, src.fit_batches(), src.held_out, framework="torch")
+    except BnlabError:
+        raise
+    except ValueError as err:  # the doctor's own UsageError / InputError (not BnlabErrors)
+        raise InputError(f"the doctor could not repair {run_dir}: {err}") from None
     return {"before": result.before, "after": result.after, "changes": result.changes}
 
 
