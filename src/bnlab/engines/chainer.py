@@ -47,6 +47,7 @@ from bnlab.engines.common import (
     first_bad,
     numpy_arrays,
     split_batches,
+    torch_result,
 )
 from bnlab.errors import MissingExtra, UsageError
 from bnlab.models import build_model
@@ -424,9 +425,7 @@ def run(
         chainer.using_config("dtype", np.dtype(np.float32)),
     ):
         state, bn_trace = _train_loop(cfg, data, recorder, initial_state, chainer, threads_note)
-    model = build_model(cfg.model, seed=0)  # every value is overwritten by the trained state
-    model.load_state_dict(state)
-    return RunResult(cfg, recorder.history, model, recorder.out_dir, bn_trace)
+    return torch_result(cfg, recorder, state, bn_trace)
 
 
 def _train_loop(

@@ -38,6 +38,18 @@ class RunResult:
     bn_trace: dict[str, np.ndarray] | None = None
 
 
+def torch_result(
+    cfg: RunConfig, recorder: Any, state: dict[str, Any], bn_trace: dict[str, np.ndarray] | None
+) -> RunResult:
+    """The RunResult of an engine that trained outside torch: its torch-keyed ``state`` in a
+    torch ``MLP`` (so every caller gets the same kind of model, whatever the engine)."""
+    from bnlab.models import build_model
+
+    model = build_model(cfg.model, seed=0)  # every value is overwritten by the trained state
+    model.load_state_dict(state)
+    return RunResult(cfg, recorder.history, model, recorder.out_dir, bn_trace)
+
+
 def load_data(dataset: str, data_dir: str | os.PathLike | None) -> Dataset:
     """The named data set, read and verified by bnlab.data."""
     from bnlab.data import load_dataset

@@ -64,6 +64,7 @@ from bnlab.engines.common import (
     first_bad,
     numpy_arrays,
     split_batches,
+    torch_result,
 )
 from bnlab.errors import MissingExtra, UsageError
 from bnlab.models import build_model
@@ -497,9 +498,7 @@ def run(
     finally:
         program.close()
     recorder.finish(state, bn_trace)
-    model = build_model(cfg.model, seed=0)  # every value is overwritten by the trained state
-    model.load_state_dict(state)
-    return RunResult(cfg, recorder.history, model, recorder.out_dir, bn_trace)
+    return torch_result(cfg, recorder, state, bn_trace)
 
 
 def _environment(cfg: RunConfig, data: Any, tf: ModuleType) -> dict[str, Any]:
