@@ -1,7 +1,7 @@
 """What ``bnlab.doctor.watch`` costs per training step, measured side by side in one run.
 
 The question's MLP (784-100-100-10, one BatchNorm1d shared by both hidden layers, as in
-examples/seed_question_torch.py) trains on real MNIST with the question's settings:
+examples/question_torch.py) trains on real MNIST with the question's settings:
 batch 1000, Adam lr 0.01, cross-entropy; the loop a user writes (forward, loss,
 zero_grad, backward, step; no ``.item()``). Two copies of the model from the same
 weights run the same batches: one plain, one inside ``with watch(model, optimizer=opt)``.
@@ -65,7 +65,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
-    from seed_question_torch import MyModel
+    from question_torch import MyModel
 
     from bnlab import doctor
 

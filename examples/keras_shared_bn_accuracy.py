@@ -1,7 +1,7 @@
 """Measure the question's bug in Keras 3: eval accuracy of the shared-BN MLP vs one BN per site.
 
-Trains ``functional_model()`` of examples/seed_question_keras.py and of
-examples/seed_answer_keras.py with model.fit (Adam 0.01, batch 1000, real MNIST, as the
+Trains ``functional_model()`` of examples/question_keras.py and of
+examples/answer_keras.py with model.fit (Adam 0.01, batch 1000, real MNIST, as the
 question's program) and prints the test accuracy with moving statistics
 (``training=False``) and with batch statistics (``training=True``).
 
@@ -16,8 +16,8 @@ import keras
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seed_answer_keras import functional_model as answer
-from seed_question_keras import functional_model as question
+from answer_keras import functional_model as answer
+from question_keras import functional_model as question
 
 from bnlab.data import load_mnist, to_float
 

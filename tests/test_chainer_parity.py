@@ -5,7 +5,7 @@ How the tolerances were derived (measured on this repository's 2-core CI machine
 * The 50-step parity runs BOTH engines in float64. The conventions under test (Chainer's
   decay vs PyTorch's momentum, the unbiased running variance, eps, Adam's eps placement
   and bias correction) do not depend on the dtype, and in float64 the two trajectories are
-  well conditioned: after 50 steps at the seed's batch 1000 every parameter, running mean
+  well conditioned: after 50 steps at the question's batch 1000 every parameter, running mean
   and running variance agree to <= 1.3e-11 absolute, the per-step loss to <= 1.3e-15
   relative. The largest gap is in the Linear biases that feed a BatchNorm: their gradient is
   exactly zero in exact arithmetic, so Adam turns rounding noise g ~ 1e-17 into a step of
@@ -42,7 +42,7 @@ from bnlab.rundir import load_checkpoint
 
 CHAINER_PRESETS = ["question", "question-first-snippet", "answer", "no-bn"]
 STEPS = 50
-BATCH = 1000  # the seed's batch size, real MNIST rows in the run's own order
+BATCH = 1000  # the question's batch size, real MNIST rows in the run's own order
 RTOL = 1e-7  # float64; see the module docstring
 ATOL = 1e-9
 

@@ -1,4 +1,4 @@
-"""Presets against the seed's programs, and the parsers for overrides and seed lists."""
+"""Presets against the question's and the answer's programs, and the parsers for overrides and seed lists."""
 
 import pytest
 from hypothesis import given
@@ -8,7 +8,7 @@ from bnlab.config import apply_overrides, parse_seeds
 from bnlab.presets import ALL_PRESETS, PRESETS, get_preset, in_band, parse_presets
 
 
-def test_every_program_in_the_seed_is_a_preset():
+def test_every_program_of_the_question_and_answer_is_a_preset():
     assert set(ALL_PRESETS) == {
         "question",
         "question-first-snippet",
@@ -33,7 +33,7 @@ def test_every_program_in_the_seed_is_a_preset():
         ("tensorflow-no-bn", "none", None, 0.01, "tf-glorot-uniform"),
     ],
 )
-def test_presets_match_the_seed_programs(name, norm, momentum, lr, init):
+def test_presets_match_the_question_and_answer_programs(name, norm, momentum, lr, init):
     cfg = get_preset(name).config
     assert cfg.model.norm == norm
     assert cfg.train.lr == lr

@@ -471,7 +471,7 @@ def test_bad_values_name_the_flag_and_write_nothing(argv, named, tmp_path, capsy
     ],
 )
 def test_doctor_seed_and_lr_name_the_flag(flags, named, capsys):
-    model = Path(__file__).resolve().parents[1] / "examples" / "seed_question_torch.py"
+    model = Path(__file__).resolve().parents[1] / "examples" / "question_torch.py"
     code, _, err = bnlab(["doctor", f"{model}:MyModel", "--input-shape", "100,784", *flags], capsys)
     assert code == 2
     assert_clear_error(err, named)

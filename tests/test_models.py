@@ -1,4 +1,4 @@
-"""The seed's MLP: placements, parameter counts, initializers, TF-style running variance."""
+"""The question's MLP: placements, parameter counts, initializers, TF-style running variance."""
 
 import math
 

@@ -256,7 +256,7 @@ def test_markdown_has_the_verdict_and_statistics_tables(built, real_runs):
     assert "| preset | runs | final val acc (mean ± sd) | 95% CI |" in text
     mean = statistics.fmean(saved_finals(real_runs[:2]))
     assert re.search(rf"\| question \| 2 \| {mean:.4f} ± ", text)
-    # Two-epoch runs are not the seed's program, and the tables say so.
+    # Two-epoch runs are not the question's program, and the tables say so.
     assert "settings differ" in text and "train.epochs=2 (original program: 100)" in text
 
 

@@ -60,7 +60,7 @@ def test_missing_tensorflow_on_the_command_line_is_one_paragraph_and_exit_2(monk
 
 
 @pytest.mark.parametrize("preset", RUNNABLE_PRESETS)
-def test_every_seed_program_preset_is_accepted(preset):
+def test_every_question_and_answer_preset_is_accepted(preset):
     cfg = apply_overrides(PRESETS[preset].config, {"engine": "tensorflow"})
     tfe.check_config(cfg)
 

@@ -48,7 +48,7 @@ def tf_assign_moving_average(moving: np.ndarray, value: np.ndarray, momentum: fl
 
 
 class TFGraph:
-    """The seed's TF graph in numpy, from a bnlab model's weights (float64)."""
+    """The question's TF graph in numpy, from a bnlab model's weights (float64)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         sd = {k: v.detach().double().numpy().copy() for k, v in model.state_dict().items()}

@@ -1,4 +1,4 @@
-"""The training loop: the seed's table, real-data learning, determinism, run directory, NaN."""
+"""The training loop: the question's table, real-data learning, determinism, run directory, NaN."""
 
 import csv
 import json

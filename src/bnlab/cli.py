@@ -338,7 +338,7 @@ def add_doctor_parser(sub: Any) -> None:
         "it, optionally after a few training steps on a copy, and report BN misuse with evidence. "
         "Exit 0: no error-level finding; 1: errors found; 2: usage error or the file does not import.",
         examples=[
-            "bnlab doctor examples/seed_question_torch.py:MyModel --data mnist",
+            "bnlab doctor examples/question_torch.py:MyModel --data mnist",
             "bnlab doctor my_model.py:Net --input-shape 64,3,32,32 --json",
         ],
     )

@@ -18,6 +18,7 @@ touched. Ray is imported only when an executor maps runs.
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +30,10 @@ from bnlab.sweep import DEFAULT_THREADS_PER_WORKER, EventHandler, RunOutcome, Ru
 # Ray retries a task whose worker process died this many times before the run is failed.
 DEFAULT_MAX_RETRIES = 3
 
+# Ray waits for a cluster that is not there for minutes, retrying (measured: still waiting
+# after 200 s on 127.0.0.1:1); one TCP connect with this timeout answers at once.
+ADDRESS_PROBE_TIMEOUT_S = 5.0
+
 
 def import_ray() -> Any:
     try:
@@ -39,6 +44,29 @@ def import_ray() -> Any:
             "(ray 2.40 to 2.60), or use --executor local."
         ) from None
     return ray
+
+
+def check_reachable(address: str, timeout_s: float = ADDRESS_PROBE_TIMEOUT_S) -> None:
+    """Refuse a HOST:PORT (or ray://HOST:PORT) where nothing listens, before Ray starts
+    waiting on it. "auto" and "local" are Ray's to resolve (it fails fast on those)."""
+    if address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UsageError(
+            f"--ray-address {address!r} is not an address: give HOST:PORT (the head node's "
+            "`ray start --head --port PORT`), ray://HOST:10001 for Ray Client, or auto."
+        )
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise UsageError(
+            f"nothing answers at the Ray address {address!r} ({reason}); start the cluster with "
+            "`ray start --head --port PORT` and give its HOST:PORT, or leave --ray-address out "
+            "to start a local cluster."
+        ) from None
 
 
 class EventLog:
@@ -128,9 +156,12 @@ class RayExecutor:
         self.poll_s = poll_s
 
     def _connect(self, ray: Any) -> bool:
-        """Make sure a Ray runtime is up; True when this call started it (and must stop it)."""
+        """Make sure a Ray runtime is up; True when this call started it (and must stop it;
+        for a cluster it joined, ``ray.shutdown`` only disconnects)."""
         if ray.is_initialized():
             return False
+        if self.address is not None:
+            check_reachable(self.address)
         options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
         if self.address is None and self.workers is not None:
             options["num_cpus"] = self.workers

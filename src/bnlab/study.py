@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bnlab.errors import BnlabError, InputError
+from bnlab.errors import BnlabError, InputError, MissingExtra, OutputError
 from bnlab.grid_report import GridResult
 from bnlab.rundir import RUN_COMPLETE, atomic_write_json
 
@@ -57,9 +57,9 @@ def repair_run(run_dir: Path, data_dir: str | os.PathLike | None = None) -> dict
         )
         assert src.fit_batches is not None and src.held_out is not None  # a built-in data set has both
         result = repair_report(model, src.fit_batches(), src.held_out, framework="torch")
-    except BnlabError:
+    except (MissingExtra, OutputError):
         raise
-    except ValueError as err:  # the doctor's own UsageError / InputError (not BnlabErrors)
+    except BnlabError as err:  # the model or the data did not let the doctor repair it
         raise InputError(f"the doctor could not repair {run_dir}: {err}") from None
     return {"before": result.before, "after": result.after, "changes": result.changes}
 

@@ -40,7 +40,7 @@ def mnist_arrays(mnist_dir):
 
 @pytest.fixture(scope="module")
 def examples_on_path():
-    """The examples importable by module name (``import seed_question_torch``)."""
+    """The examples importable by module name (``import question_torch``)."""
     sys.path.insert(0, str(EXAMPLES))
     try:
         yield EXAMPLES

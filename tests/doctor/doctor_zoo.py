@@ -17,7 +17,7 @@ from torch import nn
 
 
 class MLP(nn.Module):
-    """One BN per hidden layer (the seed's answer, small)."""
+    """One BN per hidden layer (the answer, small)."""
 
     def __init__(self, d_in=20, hidden=32, classes=4):
         super().__init__()
@@ -225,7 +225,7 @@ class Siamese(nn.Module):
 
 
 class SharedBN(nn.Module):
-    """The seed's bug, small."""
+    """The question's bug, small."""
 
     def __init__(self):
         super().__init__()
@@ -266,7 +266,7 @@ class SharedSyncBN(SharedBN):
 
 
 class QuestionWithSpareBN(SharedBN):
-    """The seed's variant: bn2 defined, bn used twice."""
+    """The question's variant: bn2 defined, bn used twice."""
 
     def __init__(self):
         super().__init__()

@@ -195,8 +195,8 @@ def mnist_args(mnist_dir):
     return build
 
 
-def test_seed_question_torch_on_mnist(mnist_args, capsys) -> None:
-    code = main(mnist_args(f"{EXAMPLES}/seed_question_torch.py:MyModel", "--train-steps", "60"))
+def test_question_torch_on_mnist(mnist_args, capsys) -> None:
+    code = main(mnist_args(f"{EXAMPLES}/question_torch.py:MyModel", "--train-steps", "60"))
     out = capsys.readouterr().out
     assert code == 1, out
     assert "ERROR [shared-bn]" in out
@@ -204,8 +204,8 @@ def test_seed_question_torch_on_mnist(mnist_args, capsys) -> None:
     assert "1000x784 (MNIST test images)" in out
 
 
-def test_seed_answer_torch_on_mnist(mnist_args, capsys) -> None:
-    target = f"{EXAMPLES}/seed_answer_torch.py:MyModel"
+def test_answer_torch_on_mnist(mnist_args, capsys) -> None:
+    target = f"{EXAMPLES}/answer_torch.py:MyModel"
     code = main(mnist_args(target, "--train-steps", "60", "--json"))
     data = json.loads(capsys.readouterr().out)
     assert code == 0
@@ -232,9 +232,9 @@ def test_conv_model_gets_images_shaped_for_it(mnist_args, tmp_path: Path, capsys
     assert code == 0
 
 
-def test_seed_question_chainer_autodetected(mnist_args, capsys) -> None:
+def test_question_chainer_autodetected(mnist_args, capsys) -> None:
     pytest.importorskip("chainer")
-    code = main(mnist_args(f"{EXAMPLES}/seed_question_chainer.py:MyModel", "--json"))
+    code = main(mnist_args(f"{EXAMPLES}/question_chainer.py:MyModel", "--json"))
     data = json.loads(capsys.readouterr().out)
     assert code == 1
     assert data["framework"] == "chainer" and data["probe"]["train_steps"] == 60
@@ -242,7 +242,7 @@ def test_seed_question_chainer_autodetected(mnist_args, capsys) -> None:
     assert shared[0]["sites"] == ["call 1 after l1", "call 2 after l2"]
 
 
-def test_seed_answer_chainer_forced_framework(mnist_args, capsys) -> None:
+def test_answer_chainer_forced_framework(mnist_args, capsys) -> None:
     pytest.importorskip("chainer")
-    code = main(mnist_args(f"{EXAMPLES}/seed_answer_chainer.py:MyModel", "--framework", "chainer"))
+    code = main(mnist_args(f"{EXAMPLES}/answer_chainer.py:MyModel", "--framework", "chainer"))
     assert code == 0, capsys.readouterr().out

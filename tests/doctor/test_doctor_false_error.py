@@ -81,7 +81,7 @@ def test_shared_encoder_is_no_error_after_training_steps(tmp_path: Path, capsys)
 
 
 def test_question_model_still_errors_after_training_steps(capsys) -> None:
-    target = f"{EXAMPLES / 'seed_question_torch.py'}:MyModel"
+    target = f"{EXAMPLES / 'question_torch.py'}:MyModel"
     assert main([target, "--input-shape", "64,784", "--train-steps", "5"]) == 1
     assert "ERROR [shared-bn] BatchNorm1d 'bn' is called 2 times" in capsys.readouterr().out
 

@@ -63,7 +63,7 @@ def probe_batch(mnist_arrays):
 
 
 def test_shared_bn_cli_exit_1_names_both_call_sites(mnist_dir, capsys) -> None:
-    target = f"{EXAMPLES / 'seed_question_keras.py'}:functional_model"
+    target = f"{EXAMPLES / 'question_keras.py'}:functional_model"
     status = main([target, "--data", "mnist", "--data-dir", mnist_dir, "--train-steps", "15", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert status == 1
@@ -78,7 +78,7 @@ def test_shared_bn_cli_exit_1_names_both_call_sites(mnist_dir, capsys) -> None:
 
 
 def test_per_site_subclassed_cli_exit_0(mnist_dir, capsys) -> None:
-    target = f"{EXAMPLES / 'seed_answer_keras.py'}:MyModel"
+    target = f"{EXAMPLES / 'answer_keras.py'}:MyModel"
     status = main([target, "--data", "mnist", "--data-dir", mnist_dir, "--train-steps", "15"])
     out = capsys.readouterr().out
     assert status == 0, out
@@ -89,7 +89,7 @@ def test_per_site_subclassed_cli_exit_0(mnist_dir, capsys) -> None:
 def test_shared_subclassed_named_by_producer(probe_batch) -> None:
     sys.path.insert(0, str(EXAMPLES))
     try:
-        from seed_question_keras import MyModel
+        from question_keras import MyModel
     finally:
         sys.path.remove(str(EXAMPLES))
     x, y, _ = probe_batch
@@ -189,8 +189,8 @@ def test_tensorflow_backend_in_a_subprocess(mnist_dir) -> None:
             sys.executable,
             "-c",
             script,
-            f"{EXAMPLES / 'seed_question_keras.py'}:functional_model",
-            f"{EXAMPLES / 'seed_answer_keras.py'}:functional_model",
+            f"{EXAMPLES / 'question_keras.py'}:functional_model",
+            f"{EXAMPLES / 'answer_keras.py'}:functional_model",
             mnist_dir,
         ],
         capture_output=True,

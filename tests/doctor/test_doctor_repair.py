@@ -2,7 +2,7 @@
 
 Shared BNs are split per call site and running statistics re-estimated over real MNIST
 training batches; the numbers before and after are eval-mode accuracy and loss on the
-MNIST test set. Models are trained briefly (1-2 epochs), not the seed's 100.
+MNIST test set. Models are trained briefly (1-2 epochs), not the question's 100.
 """
 
 from __future__ import annotations
@@ -93,6 +93,8 @@ def test_fix_writes_a_loadable_state_dict(question, tmp_path: Path, capsys) -> N
     code = main([str(run), "--data", "mnist", "--fix", str(out), "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 1  # the model given has a shared BN: the report's exit code stands
+    assert report["data"]["evaluation (--fix)"] == "the whole MNIST test set (10000 images)"
+    assert report["data"]["re-estimation (--fix)"].startswith("one pass over the MNIST training set")
     repair = report["repair"]
     assert repair["after"]["val_acc"] > repair["before"]["val_acc"]
     assert repair["after"]["val_loss"] < repair["before"]["val_loss"]
@@ -121,7 +123,7 @@ def test_fix_refuses_to_overwrite(question, tmp_path: Path, capsys) -> None:
 
 
 def test_fix_needs_real_data(tmp_path: Path, capsys) -> None:
-    target = f"{EXAMPLES / 'seed_question_torch.py'}:MyModel"
+    target = f"{EXAMPLES / 'question_torch.py'}:MyModel"
     assert main([target, "--input-shape", "32,784", "--fix", str(tmp_path / "o")]) == 2
     assert "--fix re-estimates running statistics on real training data" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -133,11 +135,11 @@ def test_fix_needs_real_data(tmp_path: Path, capsys) -> None:
 def _question_torch_trained(mnist_source, steps: int = 40) -> nn.Module:
     sys.path.insert(0, str(EXAMPLES))
     try:
-        import seed_question_torch
+        import question_torch
     finally:
         sys.path.remove(str(EXAMPLES))
     torch.manual_seed(0)
-    model = seed_question_torch.MyModel()
+    model = question_torch.MyModel()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     for x, y in itertools.islice(mnist_source.train_batches, steps):
         loss = nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))

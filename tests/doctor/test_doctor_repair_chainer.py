@@ -32,7 +32,7 @@ def _example(name: str):
 
 @pytest.fixture(scope="module")
 def mnist_source():
-    model = _example("seed_question_chainer").MyModel()
+    model = _example("question_chainer").MyModel()
     return sources.builtin_source("mnist", model, "chainer", None, 1000, 0)
 
 
@@ -40,7 +40,7 @@ def mnist_source():
 def trained_question(mnist_source):
     """The question's Chainer program, 40 Adam steps (lr 0.01) at batch 1000."""
     np.random.seed(0)
-    model = _example("seed_question_chainer").MyModel()
+    model = _example("question_chainer").MyModel()
     optimizer = chainer.optimizers.Adam(alpha=0.01)
     optimizer.setup(model)
     with chainer.using_config("train", True):
@@ -76,7 +76,7 @@ def test_chainer_repaired_weights_load_into_the_rebuilt_model(trained_question, 
     buffer = io.BytesIO()
     chainer.serializers.save_npz(buffer, fixed)
     buffer.seek(0)
-    rebuilt = split_shared(_example("seed_question_chainer").MyModel(), {"bn": 2})
+    rebuilt = split_shared(_example("question_chainer").MyModel(), {"bn": 2})
     chainer.serializers.load_npz(buffer, rebuilt)
     x = mnist_source.probe_x[:50]
     with chainer.using_config("train", False), chainer.no_backprop_mode():
@@ -84,14 +84,14 @@ def test_chainer_repaired_weights_load_into_the_rebuilt_model(trained_question, 
 
 
 def test_chainer_answer_is_only_reestimated(mnist_source) -> None:
-    model = _example("seed_answer_chainer").MyModel()
+    model = _example("answer_chainer").MyModel()
     new, changes = repair_chainer.repair(model, list(mnist_source.fit_batches())[:2])
     assert [c["change"] for c in changes] == ["re-estimated", "re-estimated"]
     assert not np.allclose(new.bn1.avg_mean, 0.0) and np.allclose(model.bn1.avg_mean, 0.0)
 
 
 def test_chainer_fix_on_the_command_line(tmp_path: Path, capsys) -> None:
-    target = f"{EXAMPLES / 'seed_question_chainer.py'}:MyModel"
+    target = f"{EXAMPLES / 'question_chainer.py'}:MyModel"
     out = tmp_path / "fixed"
     assert main([target, "--data", "mnist", "--train-steps", "5", "--fix", str(out), "--json"]) == 1
     report = json.loads(capsys.readouterr().out)

@@ -211,3 +211,16 @@ def test_lazy_model_with_mnist_data_finds_its_input_shape(tmp_path: Path, capsys
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "probe: 1000x784" in out.out and "Traceback" not in out.err
+
+
+def test_the_doctors_errors_are_bnlabs_with_exit_code_2() -> None:
+    """A notebook caller catches ``BnlabError`` for the doctor as for the rest of bnlab."""
+    from bnlab.doctor import errors
+    from bnlab.doctor.loader import LoadError
+    from bnlab.errors import BnlabError
+
+    for cls in (errors.ProbeError, errors.UnsupportedModel, errors.UsageError, errors.InputError, LoadError):
+        assert issubclass(cls, BnlabError) and cls.exit_code == 2, cls
+    scripted = torch.jit.script(Small())
+    with pytest.raises(BnlabError, match="TorchScript"):
+        doctor.check(scripted, torch.randn(8, 10))

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from bnlab.doctor.inputs import InputError
+from bnlab.doctor.errors import InputError
 
 # How many missing / unexpected keys a message names.
 KEYS_NAMED = 4

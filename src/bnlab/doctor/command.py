@@ -30,10 +30,10 @@ DESCRIPTION = (
     "with the numbers that prove it. Exit 0: no error; 1: errors found; 2: usage error."
 )
 
-# One MNIST epoch at batch 1000. Measured on the seed's MLP (Adam lr 0.01): after 60
+# One MNIST epoch at batch 1000. Measured on the question's MLP (Adam lr 0.01): after 60
 # steps the shared BN's call sites are ~0.8 SD apart and train/eval predictions differ
 # for 6-12% of samples (1-3% with one BN per layer); eval accuracy falls below 0.80, as
-# in the seed, only after ~200-300 steps. Sharing itself is found with 0 steps.
+# in the question, only after ~200-300 steps. Sharing itself is found with 0 steps.
 DEFAULT_DATA_STEPS = 60
 
 
@@ -282,6 +282,9 @@ def _check(args: argparse.Namespace) -> tuple[Report, dict[str, Any], str]:
         report.model = target.name
     if steps == 0:  # no training steps were taken: don't list their batches
         src.uses.pop("training steps", None)
+    if not args.fix:  # nothing was re-estimated or evaluated: don't list those batches either
+        for use in [use for use in src.uses if use.endswith("(--fix)")]:
+            del src.uses[use]
     report.notes.append(_data_note(src))
     extra: dict[str, Any] = {"data": src.uses}
     text = ""
@@ -307,13 +310,10 @@ def run(args: argparse.Namespace) -> int:
     _seed(args.seed)
     try:
         report, extra, fix_text = _check(args)
-    except LoadError as err:
-        return _fail(str(err))
     except ProbeError as err:
-        return _fail(f"{err}. {err.hint}".rstrip() if err.hint else str(err))
-    except UsageError as err:  # e.g. training without labels on a non-classifier
-        return _fail(str(err))
-    except BnlabError as err:  # bnlab's own readers and writers: run directories, OUT
+        _fail(f"{err}. {err.hint}".rstrip() if err.hint else str(err))
+        return err.exit_code
+    except BnlabError as err:  # a target that does not load, bad flags, run directories, OUT
         _fail(str(err))
         return err.exit_code
     if args.json:

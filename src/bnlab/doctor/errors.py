@@ -1,19 +1,27 @@
-"""Errors the doctor reports to the user (their messages are written for people)."""
+"""Errors the doctor reports to the user (their messages are written for people).
+
+They are bnlab's errors (``bnlab.errors``): each carries its exit code, and a caller that
+catches ``BnlabError`` catches the doctor's too. ``UsageError`` (bad flags) and
+``InputError`` (an input that cannot be produced or read) are bnlab's own, re-exported here
+so the doctor's modules import their errors from one place.
+"""
+
+from bnlab.errors import EXIT_USAGE, BnlabError, InputError, UsageError
+
+__all__ = ["InputError", "ProbeError", "UnsupportedModel", "UsageError", "forward_failed", "training_step_failed"]
 
 
-class ProbeError(RuntimeError):
-    """The model could not be run on the probe input.
+class ProbeError(BnlabError, RuntimeError):
+    """The model could not be run on the probe input (the model and the input disagree).
 
     ``hint`` says what to try; the command line prints it after the message.
     """
 
+    exit_code = EXIT_USAGE
+
     def __init__(self, message: str, hint: str = "") -> None:
         super().__init__(message)
         self.hint = hint
-
-
-class UsageError(ValueError):
-    """The arguments don't allow the requested check (e.g. training without labels)."""
 
 
 class UnsupportedModel(UsageError, TypeError):

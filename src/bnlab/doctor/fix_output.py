@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bnlab.doctor.inputs import InputError
+from bnlab.doctor.errors import InputError
 from bnlab.doctor.repair import RepairResult
 
 HOW_TO = "HOW_TO_LOAD.txt"

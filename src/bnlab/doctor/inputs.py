@@ -12,14 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from bnlab.doctor.errors import UsageError
+from bnlab.doctor.errors import InputError
 
 # Shapes an MNIST model may expect, tried in this order (per sample).
 MNIST_SHAPES: tuple[tuple[int, ...], ...] = ((784,), (1, 28, 28), (28, 28))
-
-
-class InputError(UsageError):
-    """The requested input cannot be produced (message is for the user)."""
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

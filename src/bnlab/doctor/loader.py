@@ -18,17 +18,20 @@ from types import ModuleType
 from typing import Any
 
 from bnlab.doctor.backends import recognised
+from bnlab.errors import EXIT_USAGE, BnlabError
 
 
-class LoadError(Exception):
+class LoadError(BnlabError):
     """The target could not be loaded; ``str(err)`` is the message for the user."""
+
+    exit_code = EXIT_USAGE
 
 
 def split_target(target: str) -> tuple[Path, str]:
     """``"dir/file.py:Name"`` -> (path, name)."""
     path, sep, name = target.rpartition(":")
     if not sep or not path or not name:
-        raise LoadError(f"expected FILE.py:NAME (for example examples/seed_question_torch.py:MyModel), got {target!r}.")
+        raise LoadError(f"expected FILE.py:NAME (for example examples/question_torch.py:MyModel), got {target!r}.")
     if not name.isidentifier():
         raise LoadError(f"{name!r} in {target!r} is not a Python name; NAME must be a class or function.")
     return Path(path), name

@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 
 from bnlab.doctor import inputs as probe_inputs
-from bnlab.doctor.errors import UsageError
-from bnlab.doctor.inputs import InputError
+from bnlab.doctor.errors import InputError, UsageError
 from bnlab.doctor.loader import LoadError, import_file
 
 Batch = tuple[np.ndarray, np.ndarray]

@@ -2,7 +2,7 @@
 
 Distances between statistics are in standardized units: a mean shift of 0.5 means the
 probe batch's channel mean sits half a running standard deviation away from the running
-mean. Measured on the seed's MNIST MLP (batch 1000, Adam lr 0.01, 60 steps): with one BN
+mean. Measured on the question's MNIST MLP (batch 1000, Adam lr 0.01, 60 steps): with one BN
 per layer the average shift is about 0.1 and the variance ratio within [0.9, 1.1]; the
 shared BN's call sites sit about 0.4 SD off and differ from each other by far more.
 """

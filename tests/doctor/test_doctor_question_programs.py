@@ -1,4 +1,4 @@
-"""The seed's story on real MNIST: the shared BN is found, with evidence; the fix is clean."""
+"""The question's story on real MNIST: the shared BN is found, with evidence; the fix is clean."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ def assert_seed_story(question, answer):
 
 @pytest.fixture(scope="module")
 def torch_reports(mnist_arrays, examples_on_path):
-    from seed_answer_torch import MyModel as Answer
-    from seed_question_torch import MyModel as Question
+    from answer_torch import MyModel as Answer
+    from question_torch import MyModel as Question
 
     torch.manual_seed(0)
     question = run(Question(), mnist_arrays)
@@ -60,8 +60,8 @@ def test_seed_torch(torch_reports):
 
 def test_seed_chainer(mnist_arrays, examples_on_path):
     pytest.importorskip("chainer")
-    from seed_answer_chainer import MyModel as Answer
-    from seed_question_chainer import MyModel as Question
+    from answer_chainer import MyModel as Answer
+    from question_chainer import MyModel as Question
 
     np.random.seed(0)
     question = run(Question(), mnist_arrays)

@@ -1,6 +1,6 @@
 """The seed's model, fixed: one BatchNorm1d per hidden layer.
 
-bnlab doctor examples/seed_answer_torch.py:MyModel --data mnist --train-steps 60
+bnlab doctor examples/answer_torch.py:MyModel --data mnist --train-steps 60
 """
 
 import torch.nn.functional as F

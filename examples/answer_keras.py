@@ -1,7 +1,7 @@
 """The question's model in Keras 3, fixed: one BatchNormalization per hidden layer.
 
-bnlab doctor examples/seed_answer_keras.py:MyModel --data mnist
-bnlab doctor examples/seed_answer_keras.py:functional_model --data mnist
+bnlab doctor examples/answer_keras.py:MyModel --data mnist
+bnlab doctor examples/answer_keras.py:functional_model --data mnist
 """
 
 import keras

@@ -1,6 +1,6 @@
-"""The seed's Chainer model -- with the bug: one BatchNormalization for two layers.
+"""The seed's Chainer model, fixed: one BatchNormalization per hidden layer.
 
-bnlab doctor examples/seed_question_chainer.py:MyModel --data mnist --train-steps 60
+bnlab doctor examples/answer_chainer.py:MyModel --data mnist --train-steps 60
 """
 
 import chainer
@@ -16,9 +16,10 @@ class MyModel(chainer.Chain):
             self.l1 = L.Linear(784, 100, initialW=initializers.HeNormal())
             self.l2 = L.Linear(100, 100, initialW=initializers.HeNormal())
             self.l3 = L.Linear(100, 10, initialW=initializers.HeNormal())
-            self.bn = L.BatchNormalization(100, decay=0.9, eps=0.001)
+            self.bn1 = L.BatchNormalization(100, decay=0.9, eps=0.001)
+            self.bn2 = L.BatchNormalization(100, decay=0.9, eps=0.001)
 
     def forward(self, x):
-        h = F.relu(self.bn(self.l1(x)))
-        h = F.relu(self.bn(self.l2(h)))
+        h = F.relu(self.bn1(self.l1(x)))
+        h = F.relu(self.bn2(self.l2(h)))
         return self.l3(h)

@@ -3,7 +3,7 @@
 One BatchNorm1d is applied after BOTH hidden layers, so its running statistics
 average two different activations and the model falls apart in eval mode.
 
-    bnlab doctor examples/seed_question_torch.py:MyModel --data mnist --train-steps 60
+    bnlab doctor examples/question_torch.py:MyModel --data mnist --train-steps 60
 """
 
 import torch.nn.functional as F

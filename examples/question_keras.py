@@ -5,8 +5,8 @@ this without a word; the layer's moving statistics average two different activat
 the model falls apart in inference mode (``model(x, training=False)``, ``predict``,
 ``evaluate``). Runs on any Keras backend (``KERAS_BACKEND=torch`` or ``tensorflow``).
 
-    bnlab doctor examples/seed_question_keras.py:MyModel --data mnist
-    bnlab doctor examples/seed_question_keras.py:functional_model --data mnist
+    bnlab doctor examples/question_keras.py:MyModel --data mnist
+    bnlab doctor examples/question_keras.py:functional_model --data mnist
 """
 
 import keras
