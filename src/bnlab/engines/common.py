@@ -143,6 +143,32 @@ def first_bad(losses: Any) -> int | None:
     return None if finite.all() else int(np.argmin(finite))
 
 
+# The ISA extensions that decide which kernels MKL, OpenBLAS and PyTorch pick: two CPUs that
+# differ in them round differently (measured: the 3-epoch history of the question differs in
+# the 6th digit of the first epoch's loss between two machines of this project, bnlab and
+# torch the same), so a history is reproducible on the same machine, not across machines.
+_KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile")
+
+
+def cpu_description(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """The CPU as far as rounding goes: vendor, family/model, name and the kernel-deciding
+    ISA flags, e.g. "GenuineIntel 6/143 Intel(R) Xeon(R) Processor [avx2 fma avx512f ...]".
+    Falls back to ``platform.processor()`` where there is no /proc/cpuinfo."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return platform.processor() or platform.machine()
+    first = text.split("\n\n", 1)[0]
+    fields = dict(
+        (key.strip(), value.strip()) for key, sep, value in (line.partition(":") for line in first.splitlines()) if sep
+    )
+    flags = set(fields.get("flags", "").split())
+    kernels = " ".join(flag for flag in _KERNEL_FLAGS if flag in flags)
+    vendor = fields.get("vendor_id", platform.machine())
+    model = f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}"
+    return f"{vendor} {model} {fields.get('model name', '?')} [{kernels}]"
+
+
 def environment(device: str, data: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a reader needs to reproduce or judge a run: versions, hardware, data identity."""
     env: dict[str, Any] = {
@@ -151,6 +177,7 @@ def environment(device: str, data: Any, extra: dict[str, Any] | None = None) -> 
         "numpy": np.__version__,
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_description(),
         "cpu_count": os.cpu_count(),
         "device": device,
         "data_source": getattr(data, "source", None),

@@ -132,7 +132,12 @@ def _run(cfg: RunConfig, data: Any, recorder: RunRecorder, initial_state: dict[s
     x_train, y_train, x_val, y_val = device_tensors(data, device)
     trace = BNTrace(model, tc.trace_bn_channels) if tc.trace_bn_channels else None
 
-    extra: dict[str, Any] = {"engine": "torch", "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    extra: dict[str, Any] = {
+        "engine": "torch",
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),  # its kernels' ISA: AVX2, AVX512...
+    }
     if device.type == "cuda":
         extra.update(cuda_device=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
     recorder.start(environment(str(device), data, extra))
