@@ -1,7 +1,15 @@
 """Shared fixtures: real MNIST (never a mock of the data path) and single-threaded torch."""
 
+import signal
+
 import pytest
 import torch
+
+# A shell without job control starts a background job with SIGINT ignored (`pytest &`), and
+# an ignored signal stays ignored in every child: the Ctrl-C tests' `bnlab` processes would
+# never see their SIGINT. A handled signal is reset to the default in a child, so handle it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)

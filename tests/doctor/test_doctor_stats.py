@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bnlab.doctor.stats import channel_stats, distance, site_distance, sites_alike
+from bnlab.doctor.stats import (
+    channel_stats,
+    distance,
+    expected_site_shift,
+    site_distance,
+    sites_alike,
+    variances_comparable,
+)
 
 channels = st.integers(min_value=1, max_value=16)
 
@@ -75,3 +83,21 @@ def test_sites_alike_allows_for_sampling_noise_with_few_values_per_channel():
     assert not sites_alike(shifted, values_per_channel=8)
     zeros, ones = np.zeros(100), np.ones(100)
     assert not sites_alike(site_distance(zeros, ones, zeros + 0.35, ones, 0.0), values_per_channel=1000)
+
+
+def test_the_expected_site_shift_is_what_two_samples_of_one_distribution_give():
+    rng = np.random.default_rng(1)
+    for n in (4, 8, 32, 256):
+        a, b = rng.normal(size=(20000, n)), rng.normal(size=(20000, n))
+        (ma, va), (mb, vb) = channel_stats(a), channel_stats(b)
+        simulated = site_distance(ma, va, mb, vb, 0.0).mean_shift
+        assert expected_site_shift(n) == pytest.approx(simulated, rel=0.02), n
+
+
+def test_below_32_values_per_channel_the_sites_are_judged_on_their_means():
+    zeros, ones = np.zeros(512), np.ones(512)
+    wider = site_distance(zeros, ones, zeros, ones * 3.0, 0.0)  # variances 3x apart, same means
+    assert not variances_comparable(8) and variances_comparable(32) and variances_comparable(None)
+    assert sites_alike(wider, values_per_channel=8)  # 8 values cannot tell 3x from heavy tails
+    assert not sites_alike(wider, values_per_channel=64)
+    assert not sites_alike(site_distance(zeros, ones, zeros + 1.0, ones, 0.0), values_per_channel=8)

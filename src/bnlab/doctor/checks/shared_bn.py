@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnlab.doctor import fixes
+from bnlab.doctor import fixes, thresholds
 from bnlab.doctor.facts import (
     divergence,
     divergence_line,
@@ -15,7 +15,7 @@ from bnlab.doctor.facts import (
 from bnlab.doctor.findings import Finding
 from bnlab.doctor.records import CallRecord, LayerInfo, ProbeResult
 from bnlab.doctor.registry import Context, register
-from bnlab.doctor.stats import site_distance, sites_alike
+from bnlab.doctor.stats import site_distance, sites_alike, variances_comparable
 
 
 @register(
@@ -58,6 +58,13 @@ def _finding(probe: ProbeResult, layer: LayerInfo, calls: list[CallRecord], coun
             f"the call sites see different activations: means {worst.mean_shift:.2f} SD apart "
             f"(max {worst.max_mean_shift:.2f}), variances differ by a factor {worst.var_ratio:.2f}"
         )
+        fewest = min(values)
+        if not variances_comparable(fewest):
+            evidence.append(
+                f"with {fewest} values per channel the sites' variances are too noisy to compare "
+                f"(fewer than {thresholds.MIN_VALUES_FOR_STATS}); judged on their means; probe "
+                "with a larger batch or input to compare them"
+            )
     self_fed = _self_fed(layer, calls)
     if self_fed:
         evidence.append(
