@@ -6,6 +6,10 @@ question's program) and prints the test accuracy with moving statistics
 (``training=False``) and with batch statistics (``training=True``).
 
     KERAS_BACKEND=torch python examples/keras_shared_bn_accuracy.py --epochs 20 --seeds 0
+
+With ``--save DIR`` each trained model's weights go to DIR/{question,answer}-seedS.weights.h5,
+for ``bnlab doctor examples/question_keras.py:functional_model --checkpoint
+DIR/question-seed0.weights.h5 --data mnist --fix OUT``.
 """
 
 import argparse
@@ -34,6 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
+    parser.add_argument("--save", type=Path, default=None, help="folder for the trained weights (.weights.h5)")
     args = parser.parse_args()
     data = load_mnist()
     train_x = to_float(data.train_images).reshape(-1, 784)
@@ -42,13 +47,16 @@ def main() -> None:
     test_y = np.asarray(data.test_labels).astype(np.int64)
     print(f"keras {keras.__version__}, backend {keras.backend.backend()}, {args.epochs} epochs")
     for seed in (int(s) for s in args.seeds.split(",")):
-        for name, build in (("shared BN", question), ("BN per site", answer)):
+        for name, build, stem in (("shared BN", question, "question"), ("BN per site", answer, "answer")):
             keras.utils.set_random_seed(seed)
             model = build()
             model.compile(
                 optimizer=keras.optimizers.Adam(0.01), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
             )
             model.fit(train_x, train_y, batch_size=1000, epochs=args.epochs, shuffle=True, verbose=0)
+            if args.save is not None:  # before the batch-statistics pass, which moves the moving statistics
+                args.save.mkdir(parents=True, exist_ok=True)
+                model.save_weights(args.save / f"{stem}-seed{seed}.weights.h5")
             print(
                 f"seed {seed} {name:12s} eval accuracy (moving stats) "
                 f"{accuracy(model, test_x, test_y, False):.3f}, batch stats "

@@ -2,7 +2,7 @@
 the TensorFlow backend. Skipped when keras is not installed.
 
 Keras reads KERAS_BACKEND once, at its first import; the variable is set only around
-that import so that other tests' subprocesses do not inherit it.
+that import (keras_import.import_keras) so that other tests' subprocesses do not inherit it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from keras_import import import_keras
 
 from bnlab.doctor import check
 from bnlab.doctor.command import main
@@ -23,19 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 
 
-def _import_keras():
-    previous = os.environ.get("KERAS_BACKEND")
-    os.environ["KERAS_BACKEND"] = "torch"  # shares the process with the torch tests
-    try:
-        return pytest.importorskip("keras")
-    finally:
-        if previous is None:
-            os.environ.pop("KERAS_BACKEND", None)
-        else:
-            os.environ["KERAS_BACKEND"] = previous
-
-
-keras = _import_keras()
+keras = import_keras()
 layers = keras.layers
 
 
@@ -231,7 +220,7 @@ def test_repair_splits_the_shared_bn_and_reestimates(probe_batch) -> None:
     before = _state(model)
     fixed, changes = keras_repair.repair(model, [bx for bx, _ in batches])
     assert all(np.array_equal(a, b) for a, b in zip(before, _state(model), strict=True))  # a NEW model
-    assert [c["new"] for c in changes if "new" in c] == ["bn_l1", "bn_l2"]
+    assert [c["into"] for c in changes if c["change"] == "split"] == [["bn_l1", "bn_l2"]]
     # bn_l1's moving mean is the plain average of l1's batch means over the batches.
     l1 = fixed.get_layer("l1")
     means = [keras.ops.convert_to_numpy(l1(bx)).mean(axis=0) for bx, _ in batches]

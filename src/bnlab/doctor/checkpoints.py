@@ -1,5 +1,8 @@
 """Trained weights for the doctor: ``--checkpoint PATH`` and bnlab run directories.
 
+``--checkpoint``: a PyTorch state dict, a Chainer ``save_npz`` file, or a Keras
+``.weights.h5`` / ``.keras`` file (weights only).
+
 Every file read here is untrusted: state dicts load with ``torch.load(weights_only=True)``
 (plain tensors and containers, never arbitrary objects), a run directory's config is
 validated field by field, and every failure is one paragraph naming the file and the fix.
@@ -125,9 +128,34 @@ def load_chainer_checkpoint(model: Any, path: Path) -> None:
         ) from err
 
 
+KERAS_SUFFIXES = (".weights.h5", ".keras")
+
+
+def load_keras_checkpoint(model: Any, path: Path) -> None:
+    """Load the weights of a Keras ``model.save_weights`` (``.weights.h5``) or ``model.save``
+    (``.keras``) file into ``model``; only the weights are read (no layer config, no code)."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such checkpoint file.")
+    if not path.name.endswith(KERAS_SUFFIXES):
+        raise InputError(
+            f"{path}: a Keras checkpoint is a file written by model.save_weights(PATH.weights.h5) "
+            "or model.save(PATH.keras); give one of those."
+        )
+    try:
+        model.load_weights(path)
+    except Exception as err:
+        raise InputError(
+            f"{path} does not load into the Keras model {getattr(model, 'name', type(model).__name__)!r} "
+            f"({type(err).__name__}: {str(err)[:200]}). Give a file saved from this model, built "
+            "the same way (a subclassed model must be built before its weights can load)."
+        ) from err
+
+
 def load_checkpoint_into(model: Any, framework: str, path: str) -> None:
     if framework == "chainer":
         load_chainer_checkpoint(model, Path(path))
+    elif framework == "keras":
+        load_keras_checkpoint(model, Path(path))
     else:
         load_torch_checkpoint(model, Path(path))
 

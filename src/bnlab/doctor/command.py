@@ -86,8 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         default=None,
         help="load trained weights into the model first: a state_dict saved with "
-        "torch.save (loaded with weights_only=True), or for Chainer a "
-        "save_npz file (default: none, the model's own initial weights)",
+        "torch.save (loaded with weights_only=True), for Chainer a save_npz file, for "
+        "Keras a .weights.h5 or .keras file (default: none, the model's own initial weights)",
     )
     parser.add_argument(
         "--train-steps",
@@ -259,8 +259,10 @@ def _check(args: argparse.Namespace) -> tuple[Report, dict[str, Any], str]:
     target = _target(args)
     if args.fix:
         from bnlab.doctor import fix_output
+        from bnlab.doctor.repair import check_repairable
 
         fix_output.check_writable(Path(args.fix), target.framework, args.overwrite)
+        check_repairable(target.model, target.framework)  # e.g. a subclassed Keras model
     src, steps = _source(args, target)
     if args.fix and not src.real:
         raise probe_inputs.InputError(

@@ -1,8 +1,9 @@
 """``--fix OUT``: the repaired model on disk.
 
 OUT holds the weights (``model.pt``, a state dict for ``torch.load(weights_only=True)``;
-Chainer: ``model.npz`` for ``chainer.serializers.load_npz``), ``repair.json`` (what
-changed, before/after numbers) and ``HOW_TO_LOAD.txt``. Each file is written to a
+Chainer: ``model.npz`` for ``chainer.serializers.load_npz``; Keras: ``model.keras``, the
+whole repaired model in Keras's native format for ``keras.models.load_model``),
+``repair.json`` (what changed, before/after numbers) and ``HOW_TO_LOAD.txt``. Each file is written to a
 temporary name and renamed; existing files are never overwritten unless asked.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ CHANGES = "repair.json"
 
 
 def weights_name(framework: str) -> str:
-    return "model.npz" if framework == "chainer" else "model.pt"
+    return {"chainer": "model.npz", "keras": "model.keras"}.get(framework, "model.pt")
 
 
 def planned_files(out_dir: Path, framework: str) -> list[Path]:
@@ -40,7 +42,20 @@ def check_writable(out_dir: Path, framework: str, overwrite: bool) -> None:
         )
 
 
+def _keras_bytes(model: Any) -> bytes:
+    """The ``.keras`` archive of ``model``: Keras saves to a path ending in ``.keras``, so it
+    goes to a private temporary folder first, then to OUT through the atomic writer."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bnlab-fix-") as folder:
+        path = Path(folder) / "model.keras"
+        model.save(path)
+        return path.read_bytes()
+
+
 def _weights(result: RepairResult) -> bytes:
+    if result.framework == "keras":
+        return _keras_bytes(result.model)
     buffer = io.BytesIO()
     if result.framework == "chainer":
         import chainer
@@ -54,8 +69,33 @@ def _weights(result: RepairResult) -> bytes:
     return buffer.getvalue()
 
 
+def _keras_how_to(result: RepairResult, path: Path) -> str:
+    def paragraph(text: str) -> str:
+        return textwrap.fill(text, width=88) + "\n\n"
+
+    renamed = [f"{c['where']} -> {', '.join(c['into'])}" for c in result.changes if c["change"] == "split"]
+    text = paragraph(
+        "model.keras is the whole repaired model (architecture and weights) in Keras's native "
+        "format: it loads without the code that built the original."
+    )
+    if renamed:
+        text += paragraph(
+            "Each shared BatchNormalization is now one layer per call site (gamma and beta "
+            f"copied, moving statistics re-estimated): {'; '.join(renamed)}."
+        )
+    text += f"    import keras\n    model = keras.models.load_model({str(path)!r})  # safe_mode stays True\n\n"
+    text += paragraph(
+        "It is not compiled: compile it again to train it further. Custom layers must be "
+        "importable and registered (keras.saving.register_keras_serializable), or passed as "
+        "custom_objects={...}."
+    )
+    return text.rstrip("\n") + "\n"
+
+
 def _how_to(result: RepairResult, out_dir: Path, target: str, mlp_config: Any) -> str:
     weights = out_dir / weights_name(result.framework)
+    if result.framework == "keras":
+        return _keras_how_to(result, weights)
     if mlp_config is not None:
         return (
             "The repaired model is bnlab's MLP with one BN per hidden layer (the answer's "

@@ -9,8 +9,11 @@ Two steps, on a deep copy (the model given is never changed):
    (affine parameters copied); bnlab's own shared-BN MLP becomes the per-layer MLP;
 2. every BN's running statistics are re-estimated as the cumulative average over the
    given batches in train mode (``torch.optim.swa_utils.update_bn`` where it fits;
-   Chainer: ``avg_mean`` / ``avg_var``). This also cures statistics that were reset or
-   left stale.
+   Chainer: ``avg_mean`` / ``avg_var``; Keras: the moving statistics, through Keras's own
+   update). This also cures statistics that were reset or left stale.
+
+Keras: functional and Sequential models (a subclassed one is refused with a message); the
+split clones the graph with one BatchNormalization per call site.
 
 The weights are not touched: no gradient step is taken.
 """
@@ -42,12 +45,18 @@ def _backend(model: Any, framework: str) -> ModuleType:
 
         return repair_chainer
     if kind == "keras":
-        raise UsageError(
-            "--fix / repair for Keras models: not yet. For a functional or Sequential model, "
-            "bnlab.doctor.keras_repair.repair(model, batches) returns a new model with one "
-            "BatchNormalization per call site and re-estimated moving statistics."
-        )
-    raise UsageError(f"framework must be 'auto', 'torch' or 'chainer', not {framework!r}")
+        from bnlab.doctor import keras_repair
+
+        return keras_repair
+    raise UsageError(f"framework must be 'auto', 'keras', 'torch' or 'chainer', not {framework!r}")
+
+
+def check_repairable(model: Any, framework: str = "auto") -> None:
+    """A UsageError now, before any work, for a model the repair cannot take (Keras:
+    a subclassed model); nothing for the others."""
+    refuse = getattr(_backend(model, framework), "check_repairable", None)
+    if refuse is not None:
+        refuse(model)
 
 
 def _batches(batches: Iterable[Any]) -> list[tuple[Any, Any]]:
