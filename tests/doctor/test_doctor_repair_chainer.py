@@ -7,11 +7,11 @@ import copy
 import io
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from examples_import import EXAMPLES, import_example
 
 chainer = pytest.importorskip("chainer")
 
@@ -19,20 +19,10 @@ from bnlab.doctor import repair_chainer, sources  # noqa: E402
 from bnlab.doctor.command import main  # noqa: E402
 from bnlab.doctor.repair import repair, repair_report, split_shared  # noqa: E402
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def _example(name: str):
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(str(EXAMPLES))
-
 
 @pytest.fixture(scope="module")
 def mnist_source():
-    model = _example("question_chainer").MyModel()
+    model = import_example("question_chainer").MyModel()
     return sources.builtin_source("mnist", model, "chainer", None, 1000, 0)
 
 
@@ -40,7 +30,7 @@ def mnist_source():
 def trained_question(mnist_source):
     """The question's Chainer program, 40 Adam steps (lr 0.01) at batch 1000."""
     np.random.seed(0)
-    model = _example("question_chainer").MyModel()
+    model = import_example("question_chainer").MyModel()
     optimizer = chainer.optimizers.Adam(alpha=0.01)
     optimizer.setup(model)
     with chainer.using_config("train", True):
@@ -76,7 +66,7 @@ def test_chainer_repaired_weights_load_into_the_rebuilt_model(trained_question, 
     buffer = io.BytesIO()
     chainer.serializers.save_npz(buffer, fixed)
     buffer.seek(0)
-    rebuilt = split_shared(_example("question_chainer").MyModel(), {"bn": 2})
+    rebuilt = split_shared(import_example("question_chainer").MyModel(), {"bn": 2})
     chainer.serializers.load_npz(buffer, rebuilt)
     x = mnist_source.probe_x[:50]
     with chainer.using_config("train", False), chainer.no_backprop_mode():
@@ -84,7 +74,7 @@ def test_chainer_repaired_weights_load_into_the_rebuilt_model(trained_question, 
 
 
 def test_chainer_answer_is_only_reestimated(mnist_source) -> None:
-    model = _example("answer_chainer").MyModel()
+    model = import_example("answer_chainer").MyModel()
     new, changes = repair_chainer.repair(model, list(mnist_source.fit_batches())[:2])
     assert [c["change"] for c in changes] == ["re-estimated", "re-estimated"]
     assert not np.allclose(new.bn1.avg_mean, 0.0) and np.allclose(model.bn1.avg_mean, 0.0)

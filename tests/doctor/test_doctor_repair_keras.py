@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from examples_import import EXAMPLES, import_example
 from keras_import import import_keras
 
 keras = import_keras()
@@ -27,17 +28,8 @@ from bnlab.doctor.command import main
 from bnlab.doctor.errors import UsageError
 from bnlab.doctor.repair import repair, repair_report, split_shared
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 QUESTION = f"{EXAMPLES / 'question_keras.py'}:functional_model"
 STEPS = 100
-
-
-def _example(name: str):
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(str(EXAMPLES))
 
 
 def _state(model) -> list[np.ndarray]:
@@ -60,14 +52,14 @@ def _accuracy(model, batches) -> float:
 
 @pytest.fixture(scope="module")
 def mnist_source():
-    return sources.builtin_source("mnist", _example("question_keras").functional_model(), "keras", None, 1000, 0)
+    return sources.builtin_source("mnist", import_example("question_keras").functional_model(), "keras", None, 1000, 0)
 
 
 @pytest.fixture(scope="module")
 def trained(mnist_source):
     """The question's functional model after STEPS Adam steps on MNIST training batches."""
     keras.utils.set_random_seed(0)
-    model = _example("question_keras").functional_model()
+    model = import_example("question_keras").functional_model()
     model.compile(
         optimizer=keras.optimizers.Adam(0.01), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     )
@@ -179,7 +171,7 @@ def test_subclassed_model_is_refused_before_any_work(mnist_source, tmp_path: Pat
     assert "its own BatchNormalization in __init__" in captured.err
     assert captured.out == "" and not out.exists()
     with pytest.raises(UsageError, match="functional API"):
-        repair(_example("question_keras").MyModel(), list(mnist_source.fit_batches())[:1])
+        repair(import_example("question_keras").MyModel(), list(mnist_source.fit_batches())[:1])
 
 
 def test_keras_checkpoint_of_another_kind_is_an_input_error(tmp_path: Path, capsys) -> None:
@@ -190,7 +182,7 @@ def test_keras_checkpoint_of_another_kind_is_an_input_error(tmp_path: Path, caps
 
 
 def test_answer_is_only_reestimated(mnist_source) -> None:
-    model = _example("answer_keras").functional_model()
+    model = import_example("answer_keras").functional_model()
     new, changes = keras_repair.repair(model, list(mnist_source.fit_batches())[:2])
     assert [(c["change"], c["where"], c["from"]) for c in changes] == [
         ("re-estimated", "bn1", "bn1"),
@@ -201,7 +193,7 @@ def test_answer_is_only_reestimated(mnist_source) -> None:
 
 
 def test_frozen_bn_is_kept(mnist_source) -> None:
-    model = _example("answer_keras").functional_model()
+    model = import_example("answer_keras").functional_model()
     model.get_layer("bn1").trainable = False  # a frozen, pretrained BN
     new, changes = keras_repair.repair(model, list(mnist_source.fit_batches())[:2])
     assert {"change": "kept", "where": "bn1", "why": keras_repair.FROZEN} in changes
