@@ -17,7 +17,7 @@ from typing import Any
 
 from bnlab.doctor import checkpoints, sources
 from bnlab.doctor import inputs as probe_inputs
-from bnlab.doctor.errors import ProbeError, UsageError
+from bnlab.doctor.errors import InputError, ProbeError, UsageError
 from bnlab.doctor.findings import Report, clean
 from bnlab.doctor.loader import LoadError, load_model
 from bnlab.errors import BnlabError
@@ -160,9 +160,7 @@ class Target:
 def _target(args: argparse.Namespace) -> Target:
     if checkpoints.is_run_dir(args.target):
         if args.checkpoint:
-            raise probe_inputs.InputError(
-                "--checkpoint is for FILE.py:NAME targets; a run directory brings its own checkpoint.pt."
-            )
+            raise InputError("--checkpoint is for FILE.py:NAME targets; a run directory brings its own checkpoint.pt.")
         model, cfg = checkpoints.load_run_dir(args.target)
         framework = _framework(model, args.framework)
         name = f"{args.target} (bnlab run: preset {cfg.preset}, seed {cfg.train.seed})"
@@ -194,9 +192,7 @@ def _source(args: argparse.Namespace, target: Target) -> tuple[sources.Source, i
             src = sources.file_source(data, args.batch_size, args.max_batches)
         return src, steps
     if args.input_shape is None:
-        raise probe_inputs.InputError(
-            "give the probe input: --data mnist, --data FILE.py:NAME or --input-shape N,D,..."
-        )
+        raise InputError("give the probe input: --data mnist, --data FILE.py:NAME or --input-shape N,D,...")
     shape = probe_inputs.parse_shape(args.input_shape)
     if args.batch_size:
         shape = (args.batch_size,) + shape[1:]
@@ -265,7 +261,7 @@ def _check(args: argparse.Namespace) -> tuple[Report, dict[str, Any], str]:
         check_repairable(target.model, target.framework)  # e.g. a subclassed Keras model
     src, steps = _source(args, target)
     if args.fix and not src.real:
-        raise probe_inputs.InputError(
+        raise InputError(
             "--fix re-estimates running statistics on real training data and evaluates the "
             "repair on held-out data: give --data (mnist, fashion-mnist or FILE.py:NAME) "
             "instead of --input-shape."
