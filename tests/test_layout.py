@@ -1,5 +1,6 @@
-"""The house rules that keep bnlab readable: no import cycle between its modules, and the
-light commands (help, presets, convert) never import a framework."""
+"""The house rules that keep bnlab readable: no import cycle between its modules (counting
+every import, also those inside functions and under ``TYPE_CHECKING``), and the light
+commands (help, presets, convert) never import a framework."""
 
 import ast
 import subprocess
@@ -16,31 +17,52 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path, modules: set[str]) -> set[str]:
-    """bnlab modules imported by ``path`` at module level (not inside functions, and not
-    under ``if TYPE_CHECKING``): the edges that can make an import cycle. ``from pkg import
-    sub`` of a submodule is an edge to the submodule (a package's own ``__init__`` runs
-    before any of its submodules in any case)."""
-    tree = ast.parse(path.read_text())
+def _is_import_module(func: ast.expr) -> bool:
+    """``importlib.import_module(...)`` or a bare ``import_module(...)``."""
+    return (isinstance(func, ast.Attribute) and func.attr == "import_module") or (
+        isinstance(func, ast.Name) and func.id == "import_module"
+    )
+
+
+def _imports(source: str, package: str, modules: set[str]) -> set[str]:
+    """bnlab modules imported by ``source`` (a module of ``package``), counting EVERY import
+    wherever it stands: module level, inside functions and classes, under ``if
+    TYPE_CHECKING``, in ``try``/``if`` blocks, and ``importlib.import_module("bnlab...")``
+    with a literal name. An import inside a function still ties the two modules together
+    (and runs as soon as that function does), so it counts toward a cycle like any other.
+    ``from pkg import sub`` of a submodule is an edge to the submodule; ``from pkg import
+    name`` of anything else is an edge to ``pkg``. A package's own ``__init__`` runs before
+    any of its submodules in any case, so that implicit edge is not counted."""
     found: set[str] = set()
-    for node in tree.body:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            continue
-        for sub in [node] if not isinstance(node, (ast.If, ast.Try)) else ast.walk(node):
-            if isinstance(sub, ast.ImportFrom) and sub.module and sub.module.startswith("bnlab"):
-                subs = {f"{sub.module}.{a.name}" for a in sub.names} & modules
-                found.update(subs)
-                if len(subs) < len(sub.names):
-                    found.add(sub.module)
-            elif isinstance(sub, ast.Import):
-                found.update(a.name for a in sub.names if a.name.startswith("bnlab"))
-    return found
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: ``from . import x`` inside ``package``
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            subs = {f"{base}.{alias.name}" for alias in node.names} & modules
+            found.update(subs)
+            if len(subs) < len(node.names):
+                found.add(base)
+        elif isinstance(node, ast.Call) and _is_import_module(node.func) and node.args:
+            name = node.args[0]
+            if isinstance(name, ast.Constant) and isinstance(name.value, str):
+                found.add(name.value)
+    return {name for name in found if name == "bnlab" or name.startswith("bnlab.")}
+
+
+def _package(path: Path) -> str:
+    """The package a module file belongs to (for its relative imports)."""
+    return _module_name(path.parent / "__init__.py")
 
 
 def _graph() -> dict[str, set[str]]:
     modules = {_module_name(p): p for p in SRC.rglob("*.py")}
     return {
-        name: {m for m in _imports(path, set(modules)) if m in modules and m != name} for name, path in modules.items()
+        name: {m for m in _imports(path.read_text(), _package(path), set(modules)) if m in modules and m != name}
+        for name, path in modules.items()
     }
 
 
@@ -75,6 +97,40 @@ def test_no_import_cycle_between_bnlab_modules():
 def test_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_kind_of_import_is_an_edge():
+    source = """
+import typing
+import bnlab.a
+from bnlab import b, not_a_module
+if typing.TYPE_CHECKING:
+    from bnlab.c import Thing
+try:
+    from bnlab.d import thing
+except ImportError:
+    pass
+def later():
+    import importlib
+    from bnlab.e import f
+    from .g import h
+    importlib.import_module("bnlab.i")
+    importlib.import_module(name_in_a_variable)
+class Holder:
+    from bnlab import j
+"""
+    modules = {"bnlab", *(f"bnlab.{m}" for m in "abcdeghij"), "bnlab.e.f"}
+    assert _imports(source, "bnlab", modules) == {
+        "bnlab",  # ``not_a_module`` comes from the package itself
+        *(f"bnlab.{m}" for m in "abcdgij"),
+        "bnlab.e.f",  # ``from bnlab.e import f``: f is a submodule, the edge goes to it
+    }
+
+
+def test_the_graph_sees_imports_inside_functions():
+    graph = _graph()
+    # bnlab.cli imports the presets only inside its command handlers, never at module level
+    assert "bnlab.presets" in graph["bnlab.cli"]
 
 
 HEAVY = ("torch", "chainer", "tensorflow", "keras", "ray", "matplotlib", "scipy")

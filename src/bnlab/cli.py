@@ -513,7 +513,8 @@ def _run_sweep(
     on_stage)``: more results for a grid report (the sharing study's repairs)."""
     from bnlab.config import parse_seeds
     from bnlab.grid import parse_axis
-    from bnlab.sweep import DEFAULT_THREADS_PER_WORKER, SweepProgress, compare
+    from bnlab.comparison import compare
+    from bnlab.sweep import DEFAULT_THREADS_PER_WORKER, SweepProgress
 
     seeds = parse_seeds(args.seeds)
     if grid is None:
