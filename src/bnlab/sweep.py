@@ -182,7 +182,7 @@ def plan_sweep(
     return specs
 
 
-def _saved(spec: RunSpec) -> tuple[str | None, list[EpochRecord], str]:
+def saved_run(spec: RunSpec) -> tuple[str | None, list[EpochRecord], str]:
     """(status, history, message) saved in the spec's run directory; (None, [], "") when
     there is none, and for a directory whose files cannot be trusted (it is re-run)."""
     try:
@@ -201,7 +201,7 @@ def finished_outcome(spec: RunSpec) -> RunOutcome | None:
     Raises UsageError when the directory holds a finished run with other settings: results
     are never overwritten, nor reused for a different question, without the user saying so.
     """
-    status, history, message = _saved(spec)
+    status, history, message = saved_run(spec)
     if status not in FINISHED_STATUSES:
         return None
     try:
@@ -265,7 +265,7 @@ def execute_spec(spec: RunSpec, on_epoch: Callable[[EpochRecord], None] | None =
         # directory itself says what happened (a rerun clears it and tries again).
         RunRecorder(spec.config, spec.run_dir, echo=None).record_failed_start(message)
     if status != RUN_COMPLETE:
-        history = _saved(spec)[1]
+        history = saved_run(spec)[1]
     return spec.outcome(status, history, message, seconds=time.perf_counter() - started)
 
 
@@ -351,7 +351,7 @@ class _PoolState:
 
     def _fail(self, index: int, message: str) -> None:
         spec = self.specs[index]
-        self._finish(index, spec.outcome(RUN_FAILED, _saved(spec)[1], message))
+        self._finish(index, spec.outcome(RUN_FAILED, saved_run(spec)[1], message))
 
     def reap(self, procs: list, events) -> None:
         """Account for workers that died without reporting (killed, out of memory)."""

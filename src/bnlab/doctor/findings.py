@@ -15,6 +15,8 @@ import textwrap
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bnlab.jsonsafe import json_safe as clean  # the one JSON sanitizer, shared with the reports
+
 SEVERITIES = ("error", "warning", "info")
 _RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
 
@@ -35,26 +37,6 @@ def number(value: float | None) -> str:
         return "0"
     rounded = float(f"{value:.12g}")
     return str(int(rounded)) if rounded.is_integer() and abs(rounded) < 1e15 else repr(rounded)
-
-
-def clean(value: Any) -> Any:
-    """``value`` as plain JSON data: numpy scalars become Python numbers, tuples lists,
-    non-finite floats ``None`` (JSON has no NaN), dict keys strings."""
-    if isinstance(value, dict):
-        return {str(key): clean(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean(item) for item in value]
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalar
-        return clean(value.item())
-    if isinstance(value, float):
-        return float(value) if math.isfinite(value) else None
-    if hasattr(value, "tolist"):  # small numpy arrays
-        return clean(value.tolist())
-    return str(value)
 
 
 @dataclass
