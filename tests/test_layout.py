@@ -66,37 +66,36 @@ def _graph() -> dict[str, set[str]]:
     }
 
 
-def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    state: dict[str, int] = {}
-    stack: list[str] = []
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen: set[str] = set()
+    todo = list(graph[start])
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(graph.get(node, ()))
+    return seen
 
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        stack.append(node)
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == 1:
-                return stack[stack.index(nxt) :] + [nxt]
-            if nxt not in state and (found := visit(nxt)):
-                return found
-        stack.pop()
-        state[node] = 2
-        return None
 
-    for node in sorted(graph):
-        if node not in state and (found := visit(node)):
-            return found
-    return None
+def _tangles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every group of modules that import each other (directly or around a loop), so that
+    a failure names all of them at once, not only the first cycle found."""
+    reach = {node: _reachable(graph, node) for node in graph}
+    groups = {tuple(sorted(n for n in reach[node] if node in reach[n])) for node in graph if node in reach[node]}
+    return sorted(list(group) for group in groups)
 
 
 def test_no_import_cycle_between_bnlab_modules():
     graph = _graph()
     assert len(graph) > 20  # the walk found the package
-    assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
+    assert _tangles(graph) == [], "; ".join(" <-> ".join(group) for group in _tangles(graph))
 
 
 def test_cycle_finder_finds_a_cycle():
-    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
-    assert _cycle({"a": {"b"}, "b": set()}) is None
+    assert _tangles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c"]]
+    two = {"a": {"b"}, "b": {"a", "c"}, "c": set(), "d": {"e"}, "e": {"d"}}
+    assert _tangles(two) == [["a", "b"], ["d", "e"]]
+    assert _tangles({"a": {"b"}, "b": set()}) == []
 
 
 def test_every_kind_of_import_is_an_edge():
@@ -131,6 +130,31 @@ def test_the_graph_sees_imports_inside_functions():
     graph = _graph()
     # bnlab.cli imports the presets only inside its command handlers, never at module level
     assert "bnlab.presets" in graph["bnlab.cli"]
+
+
+def _private_imports(source: str) -> set[str]:
+    """``module:name`` for each ``_private`` name ``source`` imports from a bnlab module."""
+    return {
+        f"{node.module}:{alias.name}"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bnlab")
+        for alias in node.names
+        if alias.name.startswith("_") and not alias.name.startswith("__")
+    }
+
+
+def test_no_private_name_crosses_modules():
+    """A helper two modules use is public, in one module both import. (The doctor is left
+    out while its own restructuring into ``doctor/backends/`` lands.)"""
+    assert _private_imports("from bnlab.report import _CSS, CONFIDENCE\nfrom bnlab import __version__") == {
+        "bnlab.report:_CSS"
+    }
+    crossing = {
+        str(path.relative_to(SRC)): sorted(_private_imports(path.read_text()))
+        for path in SRC.rglob("*.py")
+        if SRC / "doctor" not in path.parents
+    }
+    assert {k: v for k, v in crossing.items() if v} == {}
 
 
 HEAVY = ("torch", "chainer", "tensorflow", "keras", "ray", "matplotlib", "scipy")
