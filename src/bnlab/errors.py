@@ -43,6 +43,24 @@ class MissingExtra(BnlabError, ImportError):
     exit_code = EXIT_USAGE
 
 
+# Chainer 7.8.1 needs numpy<2 (and setuptools<70 at run time) while current JAX needs numpy>=2,
+# so bnlab keeps Chainer in an environment of its own. Every "Chainer is missing" message
+# (the engine, the doctor) ends with this one paragraph.
+CHAINER_ENVIRONMENT = (
+    "Chainer 7.8.1 needs numpy<2 and setuptools<70, so it lives in its own environment, not "
+    "beside numpy 2 and JAX: from a clone of bnlab, `make venv-chainer` builds .venv-chainer "
+    "(torch, Chainer, numpy<2), then run the same command with `.venv-chainer/bin/bnlab`. In an "
+    'environment of your own: `pip install "numpy<2" "setuptools<70" wheel` then `pip install '
+    "--no-build-isolation chainer==7.8.1` (DEVELOPERS.md)."
+)
+
+
+def chainer_missing_text(what: str, err: BaseException) -> str:
+    """One paragraph: ``what`` needs Chainer, which ``err`` says cannot be imported here."""
+    detail = str(err) or type(err).__name__
+    return f"{what} needs Chainer 7.8.1, which is not importable here ({detail}). {CHAINER_ENVIRONMENT}"
+
+
 class RunFailed(BnlabError):
     """A run, or some runs of a sweep, did not complete."""
 
