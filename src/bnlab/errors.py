@@ -43,6 +43,17 @@ class MissingExtra(BnlabError, ImportError):
     exit_code = EXIT_USAGE
 
 
+def quote_error(err: BaseException, limit: int = 200) -> str:
+    """``Type: first line`` of a framework's error, for quoting inside one of bnlab's
+    paragraphs: an empty message gives the type alone, a multi-line one its first non-blank
+    line, a long one is cut at a word with an ellipsis (never mid-sentence without saying)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 # Chainer 7.8.1 needs numpy<2 (and setuptools<70 at run time) while current JAX needs numpy>=2,
 # so bnlab keeps Chainer in an environment of its own. Every "Chainer is missing" message
 # (the engine, the doctor) ends with this one paragraph.

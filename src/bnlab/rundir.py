@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bnlab.config import EpochRecord, RunConfig
-from bnlab.errors import InputError, OutputError, UsageError, output_error
+from bnlab.errors import InputError, OutputError, UsageError, output_error, quote_error
 from bnlab.table import format_row, table_header
 
 if TYPE_CHECKING:
@@ -271,7 +271,8 @@ class RunRecorder:
             atomic_write_bytes(self.out_dir / "checkpoint.pt", buf.getvalue())
             if bn_trace:
                 npz = io.BytesIO()
-                np.savez(npz, **bn_trace)
+                arrays: dict[str, Any] = dict(bn_trace)  # numpy 2's stubs type savez's kwargs narrowly
+                np.savez(npz, **arrays)
                 atomic_write_bytes(self.out_dir / "bn_trace.npz", npz.getvalue())
         self.status = RUN_COMPLETE
         if self.out_dir is not None:
@@ -439,21 +440,12 @@ def group_by_preset(runs: Sequence[RunData]) -> dict[str, list[RunData]]:
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[MLP, RunConfig]:
     """Rebuild a trained model from checkpoint.pt without unpickling arbitrary objects."""
-    import pickle
-
-    import torch
-
     from bnlab.models import build_model
+    from bnlab.safeload import read_torch_file
 
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise InputError(f"{path} does not exist; a complete run directory holds checkpoint.pt.") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
-        raise InputError(
-            f"{path} is not a checkpoint bnlab can load safely (torch.load with "
-            f"weights_only=True said: {str(err).splitlines()[0][:200]})."
-        ) from None
+    payload = read_torch_file(
+        path, fix="A complete run directory holds the checkpoint.pt that bnlab train wrote; train again."
+    )
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
         raise InputError(f"{path} is not a bnlab checkpoint (a dict with 'model' and 'config').")
     try:
@@ -465,6 +457,31 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[MLP, RunConfig]:
         model.load_state_dict(payload["model"])
     except (RuntimeError, TypeError, AttributeError) as err:
         raise InputError(
-            f"{path}: its weights do not fit the model its config describes ({str(err).splitlines()[0][:200]})."
+            f"{path}: its weights do not fit the model its config describes ({quote_error(err)})."
         ) from None
+    return model, cfg
+
+
+def load_run(run_dir: str | os.PathLike) -> tuple[MLP, RunConfig]:
+    """The trained model and its config from a run directory of any engine (torch, Chainer,
+    TensorFlow: every engine saves the torch model's keys), in eval mode.
+
+    >>> model, cfg = bnlab.load_run("runs/answer-seed1")
+
+    Reads checkpoint.pt with ``weights_only=True`` (no code from the file runs); an InputError
+    (one paragraph) for a folder that is not a run, a run that never finished, or a damaged file.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir} is not a folder; give the run directory that bnlab train or compare wrote.")
+    checkpoint = run_dir / "checkpoint.pt"
+    if not checkpoint.exists():
+        run = read_run(run_dir)
+        state = f"its status is {run.status!r}" if run is not None else "it holds no history.json"
+        raise InputError(
+            f"{run_dir} has no checkpoint.pt ({state}): only a run that finished training saves its model. "
+            "Train it to the end (bnlab train, or rerun the same bnlab compare) and load it again."
+        )
+    model, cfg = load_checkpoint(checkpoint)
+    model.eval()
     return model, cfg
