@@ -84,16 +84,17 @@ class TrainingDiverged(BnlabError, RuntimeError):
     exit_code = EXIT_FAILED
 
 
-def output_error(path: object, err: OSError) -> OutputError:
-    """The one-paragraph message for an OSError met while writing ``path``."""
+def output_error(path: object, err: OSError, option: str = "--out") -> OutputError:
+    """The one-paragraph message for an OSError met while writing ``path``; ``option`` is the
+    flag that chose the place (``--out`` for train and compare, ``--fix`` for the doctor)."""
     import errno
 
     reason = {
-        errno.ENOSPC: "the disk is full; free some space or choose another --out",
-        errno.EROFS: "the file system is read-only; choose another --out",
-        errno.EACCES: "permission denied; choose a folder you can write to with --out",
-        errno.EEXIST: "a file is in the way; choose another --out",
-        errno.ENOTDIR: "a file stands where a folder is needed; choose another --out",
-        errno.EISDIR: "a folder stands where a file is needed; choose another --out",
-    }.get(err.errno or 0, f"{err.strerror or err}; choose another --out")
+        errno.ENOSPC: f"the disk is full; free some space or choose another {option}",
+        errno.EROFS: f"the file system is read-only; choose another {option}",
+        errno.EACCES: f"permission denied; choose a folder you can write to with {option}",
+        errno.EEXIST: f"a file is in the way; choose another {option}",
+        errno.ENOTDIR: f"a file stands where a folder is needed; choose another {option}",
+        errno.EISDIR: f"a folder stands where a file is needed; choose another {option}",
+    }.get(err.errno or 0, f"{err.strerror or err}; choose another {option}")
     return OutputError(f"cannot write {path}: {reason}.")

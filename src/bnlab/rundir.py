@@ -11,6 +11,7 @@ A run directory is owned by one process at a time (``RunLock``).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import errno
@@ -93,6 +94,82 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_file_set(
+    folder: Path, files: dict[str, bytes], *, option: str = "--out", replace: bool = False
+) -> list[Path]:
+    """Make every file of ``files`` (name -> content) appear in ``folder`` together, or none.
+
+    All contents are written to hidden temporary files in ``folder`` first (a full disk or a
+    Ctrl-C there leaves nothing but removes the temporaries); only then is each renamed into
+    place, and a failure among the renames puts back what was there before. A folder this
+    call created is removed again if nothing was published. Files of the user's that are not
+    in ``files`` are never touched; with ``replace`` our own earlier files are replaced (kept
+    until the new set is complete). Errors are OutputErrors naming the path and ``option``.
+    """
+    created = _make_folder(folder, option)
+    staged: dict[Path, Path] = {}
+    backups: dict[Path, Path] = {}
+    published: list[Path] = []
+    try:
+        for name, payload in files.items():
+            staged[folder / name] = _stage(folder / name, payload, option)
+        for target, tmp in staged.items():
+            if target.exists():
+                if not replace:
+                    raise OutputError(f"{option} {folder}: {target.name} already exists; nothing was written.")
+                backups[target] = Path(f"{tmp}.old")
+                os.replace(target, backups[target])
+            os.replace(tmp, target)
+            published.append(target)
+    except BaseException as err:
+        for target in published:
+            target.unlink(missing_ok=True)
+        for target, backup in backups.items():
+            os.replace(backup, target)
+        for tmp in staged.values():
+            Path(tmp).unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if isinstance(err, OSError):
+            raise output_error(folder, err, option) from None
+        raise
+    for backup in backups.values():
+        backup.unlink(missing_ok=True)
+    return published
+
+
+def _make_folder(folder: Path, option: str) -> bool:
+    """Create ``folder`` (and its parents); True if this call created it."""
+    if folder.is_dir():
+        return False
+    try:
+        folder.mkdir(parents=True)
+    except OSError as err:
+        raise output_error(folder, err, option) from None
+    return True
+
+
+def _stage(target: Path, payload: bytes, option: str) -> Path:
+    """``payload`` in a hidden temporary file beside ``target``, flushed to the disk."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as err:
+        raise output_error(target, err, option) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk shows here, not after the rename
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise output_error(target, err, option) from None
+        raise
+    return Path(tmp)
 
 
 class RunInUse(UsageError):
