@@ -21,8 +21,8 @@ from typing import Any
 from bnlab.grid import GridAxis, GridPoint, format_value, point_label
 from bnlab.grid_figures import CellStat, plot_axes, plot_heatmaps
 from bnlab.jsonsafe import json_safe
-from bnlab.report import LAST_EPOCHS, METRICS, run_metrics
-from bnlab.report_format import CSS, ci_text, figure_html, markdown_table, mean_sd, num, table_html
+from bnlab.report import LAST_EPOCHS, METRICS, OTHER_METRICS, run_metrics, seed_cells
+from bnlab.report_format import CSS, figure_html, markdown_table, num, table_html
 from bnlab.rundir import RUN_COMPLETE, RunData, atomic_write_json, atomic_write_text
 from bnlab.seedstats import CONFIDENCE, Stats, describe
 
@@ -107,25 +107,16 @@ def stats_columns(axes: Sequence[GridAxis]) -> tuple[str, ...]:
 def stats_rows(cells: Sequence[GridCell], axes: Sequence[GridAxis]) -> list[list[str]]:
     """One row per (grid point, series): points in grid order, series in plan order."""
     rank = {point: i for i, point in enumerate(dict.fromkeys(c.point for c in cells))}
-    rows = []
-    for c in sorted(cells, key=lambda c: rank[c.point]):
-        f = c.stats["final_val_acc"]
-        runs = f"{f.n}" + (f" (+{len(c.not_complete)} not complete)" if c.not_complete else "")
-        values = dict(c.point)
-        rows.append(
-            [
-                c.series,
-                *(format_value(values[a.field]) for a in axes),
-                runs,
-                mean_sd(f),
-                ci_text(f),
-                f"{num(f.min)} – {num(f.max)}",
-                mean_sd(c.stats["best_val_acc"]),
-                mean_sd(c.stats["last10_val_acc"]),
-                mean_sd(c.stats["final_val_loss"]),
-            ]
-        )
-    return rows
+    # One column per axis already: the grid's table leaves out the best val loss.
+    others = [m for m in OTHER_METRICS if m != "best_val_loss"]
+    return [
+        [
+            c.series,
+            *(format_value(dict(c.point)[a.field]) for a in axes),
+            *seed_cells(c.stats, c.not_complete, others),
+        ]
+        for c in sorted(cells, key=lambda c: rank[c.point])
+    ]
 
 
 def summary_csv(cells: Sequence[GridCell], axes: Sequence[GridAxis]) -> str:

@@ -130,25 +130,22 @@ STAT_COLUMNS = (
 )
 
 
+# The metrics after the final val acc in a statistics row, as mean ± sd.
+OTHER_METRICS = ("best_val_acc", "last10_val_acc", "final_val_loss", "best_val_loss")
+
+
+def seed_cells(
+    stats: dict[str, Stats], not_complete: Sequence[str], others: Sequence[str] = OTHER_METRICS
+) -> list[str]:
+    """A statistics row after its name (the sweep's and the grid's tables): runs, the final
+    val acc's mean ± sd, interval and range, then ``others`` as mean ± sd."""
+    f = stats["final_val_acc"]
+    runs = f"{f.n}" + (f" (+{len(not_complete)} not complete)" if not_complete else "")
+    return [runs, mean_sd(f), ci_text(f), f"{num(f.min)} – {num(f.max)}", *(mean_sd(stats[m]) for m in others)]
+
+
 def stats_rows(summaries: dict[str, PresetSummary]) -> list[list[str]]:
-    rows = []
-    for s in summaries.values():
-        f = s.stats["final_val_acc"]
-        runs = f"{f.n}" + (f" (+{len(s.not_complete)} not complete)" if s.not_complete else "")
-        rows.append(
-            [
-                s.preset,
-                runs,
-                mean_sd(f),
-                ci_text(f),
-                f"{num(f.min)} – {num(f.max)}",
-                mean_sd(s.stats["best_val_acc"]),
-                mean_sd(s.stats["last10_val_acc"]),
-                mean_sd(s.stats["final_val_loss"]),
-                mean_sd(s.stats["best_val_loss"]),
-            ]
-        )
-    return rows
+    return [[s.preset, *seed_cells(s.stats, s.not_complete)] for s in summaries.values()]
 
 
 # The verdict second: on a narrow screen it stays in view while the claim scrolls.
