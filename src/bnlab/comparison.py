@@ -12,19 +12,11 @@ import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+# Through the module: tests put an in-process executor in place of sweep.LocalProcessExecutor.
+from bnlab import sweep
 from bnlab.errors import OutputError, UsageError
 from bnlab.rundir import RUN_COMPLETE, RunLock
-from bnlab.sweep import (
-    DEFAULT_THREADS_PER_WORKER,
-    EventHandler,
-    Executor,
-    LocalProcessExecutor,
-    RunOutcome,
-    RunSpec,
-    finished_outcome,
-    plan_sweep,
-    run_sweep,
-)
+from bnlab.sweep import DEFAULT_THREADS_PER_WORKER, EventHandler, Executor, RunOutcome, RunSpec
 
 if typing.TYPE_CHECKING:
     from bnlab.grid import GridAxis
@@ -69,15 +61,15 @@ def compare(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder; give a folder for the sweep.")
-    specs = plan_sweep(
+    specs = sweep.plan_sweep(
         presets, seeds, out, {**(overrides or {}), "threads": threads}, dataset=dataset, data_dir=data_dir, grid=grid
     )
     with RunLock(out, "sweep directory"):
-        pending = [s for s in specs if finished_outcome(s) is None]
+        pending = [s for s in specs if sweep.finished_outcome(s) is None]
         for spec in pending[:1]:
             check_config(spec.config)  # a missing framework or device is said once, before any worker
         if executor is None:
-            executor = LocalProcessExecutor(workers, threads)
+            executor = sweep.LocalProcessExecutor(workers, threads)
         if pending:
             stage(f"checking the {dataset} files")
             load_data(dataset, data_dir)  # find, verify or download once, before any worker starts
@@ -92,7 +84,7 @@ def compare(
                 )
         if on_plan is not None:
             on_plan(specs)
-        outcomes = run_sweep(specs, executor, on_event)
+        outcomes = sweep.run_sweep(specs, executor, on_event)
         extra = extra_results(specs, outcomes) if extra_results is not None and grid else []
         started = time.perf_counter()
         stage("building the report")
