@@ -193,6 +193,43 @@ def test_tensorflow_backend_in_a_subprocess(mnist_dir) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_tensorflow_backend_input_shape_and_api_in_a_subprocess() -> None:
+    """Keras on TensorFlow without --data: the shape trial and the class count of
+    --input-shape run through the Keras backend (not torch's), and the API's check."""
+    pytest.importorskip("tensorflow")
+    script = (
+        "import sys\n"
+        "import keras, numpy as np\n"
+        "from bnlab.doctor import check\n"
+        "from bnlab.doctor.command import main\n"
+        "assert keras.backend.backend() == 'tensorflow'\n"
+        "code = main([sys.argv[1], '--input-shape', '64,784', '--train-steps', '3', '--json'])\n"
+        "sys.path.insert(0, sys.argv[2])\n"
+        "import question_keras\n"
+        "x = np.random.default_rng(0).standard_normal((64, 784), dtype=np.float32)\n"
+        "report = check(question_keras.functional_model(), x)\n"
+        "print('RESULT', code, report.framework, sorted({f.check for f in report.findings}))\n"
+    )
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": "tensorflow",
+        "PYTHONPATH": str(REPO / "src"),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script, f"{EXAMPLES / 'question_keras.py'}:functional_model", str(EXAMPLES)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert "RESULT 1 keras" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "'shared-bn'" in result.stdout.rpartition("RESULT")[2]
+    assert "Traceback" not in result.stderr
+
+
 def test_detecting_a_torch_model_imports_no_keras() -> None:
     script = (
         "import sys, torch\n"
