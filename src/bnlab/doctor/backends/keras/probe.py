@@ -19,10 +19,10 @@ from typing import Any, Self
 import keras
 import numpy as np
 
-from bnlab.doctor import keras_train
+from bnlab.doctor.backends.keras import train as keras_train
+from bnlab.doctor.backends.keras.common import BN as _BN
+from bnlab.doctor.backends.keras.common import as_array, bn_layers, children, first_output, named_layers, numpy
 from bnlab.doctor.errors import UsageError, forward_failed
-from bnlab.doctor.keras_common import BN as _BN
-from bnlab.doctor.keras_common import bn_layers, children, first_output, named_layers
 from bnlab.doctor.records import CallRecord, LayerInfo, ProbeResult, TrainLog
 from bnlab.doctor.stats import channel_stats
 
@@ -36,11 +36,6 @@ _WITH_BIAS = (
     keras.layers.DepthwiseConv2D,
     keras.layers.SeparableConv2D,
 )
-
-
-def numpy(value: Any) -> np.ndarray:
-    """Any backend's tensor (or a Keras variable) as a float64 numpy copy."""
-    return np.array(keras.ops.convert_to_numpy(value), dtype=np.float64)
 
 
 def _built(layer: Any) -> bool:
@@ -254,14 +249,6 @@ class Recorder:
 
 
 # -- the probe -------------------------------------------------------------------------
-
-
-def as_array(inputs: Any) -> np.ndarray:
-    """Probe input as float32 numpy (torch tensors and float64 arrays converted)."""
-    if hasattr(inputs, "detach") and hasattr(inputs, "numpy"):  # a torch tensor
-        inputs = inputs.detach().cpu().numpy()
-    array = np.asarray(keras.ops.convert_to_numpy(inputs))
-    return array.astype(np.float32) if array.dtype == np.float64 else array
 
 
 def classes(array: np.ndarray | None) -> np.ndarray | None:
