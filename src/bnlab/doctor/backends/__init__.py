@@ -22,6 +22,7 @@ from typing import Any
 
 from bnlab.doctor.backend import Backend
 from bnlab.doctor.errors import UnsupportedModel, UsageError
+from bnlab.errors import MissingExtra, chainer_missing_text
 
 # name -> package holding BACKEND; asked in this order (a framework built on another comes first:
 # a Keras 3 model on the torch backend is also a torch.nn.Module).
@@ -49,6 +50,23 @@ NOT_YET: list[tuple[str, Callable[[Any], bool], str]] = [
         ),
     ),
 ]
+
+
+# A model file that imports a framework this environment cannot hold: the package's top-level
+# name -> (what it is, the paragraph that says where it lives). Chainer 7.8.1 needs numpy<2, so
+# the modern environment (numpy 2, JAX) has none.
+ELSEWHERE: dict[str, Callable[[str, BaseException], str]] = {
+    "chainer": lambda what, err: chainer_missing_text(what, err),
+}
+
+
+def missing_framework(err: BaseException, path: object) -> MissingExtra | None:
+    """The error for ``path`` failing to import because a framework kept in another
+    environment is missing here; None for any other failure."""
+    if not isinstance(err, ImportError):
+        return None
+    explain = ELSEWHERE.get((err.name or "").split(".")[0])
+    return MissingExtra(explain(f"{path} imports it: checking it", err)) if explain else None
 
 
 def load(name: str) -> Backend:
