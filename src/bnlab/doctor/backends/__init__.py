@@ -56,7 +56,7 @@ NOT_YET: list[tuple[str, Callable[[Any], bool], str]] = [
 # name -> (what it is, the paragraph that says where it lives). Chainer 7.8.1 needs numpy<2, so
 # the modern environment (numpy 2, JAX) has none.
 ELSEWHERE: dict[str, Callable[[str, BaseException], str]] = {
-    "chainer": lambda what, err: chainer_missing_text(what, err),
+    "chainer": lambda path, err: chainer_missing_text(f"{path} imports chainer; checking a Chainer model", err),
 }
 
 
@@ -66,7 +66,7 @@ def missing_framework(err: BaseException, path: object) -> MissingExtra | None:
     if not isinstance(err, ImportError):
         return None
     explain = ELSEWHERE.get((err.name or "").split(".")[0])
-    return MissingExtra(explain(f"{path} imports it: checking it", err)) if explain else None
+    return MissingExtra(explain(str(path), err)) if explain else None
 
 
 def load(name: str) -> Backend:
