@@ -9,7 +9,6 @@ paragraph naming the file and the fix.
 from __future__ import annotations
 
 import io
-import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 from bnlab.doctor.backend import Change
 from bnlab.doctor.backends import sketch
 from bnlab.doctor.errors import InputError
+from bnlab.safeload import read_torch_file
 
 # How many missing / unexpected keys a message names.
 KEYS_NAMED = 4
@@ -25,31 +25,9 @@ KEYS_NAMED = 4
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict")
 
 
-def _unsafe_global(message: str) -> str | None:
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
-    return found.group(1) if found else None
-
-
 def read_state_file(path: Path) -> Any:
-    """``torch.load(path, weights_only=True)`` with the failures explained."""
-    if not path.is_file():
-        raise InputError(f"{path}: no such checkpoint file.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        name = _unsafe_global(str(err))
-        if name is not None:
-            raise InputError(
-                f"{path} needs arbitrary Python objects to load (it pickles {name}); bnlab loads "
-                "checkpoints with torch.load(weights_only=True), which only reads tensors and "
-                "plain containers, because unpickling runs code from the file. Save the weights "
-                "alone: torch.save(model.state_dict(), PATH)."
-            ) from err
-        raise InputError(
-            f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:160]}). The file is corrupt, truncated or of another "
-            "format; save it again with torch.save(model.state_dict(), PATH)."
-        ) from err
+    """``torch.load(path, weights_only=True)`` with the failures explained (bnlab.safeload)."""
+    return read_torch_file(path, fix="Save the weights alone: torch.save(model.state_dict(), PATH).")
 
 
 def state_dict_of(payload: Any, path: Path) -> dict[str, Any]:
