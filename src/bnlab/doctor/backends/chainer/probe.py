@@ -19,6 +19,7 @@ import numpy as np
 from chainer.backends import cuda
 
 from bnlab.doctor.backends.chainer import train as chainer_train
+from bnlab.doctor.backends.chainer.common import output_array
 from bnlab.doctor.errors import forward_failed
 from bnlab.doctor.records import CallRecord, LayerInfo, ProbeResult, TrainLog
 from bnlab.doctor.stats import channel_stats
@@ -298,15 +299,13 @@ def as_array(inputs: Any) -> Any:
     return inputs
 
 
-def _first(output: Any) -> Any:
-    """The first element of a tuple/list output (what the probe reads)."""
-    while isinstance(output, (tuple, list)):
-        output = output[0] if output else None
-    return output
+def _read(output: Any) -> np.ndarray | None:
+    """The part of the output the probe reads (:func:`output_array`), as float64 numpy."""
+    return _numpy(output_array(output)[0])
 
 
 def classes(output: Any) -> np.ndarray | None:
-    array = _numpy(_first(output))
+    array = _read(output)
     if array is None or array.ndim < 2 or array.shape[1] < 2 or not np.all(np.isfinite(array)):
         return None
     return array.argmax(axis=1).reshape(-1)
@@ -317,6 +316,12 @@ def _forward(model: chainer.Link, x: Any) -> Any:
         return model(x)
     except (Exception, SystemExit) as err:  # noqa: BLE001 - a probe failure, for the user
         raise forward_failed(err) from err
+
+
+_GLOBAL_TRAIN_SWITCH = (
+    "Chainer has one global train/eval switch, so dropout is active in the train-mode pass "
+    "of the train/eval comparison."
+)
 
 
 def observe(
@@ -340,13 +345,18 @@ def observe(
         with chainer.using_config("train", False), chainer.no_backprop_mode(), counter:
             eval_out = _forward(work, x)
     train_pred, eval_pred = classes(train_out), classes(eval_out)
-    a, b = _numpy(_first(train_out)), _numpy(_first(eval_out))
+    a, b = _read(train_out), _read(eval_out)
     diff = None
     if train_pred is None and a is not None and b is not None and a.shape == b.shape:
         diff = float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-12))
     finite = None
     if a is not None and b is not None:
         finite = bool(np.all(np.isfinite(a)) and np.all(np.isfinite(b)))
+    where = output_array(train_out)[1]
+    note = f"the model returns a {type(train_out).__name__}; the doctor reads output{where}" if where else ""
+    notes = [note] if note else []
+    if any(c.producer_is_dropout for c in recorder.calls):
+        notes.append(_GLOBAL_TRAIN_SWITCH)
     return ProbeResult(
         framework="chainer",
         model_name="",
@@ -359,12 +369,8 @@ def observe(
         labels=None if labels is None else np.asarray(as_array(labels)).reshape(-1),
         output_diff=diff,
         output_finite=finite,
-        notes=[
-            "Chainer has one global train/eval switch, so dropout is active in the "
-            "train-mode pass of the train/eval comparison."
-        ]
-        if any(c.producer_is_dropout for c in recorder.calls)
-        else [],
+        notes=notes,
+        output_note=note,
     )
 
 

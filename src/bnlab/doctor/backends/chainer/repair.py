@@ -16,6 +16,7 @@ import chainer.functions as F
 import numpy as np
 from chainer.backends import cuda
 
+from bnlab.doctor.backends.chainer.common import output_array
 from bnlab.doctor.backends.chainer.probe import Recorder, bn_links, frozen_statistics
 from bnlab.doctor.errors import RepairError
 
@@ -168,7 +169,8 @@ def repair(
 
 
 def _scores(out: Any) -> np.ndarray:
-    return np.asarray(cuda.to_cpu(getattr(out, "array", out)))
+    scores, _ = output_array(out)
+    return np.asarray(cuda.to_cpu(getattr(scores, "array", scores)))
 
 
 def evaluate(model: chainer.Link, batches: list[Any]) -> dict[str, Any]:

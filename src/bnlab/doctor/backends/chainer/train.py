@@ -9,6 +9,7 @@ import chainer
 import chainer.functions as F
 import numpy as np
 
+from bnlab.doctor.backends.chainer.common import output_array
 from bnlab.doctor.batching import cycle
 from bnlab.doctor.errors import UsageError, training_step_failed
 from bnlab.doctor.records import TrainLog
@@ -31,7 +32,9 @@ def _inputs(x: Any) -> Any:
 def pseudo_labels(model: chainer.Link, x: Any, seed: int = 0) -> np.ndarray:
     """Random class labels shaped like the model's output (see torch_train.pseudo_labels)."""
     with chainer.using_config("train", False), chainer.no_backprop_mode():
-        out = model(x)
+        out, _ = output_array(model(x))
+    if out is None:
+        raise UsageError("train_steps needs labels when the model's output is not class scores")
     array: Any = out.array if isinstance(out, chainer.Variable) else np.asarray(out)
     if array.ndim < 2 or array.shape[1] < 2:
         raise UsageError("train_steps needs labels when the model's output is not class scores")
@@ -65,7 +68,10 @@ def train(
     with chainer.using_config("train", True):
         for step, (bx, by) in zip(range(steps), cycle(batches)):
             try:
-                loss = loss_fn(model(_inputs(bx)), _labels(by))
+                output, _ = output_array(model(_inputs(bx)))
+                if output is None:
+                    raise TypeError("the model's output holds no array")
+                loss = loss_fn(output, _labels(by))
                 model.cleargrads()
                 loss.backward()
                 optimizer.update()

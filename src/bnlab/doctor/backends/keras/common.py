@@ -7,12 +7,48 @@ handled (see :mod:`bnlab.doctor.backends.keras`).
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import keras
 import numpy as np
 
 BN = keras.layers.BatchNormalization
+
+
+@contextlib.contextmanager
+def tensorflow_left_alone() -> Iterator[None]:
+    """Keep Keras from importing TensorFlow where nothing needs it.
+
+    Keras's serialization (``clone_model``) imports TensorFlow, if installed, only to ask
+    whether a config value is a ``tf.TensorShape`` or ``tf.DType``; the import prints
+    TensorFlow's start-up logging (oneDNN, absl) on a model that runs on torch or JAX.
+    While TensorFlow is not imported no value can be one of its types, so Keras's lazy
+    handle is told it is absent until the block ends. Keras versions without that
+    handle are left as they are.
+    """
+    try:
+        from keras.src.utils import module_utils
+    except ImportError:
+        yield
+        return
+    handle = getattr(module_utils, "tensorflow", None)
+    untouched = "tensorflow" not in sys.modules and getattr(handle, "_available", False) is None
+    if untouched:
+        handle._available = False  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        if untouched:
+            handle._available = None  # type: ignore[union-attr]
+
+
+def clone_model(model: Any, **kwargs: Any) -> Any:
+    """``keras.models.clone_model``, without importing TensorFlow for nothing."""
+    with tensorflow_left_alone():
+        return keras.models.clone_model(model, **kwargs)
 
 
 def numpy(value: Any) -> np.ndarray:
@@ -74,7 +110,7 @@ def trial(model: Any) -> Any:
     cannot be cloned: an inference call updates nothing (it only builds an unbuilt
     subclassed model, as its first real call would)."""
     try:
-        return keras.models.clone_model(model)
+        return clone_model(model)
     except Exception:  # noqa: BLE001 - any failure to clone: try on the model itself
         return model
 

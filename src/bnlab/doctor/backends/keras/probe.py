@@ -21,7 +21,15 @@ import numpy as np
 
 from bnlab.doctor.backends.keras import train as keras_train
 from bnlab.doctor.backends.keras.common import BN as _BN
-from bnlab.doctor.backends.keras.common import as_array, bn_layers, children, first_output, named_layers, numpy
+from bnlab.doctor.backends.keras.common import (
+    as_array,
+    bn_layers,
+    children,
+    clone_model,
+    first_output,
+    named_layers,
+    numpy,
+)
 from bnlab.doctor.errors import UsageError, forward_failed
 from bnlab.doctor.records import CallRecord, LayerInfo, ProbeResult, TrainLog
 from bnlab.doctor.stats import channel_stats
@@ -81,7 +89,7 @@ def clone(model: Any, x: np.ndarray) -> Any:
     shared); subclassed ones through their config (Keras captures constructor
     arguments). Raises whatever Keras raises when it cannot.
     """
-    work = keras.models.clone_model(model)
+    work = clone_model(model)
     build(work, x)
     if model.built and model.weights:
         work.set_weights(model.get_weights())

@@ -168,7 +168,7 @@ def _split(model: Any, paths: Iterable[str]) -> tuple[Any, dict[str, list[str]],
     splitter = _Splitter(model, {id(layer): layer for layer in wanted.values()})
     source = _as_functional(model) if wanted else model
     try:
-        new = keras.models.clone_model(
+        new = common.clone_model(
             source,
             clone_function=splitter.clone_function,
             call_function=splitter.call_function if wanted else None,

@@ -11,6 +11,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
+from bnlab.doctor.backends.outputs import pick_output
+
 
 def is_norm(module: nn.Module) -> bool:
     """BatchNorm*, SyncBatchNorm, InstanceNorm*: the norms that may keep running stats."""
@@ -65,26 +67,9 @@ def classes(output: Any) -> np.ndarray | None:
 
 
 def output_tensor(value: Any) -> tuple[torch.Tensor | None, str]:
-    """The tensor of a model's output that the doctor reads, and where it was found.
-
-    A tensor is itself (``""``); in a tuple or list the first tensor (``"output[0]"``);
-    in a dict the ``logits`` entry if there is one, else the first tensor
-    (``"output['logits']"``). Nested containers are searched depth first.
-    """
-    if isinstance(value, torch.Tensor):
-        return value, ""
-    if isinstance(value, dict):
-        keys = sorted(value, key=lambda k: k != "logits")  # logits first, else in order
-        for key in keys:
-            found, where = output_tensor(value[key])
-            if found is not None:
-                return found, f"[{key!r}]{where}"
-    if isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            found, where = output_tensor(item)
-            if found is not None:
-                return found, f"[{index}]{where}"
-    return None, ""
+    """The tensor of a model's output that the doctor reads, and where it was found
+    (``"['logits']"``; see :func:`~bnlab.doctor.backends.outputs.pick_output`)."""
+    return pick_output(value, lambda item: isinstance(item, torch.Tensor))
 
 
 def check_supported(model: nn.Module) -> None:
@@ -167,9 +152,10 @@ def runs_on(model: nn.Module, x: np.ndarray) -> bool:
 
 
 def eval_output(model: nn.Module, x: np.ndarray) -> np.ndarray | None:
-    """The first tensor of a throwaway copy's eval-mode output on ``x``, as numpy."""
-    trial = copy.deepcopy(model)
+    """The tensor the probe reads (:func:`output_tensor`) of a throwaway copy's eval-mode
+    output on ``x``, as numpy (Lazy modules included: they take their shapes on the copy)."""
+    trial = deep_copy(model)
     trial.eval()
     with torch.no_grad():
-        out = first_tensor(trial(torch.from_numpy(x)))
+        out, _ = output_tensor(trial(torch.from_numpy(x)))
     return None if out is None else out.numpy()

@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
 
 from bnlab.doctor.backends.torch import train as torch_train
 from bnlab.doctor.backends.torch.common import (
@@ -175,6 +177,38 @@ def _storage(tensor: torch.Tensor) -> int:
         return 0
 
 
+class _FunctionalBatchNorm(TorchFunctionMode):
+    """Hands every ``F.batch_norm`` call of a forward pass to ``seen(args, kwargs)``.
+
+    ``nn.BatchNorm*`` calls ``F.batch_norm`` itself, so the mode also sees the calls the
+    module hooks see; the Recorder tells them apart. Every torch function of the pass
+    goes through ``__torch_function__`` while the mode is active: a probe-only cost.
+    """
+
+    def __init__(self, seen: Callable[[tuple, dict], None]) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            self.seen(args, kwargs)
+        return func(*args, **kwargs)
+
+
+def compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or one of its modules is ``torch.compile``d (an OptimizedModule,
+    or ``module.compile()`` in place): dynamo cannot trace through a Python function mode."""
+    return any(hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
+def _batch_norm_args(args: tuple, kwargs: dict) -> tuple[Any, Any, bool]:
+    """(input, running_mean, training) of an ``F.batch_norm`` call, however it was spelled."""
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training")
+    given = dict(zip(names, args, strict=False)) | kwargs
+    return given.get("input"), given.get("running_mean"), bool(given.get("training", False))
+
+
 class Recorder:
     """Forward hooks on every module of one model: who produced each tensor, and
     what every norm layer received.
@@ -183,6 +217,11 @@ class Recorder:
     pass), with the tensor's version counter to notice in-place edits, and by
     storage to recognise views (reshapes, slices) of a module's output or of the
     model's input.
+
+    With ``functional`` the pass also runs under a torch function mode that sees
+    ``F.batch_norm`` calls given a norm layer's running statistics from outside that
+    layer's own forward (``F.batch_norm(h, bn.running_mean, ...)``): each is recorded
+    as one more call of the layer whose buffers it updates.
     """
 
     def __init__(
@@ -190,11 +229,16 @@ class Recorder:
         model: nn.Module,
         stats: bool = True,
         on_pass_start: Callable[[tuple], None] | None = None,
+        functional: bool = False,
     ) -> None:
         self.model = model
         self.stats = stats
         self.on_pass_start = on_pass_start  # watch: settles the previous pass first
         self.names = {id(m): name for name, m in model.named_modules()}
+        self.functional = functional
+        self.mode: _FunctionalBatchNorm | None = None
+        self.owners: dict[int, nn.Module] = {}  # id(running_mean) -> its norm layer
+        self.inside: set[int] = set()  # norm layers whose own forward is running
         self.handles: list[Any] = []
         self.calls: list[CallRecord] = []
         self.counts: Counter[str] = Counter()
@@ -218,16 +262,31 @@ class Recorder:
                 if is_norm(module):
                     self.handles.append(module.register_forward_pre_hook(self._norm_call))
                 self.handles.append(module.register_forward_hook(self._module_done))
+            if self.functional:
+                self._watch_functional()
         except Exception:
             self.detach()
             raise
         return self
 
+    def _watch_functional(self) -> None:
+        self.owners = {
+            id(m.running_mean): m
+            for m in self.model.modules()
+            if is_norm(m) and isinstance(getattr(m, "running_mean", None), torch.Tensor)
+        }
+        self.mode = _FunctionalBatchNorm(self._functional_call)
+        self.mode.__enter__()
+
     def detach(self) -> None:
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.mode = None
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
         self.pinned.clear()
+        self.inside.clear()
 
     def __enter__(self) -> Recorder:
         return self.attach()
@@ -254,6 +313,7 @@ class Recorder:
         self.reset()
 
     def _module_done(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.inside.discard(id(module))
         name = self.names.get(id(module), "?")
         leaf = next(module.children(), None) is None
         if leaf:
@@ -287,7 +347,19 @@ class Recorder:
         return None, None, "input"
 
     def _norm_call(self, module: nn.Module, args: tuple) -> None:
-        x = args[0] if args else None
+        if self.functional:
+            self.inside.add(id(module))
+        self._record(module, args[0] if args else None, bool(module.training))
+
+    def _functional_call(self, args: tuple, kwargs: dict) -> None:
+        """An ``F.batch_norm`` call: recorded if it uses a norm layer's statistics from
+        outside that layer's own forward (the layer's own calls are recorded by its hook)."""
+        x, running_mean, training = _batch_norm_args(args, kwargs)
+        owner = self.owners.get(id(running_mean))
+        if owner is not None and id(owner) not in self.inside:
+            self._record(owner, x, training)
+
+    def _record(self, module: nn.Module, x: Any, training: bool) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
             return
         path = self.names.get(id(module), "?")
@@ -314,7 +386,7 @@ class Recorder:
                 values_per_channel=int(values),
                 mean=mean,
                 var=var,
-                training=bool(module.training),
+                training=training,
             )
         )
 
@@ -419,7 +491,8 @@ def observe(work: nn.Module, args: tuple, labels: Any, modes: dict[str, bool], n
     batch = first_tensor(args)
     assert batch is not None
     layers = layer_infos(work, modes)
-    recorder = Recorder(work)
+    functional = not compiled(work)
+    recorder = Recorder(work, functional=functional)
     with frozen_buffers(work):
         work.train()
         with recorder:
@@ -427,7 +500,7 @@ def observe(work: nn.Module, args: tuple, labels: Any, modes: dict[str, bool], n
         _set_bn_only_train(work)
         train_out = _forward(work, args, notes, "train-mode (BN only)")
         work.eval()
-        counter = Recorder(work, stats=False)
+        counter = Recorder(work, stats=False, functional=functional)
         with counter:
             eval_out = _forward(work, args, notes, "eval-mode")
     outputs = [out for out in (train_out, eval_out) if out is not None]
