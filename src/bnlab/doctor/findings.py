@@ -15,6 +15,7 @@ import textwrap
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bnlab.doctor.listing import layer_calls, name_list
 from bnlab.jsonsafe import json_safe as clean  # the one JSON sanitizer, shared with the reports
 
 SEVERITIES = ("error", "warning", "info")
@@ -175,11 +176,7 @@ def _header(report: Report) -> list[str]:
         lines.append(text)
     layers = report.summary.get("layers", [])
     if layers:
-        parts = []
-        for layer in layers:
-            calls = layer.get("calls")
-            parts.append(f"{layer['path']} x{calls}" if calls is not None else layer["path"])
-        lines.append(f"normalization layers: {', '.join(parts)}")
+        lines.append(f"normalization layers: {layer_calls(layers)}")
     agreement = report.summary.get("train_eval")
     if agreement and agreement.get("differ") is not None:
         text = f"train vs eval mode: {agreement['differ']:.1%} of predictions differ"
@@ -197,7 +194,7 @@ def _wrap(label: str, text: str, width: int) -> list[str]:
 
 def _render_finding(finding: Finding, width: int) -> list[str]:
     lines = [f"{finding.severity.upper()} [{finding.check}] {finding.title}"]
-    where = finding.where
+    where = name_list(finding.where.split(", "))  # checks join layer paths with ", "
     if finding.sites:
         where += " -- " + "; ".join(finding.sites)
     lines += _wrap("where", where, width)

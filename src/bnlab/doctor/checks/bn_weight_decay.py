@@ -7,6 +7,7 @@ user's (``watch(model, optimizer=opt)``, or seen stepping the model).
 from __future__ import annotations
 
 from bnlab.doctor.findings import Finding, number
+from bnlab.doctor.listing import name_list
 from bnlab.doctor.registry import Context, register
 
 
@@ -24,7 +25,9 @@ def check_weight_decay(ctx: Context) -> list[Finding]:
             severity="info",
             title=f"{info.kind} applies weight decay to the parameters of {len(decays)} normalization layer(s)",
             where=", ".join(decays),
-            evidence=[f"weight_decay {', '.join(number(v) for v in values)} on gamma/beta of {', '.join(decays)}"],
+            evidence=[
+                f"weight_decay {', '.join(number(v) for v in values)} on gamma/beta of {name_list(list(decays))}"
+            ],
             data={"optimizer": info.kind, "weight_decay": decays},
             consequence=(
                 "BN makes the layer before it scale-invariant, so decaying gamma only shrinks "

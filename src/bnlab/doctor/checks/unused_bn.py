@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bnlab.doctor.facts import called
 from bnlab.doctor.findings import Finding
+from bnlab.doctor.listing import name_list
 from bnlab.doctor.registry import Context, register
 
 
@@ -17,10 +18,10 @@ def check_unused(ctx: Context) -> list[Finding]:
     if not unused or not (probe.calls or probe.eval_calls):
         return []
     shared = [p for p in probe.layers if len(probe.calls_of(p)) > 1]
-    evidence = [f"defined but not called in the forward pass: {', '.join(unused)}"]
+    evidence = [f"defined but not called in the forward pass: {name_list(unused)}"]
     if shared:
         evidence.append(
-            f"meanwhile {', '.join(shared)} is called several times: was {unused[0]} meant for one of those calls?"
+            f"meanwhile {name_list(shared)} is called several times: was {unused[0]} meant for one of those calls?"
         )
     return [
         Finding(
