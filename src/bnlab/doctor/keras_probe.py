@@ -19,8 +19,9 @@ from typing import Any, Self
 import keras
 import numpy as np
 
-from bnlab.doctor import keras_train
+from bnlab.doctor import keras_train, source_lines
 from bnlab.doctor.errors import UsageError, forward_failed
+from bnlab.doctor.locations import call_site
 from bnlab.doctor.records import CallRecord, LayerInfo, ProbeResult, TrainLog
 from bnlab.doctor.stats import channel_stats
 
@@ -277,6 +278,7 @@ class Recorder:
                 mean=mean,
                 var=var,
                 training=bool(training) and bool(layer.trainable),
+                location=call_site(),
             )
         )
 
@@ -404,4 +406,5 @@ def probe(
             result.given = given
     result.model_name = model_name(model)
     result.train_log = log
+    source_lines.attach(result, bn_layers(model))
     return result

@@ -19,8 +19,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
-from bnlab.doctor import torch_train
+from bnlab.doctor import source_lines, torch_train
 from bnlab.doctor.errors import ProbeError, UnsupportedModel, forward_failed
+from bnlab.doctor.locations import call_site
 from bnlab.doctor.records import (
     CallRecord,
     LayerInfo,
@@ -329,6 +330,7 @@ class Recorder:
                 mean=mean,
                 var=var,
                 training=bool(module.training),
+                location=call_site(),
             )
         )
 
@@ -521,6 +523,7 @@ def probe(
     result.train_log = log
     result.parallel = parallel_info(model, int(batch.shape[0]))
     result.notes = list(dict.fromkeys(notes + ([result.output_note] if result.output_note else [])))
+    source_lines.attach(result, norm_layers(model))
     return result
 
 
