@@ -211,6 +211,7 @@ def test_api_model_has_call_lines_but_no_creation_line() -> None:
         (locations._shown(str(here)), line_of(here, "# second call")),
     ]
     assert "created" not in report.to_text()
+    assert f"{Path(__file__).name}:{line_of(here, '# first call')}</code>" in report._repr_html_()
     assert Report.from_json(report.to_json()) == report
 
 
