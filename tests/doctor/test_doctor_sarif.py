@@ -235,7 +235,10 @@ def test_pre_commit_hook_from_this_repository(tmp_path: Path) -> None:
     assert f"model.py:{line_of(project / 'model.py', '# call 2')}: call 2 after l2" in done.stdout
     # Mended (one BN per call site): the hook passes.
     fixed = textwrap.dedent(QUESTION).replace("self.bn(self.l2(h))", "self.bn2(self.l2(h))")
-    fixed = fixed.replace("        self.bn = nn.BatchNorm1d(16)", "        self.bn = nn.BatchNorm1d(16)\n        self.bn2 = nn.BatchNorm1d(16)")
+    fixed = fixed.replace(
+        "        self.bn = nn.BatchNorm1d(16)",
+        "        self.bn = nn.BatchNorm1d(16)\n        self.bn2 = nn.BatchNorm1d(16)",
+    )
     (project / "model.py").write_text(fixed)
     _git(project, "add", ".")
     done = _pre_commit(project, tmp_path / "cache")

@@ -250,11 +250,12 @@ def recording() -> Iterator[None]:
     patched: list[tuple[type, str, Any]] = []
     try:
         for cls in _norm_classes():
-            patched.append((cls, "__init__", vars(cls).get("__init__")))
-            setattr(cls, "__init__", _wrap_init(cls.__init__))  # noqa: B010 - a dunder on purpose
-            if cls.__module__.startswith("keras"):
-                patched.append((cls, "__call__", vars(cls).get("__call__")))
-                setattr(cls, "__call__", _wrap_call(cls.__call__))  # noqa: B010
+            wrappers: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {"__init__": _wrap_init}
+            if cls.__module__.startswith("keras"):  # applied while a functional graph is built
+                wrappers["__call__"] = _wrap_call
+            for name, wrap in wrappers.items():
+                patched.append((cls, name, vars(cls).get(name)))  # None: inherited, deleted on exit
+                setattr(cls, name, wrap(getattr(cls, name)))
         yield
     finally:
         for cls, name, original in reversed(patched):

@@ -86,7 +86,9 @@ def _result(finding: Finding, rule_index: int, target_file: str | None) -> dict[
     ]
     if not locations:
         primary = [item for item in defined if not item.get("library")]
-        locations = [_location(item, item["file"], item["layer"], f"{item['layer']} is created here") for item in primary]
+        locations = [
+            _location(item, item["file"], item["layer"], f"{item['layer']} is created here") for item in primary
+        ]
         related = [] if primary else related
     if not locations and target_file:
         locations = [_location(None, target_file, finding.where, "the model file")]
