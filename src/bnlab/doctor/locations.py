@@ -65,19 +65,20 @@ _OWN = "bnlab"
 
 @dataclass(frozen=True)
 class SourceLocation:
-    """A line of code: ``file`` as shown to the user (relative to the working directory
-    when inside it), 1-based ``line``; ``library`` names the installed package the file
-    belongs to when it is not the user's own."""
+    """A line of code: ``file`` as Python names it (the code object's file name), 1-based
+    ``line``; ``library`` names the installed package the file belongs to when it is not
+    the user's own. :meth:`to_dict` and ``str`` show the file relative to the working
+    directory when inside it (worked out then, not in the hooks that record locations)."""
 
     file: str
     line: int
     library: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}"
+        return f"{shown(self.file)}:{self.line}"
 
     def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"file": self.file, "line": self.line}
+        data: dict[str, Any] = {"file": shown(self.file), "line": self.line}
         if self.library is not None:
             data["library"] = self.library
         return data
@@ -95,14 +96,16 @@ def _prefixes(*names: str) -> tuple[str, ...]:
 
 _STDLIB = _prefixes("stdlib", "platstdlib")
 _SITE = ("site-packages", "dist-packages")
-_KINDS: dict[Any, tuple[FrameKind, str | None]] = {}  # code object -> (kind, library)
+# id(code object) -> (the code object, kind, library). By id: hashing a code object hashes
+# its bytecode and constants, every time; the code object is kept so that ids stay unique.
+_KINDS: dict[int, tuple[Any, FrameKind, str | None]] = {}
 
 
 def _classify(frame: FrameType) -> tuple[FrameKind, str | None]:
     code = frame.f_code
-    known = _KINDS.get(code)
-    if known is not None:
-        return known
+    known = _KINDS.get(id(code))
+    if known is not None and known[0] is code:
+        return known[1], known[2]
     module = str(frame.f_globals.get("__name__") or "")
     top = module.split(".")[0]
     filename = code.co_filename
@@ -122,11 +125,11 @@ def _classify(frame: FrameType) -> tuple[FrameKind, str | None]:
             kind = "stdlib"
         else:
             kind = "user"
-    _KINDS[code] = (kind, library)
+    _KINDS[id(code)] = (code, kind, library)
     return kind, library
 
 
-def _shown(filename: str) -> str:
+def shown(filename: str) -> str:
     """``filename`` relative to the working directory when inside it, else absolute."""
     path = os.path.abspath(filename)
     try:
@@ -154,7 +157,7 @@ def innermost(frame: FrameType | None) -> SourceLocation | None:
         else:
             inside_hook = False
             if kind in ("user", "library"):
-                return SourceLocation(_shown(frame.f_code.co_filename), frame.f_lineno, package)
+                return SourceLocation(frame.f_code.co_filename, frame.f_lineno, package)
         frame = frame.f_back
     return None
 
