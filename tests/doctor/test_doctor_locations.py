@@ -160,6 +160,10 @@ def test_sequential_children_and_library_layers(user_and_library: Path, capsys) 
     lib = layers["lib_bn"]
     assert lib["library"] == "madebylib" and lib["file"].endswith("madebylib.py")
     assert lib["line"] == line_of(Path(lib["file"]), "return nn.BatchNorm1d")
+    main(["net.py:Net", "--input-shape", "16,6"])
+    text = capsys.readouterr().out
+    assert f"madebylib.py:{lib['line']}: lib_bn created (in madebylib, not your files)" in text
+    assert f"net.py:{in_list}: blocks.0 created" in text
 
 
 def test_loader_puts_the_classes_back(user_and_library: Path) -> None:

@@ -246,10 +246,19 @@ def code_places(finding: Finding) -> list[tuple[str, str]]:
         places.append((item, item["site"]))
     shown = []
     for item, what in places:
-        if item.get("library"):
-            what += f" (inside {item['library']}; no line in your files)"
-        shown.append((f"{item['file']}:{item['line']}", what))
+        file = item["file"]
+        if item.get("library"):  # from the package's folder on: the site-packages path is noise
+            file = "/".join(_after_site_packages(file.replace("\\", "/").split("/")))
+            what += f" (in {item['library']}, not your files)"
+        shown.append((f"{file}:{item['line']}", what))
     return shown
+
+
+def _after_site_packages(parts: list[str]) -> list[str]:
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts:
+            return parts[len(parts) - parts[::-1].index(marker) :]
+    return parts
 
 
 def _code_lines(finding: Finding) -> list[str]:
