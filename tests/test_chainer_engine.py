@@ -20,7 +20,7 @@ def test_missing_chainer_is_a_clear_import_error(monkeypatch):
     from bnlab.engines import chainer as chainer_engine
 
     monkeypatch.setitem(sys.modules, "chainer", None)  # makes `import chainer` raise ImportError
-    with pytest.raises(ImportError, match=r"Install the extra: see DEVELOPERS\.md"):
+    with pytest.raises(ImportError, match=r"make venv-chainer.*DEVELOPERS\.md"):
         chainer_engine.import_chainer()
 
 
@@ -71,6 +71,7 @@ def test_one_unsupported_field_is_named_with_its_fix(override, field):
         check_chainer_config(cfg)
 
 
+@pytest.mark.chainer
 @pytest.mark.parametrize("preset", CHAINER_PRESETS)
 def test_chainer_presets_are_accepted(preset):
     from bnlab.engines.chainer import check_config as check_chainer_config
@@ -89,6 +90,7 @@ def ce():
     return chainer_engine
 
 
+@pytest.mark.chainer
 @pytest.mark.parametrize("norm", ["none", "per-layer", "shared"])
 def test_state_dict_round_trip_keeps_torch_keys_order_and_values(ce, norm):
     model = build_model(ModelConfig(norm=norm), seed=3)
@@ -109,12 +111,14 @@ def test_state_dict_round_trip_keeps_torch_keys_order_and_values(ce, norm):
         assert chain.bn.avg_mean is not None and not hasattr(chain, "bn1")
 
 
+@pytest.mark.chainer
 def test_loading_a_state_dict_of_another_shape_is_refused(ce):
     chain = ce.build_chainer_model(ModelConfig(norm="per-layer"))
     with pytest.raises(ValueError, match="missing .*bn1.weight"):
         ce.load_torch_state(chain, build_model(ModelConfig(norm="shared")).state_dict())
 
 
+@pytest.mark.chainer
 def test_seeded_he_normal_init_is_chainers_and_reproducible(ce):
     state = np.random.get_state()
     a = ce.build_chainer_model(ModelConfig(widths=(784, 500, 500, 10)), seed=5)
@@ -128,6 +132,7 @@ def test_seeded_he_normal_init_is_chainers_and_reproducible(ce):
     assert all(np.array_equal(x, y) for x, y in zip(np.random.get_state()[1:], state[1:]))
 
 
+@pytest.mark.chainer
 def test_blas_threads_are_set_for_the_run_and_restored(ce):
     setters = list(ce._openblas_setters())
     if not setters:
@@ -141,6 +146,7 @@ def test_blas_threads_are_set_for_the_run_and_restored(ce):
         assert get() == before and "unchanged" in note
 
 
+@pytest.mark.chainer
 def test_cli_trains_with_the_chainer_engine(ce, mnist, tmp_path, capsys, monkeypatch):
     from bnlab import cli
 
@@ -156,6 +162,7 @@ def test_cli_trains_with_the_chainer_engine(ce, mnist, tmp_path, capsys, monkeyp
     assert final > 0.95  # one epoch of the answer's network learns MNIST
 
 
+@pytest.mark.chainer
 def test_cli_refuses_the_tensorflow_preset_with_exit_2(ce, capsys, monkeypatch, tmp_path):
     from bnlab import cli
 
@@ -167,6 +174,7 @@ def test_cli_refuses_the_tensorflow_preset_with_exit_2(ce, capsys, monkeypatch, 
     assert "model.running_var='biased'" in capsys.readouterr().err
 
 
+@pytest.mark.chainer
 def test_diverging_chainer_run_raises_and_marks_the_directory(ce, mnist, tmp_path):
     import json
 

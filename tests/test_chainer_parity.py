@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.chainer  # runs in .venv-chainer (make test-chainer)
 chainer = pytest.importorskip("chainer")
 
 from bnlab.config import RunConfig

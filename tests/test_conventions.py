@@ -48,6 +48,7 @@ def test_facts_match_the_installed_torch():
     assert (bn.momentum, bn.eps) == (CONVENTIONS["torch"].default, CONVENTIONS["torch"].eps_default)
 
 
+@pytest.mark.chainer
 def test_facts_match_the_installed_chainer():
     chainer = pytest.importorskip("chainer")
     import numpy as np

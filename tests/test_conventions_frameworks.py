@@ -56,6 +56,7 @@ def test_torch_row():
     )
 
 
+@pytest.mark.chainer
 def test_chainer_row():
     chainer = pytest.importorskip("chainer")
     framework = "chainer"

@@ -67,3 +67,23 @@ def test_the_vendored_copy_is_found_inside_the_package(isolated_data_env):
     # The same relative place in a checkout (src/bnlab/_data) and in site-packages.
     assert data.VENDORED_ROOT == Path(data.__file__).resolve().parent / "_data"
     assert data.find_data_dir("mnist", download=False) == data.VENDORED_ROOT / "mnist"
+
+
+@pytest.mark.slow
+def test_installing_bnlab_leaves_numpy_2_alone(wheel):
+    """bnlab's base dependencies accept numpy 2: `pip install` into a modern environment (the
+    .venv this suite runs in has numpy 2, torch, TF, JAX) installs bnlab and nothing else; no
+    downgrade to numpy<2 (which only Chainer 7.8.1 needs, in its own environment)."""
+    import json
+
+    import numpy
+
+    assert int(numpy.__version__.split(".")[0]) >= 2, "the modern environment must hold numpy 2"
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--quiet", "--report", "-", str(wheel)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    would_install = {item["metadata"]["name"].lower() for item in json.loads(done.stdout)["install"]}
+    assert would_install == {"bnlab"}, would_install

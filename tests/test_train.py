@@ -231,7 +231,7 @@ def test_host_reads_happen_per_epoch_not_per_step(mnist, monkeypatch):
     assert reads_for(1000, 2) == 2 * per_epoch
 
 
-@pytest.mark.parametrize("engine", ["torch", "chainer"])
+@pytest.mark.parametrize("engine", ["torch", pytest.param("chainer", marks=pytest.mark.chainer)])
 def test_a_one_sample_minibatch_is_refused_before_training(mnist, tmp_path, engine):
     if engine == "chainer":
         pytest.importorskip("chainer")

@@ -4,6 +4,7 @@ The public API, imported lazily (``import bnlab`` loads no framework):
 
 - ``bnlab.train(cfg, ...)``: one run on any engine (``bnlab.engines.train``);
 - ``bnlab.compare(presets, seeds, out, ...)``: a sweep with statistics and a report;
+- ``bnlab.load_run(run_dir)``: ``(model, config)`` of a finished run of any engine;
 - ``bnlab.doctor``: ``check(model, inputs)``, ``watch(model)``: BN misuse in your model;
 - ``bnlab.conventions``: the frameworks' BN conventions and converters;
 - ``bnlab.PRESETS``, ``bnlab.get_preset``, ``bnlab.RunConfig``, ``bnlab.apply_overrides``.
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 _PUBLIC: dict[str, tuple[str, str | None]] = {
     "train": ("bnlab.engines", "train"),
     "compare": ("bnlab.sweep", "compare"),
+    "load_run": ("bnlab.rundir", "load_run"),
     "doctor": ("bnlab.doctor", None),
     "conventions": ("bnlab.conventions", None),
     "PRESETS": ("bnlab.presets", "PRESETS"),

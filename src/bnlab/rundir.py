@@ -11,6 +11,7 @@ A run directory is owned by one process at a time (``RunLock``).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import errno
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bnlab.config import EpochRecord, RunConfig
-from bnlab.errors import InputError, OutputError, UsageError, output_error
+from bnlab.errors import InputError, OutputError, UsageError, output_error, quote_error
 from bnlab.table import format_row, table_header
 
 if TYPE_CHECKING:
@@ -93,6 +94,82 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_file_set(
+    folder: Path, files: dict[str, bytes], *, option: str = "--out", replace: bool = False
+) -> list[Path]:
+    """Make every file of ``files`` (name -> content) appear in ``folder`` together, or none.
+
+    All contents are written to hidden temporary files in ``folder`` first (a full disk or a
+    Ctrl-C there leaves nothing but removes the temporaries); only then is each renamed into
+    place, and a failure among the renames puts back what was there before. A folder this
+    call created is removed again if nothing was published. Files of the user's that are not
+    in ``files`` are never touched; with ``replace`` our own earlier files are replaced (kept
+    until the new set is complete). Errors are OutputErrors naming the path and ``option``.
+    """
+    created = _make_folder(folder, option)
+    staged: dict[Path, Path] = {}
+    backups: dict[Path, Path] = {}
+    published: list[Path] = []
+    try:
+        for name, payload in files.items():
+            staged[folder / name] = _stage(folder / name, payload, option)
+        for target, tmp in staged.items():
+            if target.exists():
+                if not replace:
+                    raise OutputError(f"{option} {folder}: {target.name} already exists; nothing was written.")
+                backups[target] = Path(f"{tmp}.old")
+                os.replace(target, backups[target])
+            os.replace(tmp, target)
+            published.append(target)
+    except BaseException as err:
+        for target in published:
+            target.unlink(missing_ok=True)
+        for target, backup in backups.items():
+            os.replace(backup, target)
+        for tmp in staged.values():
+            Path(tmp).unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if isinstance(err, OSError):
+            raise output_error(folder, err, option) from None
+        raise
+    for backup in backups.values():
+        backup.unlink(missing_ok=True)
+    return published
+
+
+def _make_folder(folder: Path, option: str) -> bool:
+    """Create ``folder`` (and its parents); True if this call created it."""
+    if folder.is_dir():
+        return False
+    try:
+        folder.mkdir(parents=True)
+    except OSError as err:
+        raise output_error(folder, err, option) from None
+    return True
+
+
+def _stage(target: Path, payload: bytes, option: str) -> Path:
+    """``payload`` in a hidden temporary file beside ``target``, flushed to the disk."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as err:
+        raise output_error(target, err, option) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk shows here, not after the rename
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise output_error(target, err, option) from None
+        raise
+    return Path(tmp)
 
 
 class RunInUse(UsageError):
@@ -271,7 +348,8 @@ class RunRecorder:
             atomic_write_bytes(self.out_dir / "checkpoint.pt", buf.getvalue())
             if bn_trace:
                 npz = io.BytesIO()
-                np.savez(npz, **bn_trace)
+                arrays: dict[str, Any] = dict(bn_trace)  # numpy 2's stubs type savez's kwargs narrowly
+                np.savez(npz, **arrays)
                 atomic_write_bytes(self.out_dir / "bn_trace.npz", npz.getvalue())
         self.status = RUN_COMPLETE
         if self.out_dir is not None:
@@ -439,21 +517,12 @@ def group_by_preset(runs: Sequence[RunData]) -> dict[str, list[RunData]]:
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[MLP, RunConfig]:
     """Rebuild a trained model from checkpoint.pt without unpickling arbitrary objects."""
-    import pickle
-
-    import torch
-
     from bnlab.models import build_model
+    from bnlab.safeload import read_torch_file
 
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise InputError(f"{path} does not exist; a complete run directory holds checkpoint.pt.") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
-        raise InputError(
-            f"{path} is not a checkpoint bnlab can load safely (torch.load with "
-            f"weights_only=True said: {str(err).splitlines()[0][:200]})."
-        ) from None
+    payload = read_torch_file(
+        path, fix="A complete run directory holds the checkpoint.pt that bnlab train wrote; train again."
+    )
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
         raise InputError(f"{path} is not a bnlab checkpoint (a dict with 'model' and 'config').")
     try:
@@ -465,6 +534,31 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[MLP, RunConfig]:
         model.load_state_dict(payload["model"])
     except (RuntimeError, TypeError, AttributeError) as err:
         raise InputError(
-            f"{path}: its weights do not fit the model its config describes ({str(err).splitlines()[0][:200]})."
+            f"{path}: its weights do not fit the model its config describes ({quote_error(err)})."
         ) from None
+    return model, cfg
+
+
+def load_run(run_dir: str | os.PathLike) -> tuple[MLP, RunConfig]:
+    """The trained model and its config from a run directory of any engine (torch, Chainer,
+    TensorFlow: every engine saves the torch model's keys), in eval mode.
+
+    >>> model, cfg = bnlab.load_run("runs/answer-seed1")
+
+    Reads checkpoint.pt with ``weights_only=True`` (no code from the file runs); an InputError
+    (one paragraph) for a folder that is not a run, a run that never finished, or a damaged file.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir} is not a folder; give the run directory that bnlab train or compare wrote.")
+    checkpoint = run_dir / "checkpoint.pt"
+    if not checkpoint.exists():
+        run = read_run(run_dir)
+        state = f"its status is {run.status!r}" if run is not None else "it holds no history.json"
+        raise InputError(
+            f"{run_dir} has no checkpoint.pt ({state}): only a run that finished training saves its model. "
+            "Train it to the end (bnlab train, or rerun the same bnlab compare) and load it again."
+        )
+    model, cfg = load_checkpoint(checkpoint)
+    model.eval()
     return model, cfg

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.chainer  # runs in .venv-chainer (make test-chainer)
 chainer = pytest.importorskip("chainer")
 import chainer.functions as F  # noqa: E402
 import chainer.links as L  # noqa: E402

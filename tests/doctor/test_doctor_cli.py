@@ -232,6 +232,7 @@ def test_conv_model_gets_images_shaped_for_it(mnist_args, tmp_path: Path, capsys
     assert code == 0
 
 
+@pytest.mark.chainer
 def test_question_chainer_autodetected(mnist_args, capsys) -> None:
     pytest.importorskip("chainer")
     code = main(mnist_args(f"{EXAMPLES}/question_chainer.py:MyModel", "--json"))
@@ -242,6 +243,7 @@ def test_question_chainer_autodetected(mnist_args, capsys) -> None:
     assert shared[0]["sites"] == ["call 1 after l1", "call 2 after l2"]
 
 
+@pytest.mark.chainer
 def test_answer_chainer_forced_framework(mnist_args, capsys) -> None:
     pytest.importorskip("chainer")
     code = main(mnist_args(f"{EXAMPLES}/answer_chainer.py:MyModel", "--framework", "chainer"))

@@ -58,6 +58,7 @@ def test_seed_torch(torch_reports):
     assert_seed_story(*torch_reports)
 
 
+@pytest.mark.chainer
 def test_seed_chainer(mnist_arrays, examples_on_path):
     pytest.importorskip("chainer")
     from answer_chainer import MyModel as Answer

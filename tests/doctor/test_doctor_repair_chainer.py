@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from examples_import import EXAMPLES, import_example
 
+pytestmark = pytest.mark.chainer  # runs in .venv-chainer (make test-chainer)
 chainer = pytest.importorskip("chainer")
 
 from bnlab.doctor import repair_chainer, sources  # noqa: E402

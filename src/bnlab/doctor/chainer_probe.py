@@ -128,7 +128,7 @@ def borrowed(model: chainer.Link) -> Iterator[chainer.Link]:
     finally:
         for param, array in params:
             if array is not None:
-                param.array[...] = array  # type: ignore[index]
+                param.array[...] = array
         for link, name, value in persistents:
             setattr(link, name, value)
         for link, decay in decays.items():

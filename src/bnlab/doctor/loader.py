@@ -19,7 +19,7 @@ from typing import Any
 
 from bnlab.doctor.backends import recognised
 from bnlab.doctor.locations import recording
-from bnlab.errors import EXIT_USAGE, BnlabError
+from bnlab.errors import EXIT_USAGE, BnlabError, MissingExtra, chainer_missing_text
 
 
 class LoadError(BnlabError):
@@ -70,6 +70,9 @@ def import_file(path: Path, purpose: str = "the model") -> ModuleType:
         spec.loader.exec_module(module)
     except (Exception, SystemExit) as err:  # noqa: BLE001 - anything the user's file raises
         sys.modules.pop(name, None)
+        if isinstance(err, ImportError) and (err.name or "").split(".")[0] == "chainer":
+            # A Chainer model in an environment without Chainer (the modern one, numpy 2).
+            raise MissingExtra(chainer_missing_text(f"{path} imports Chainer: checking it", err)) from err
         hint = (
             'The file ran its script part on import: put it under `if __name__ == "__main__":`.'
             if isinstance(err, SystemExit)

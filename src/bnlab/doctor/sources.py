@@ -90,7 +90,7 @@ def class_count(model: Any, framework: str, x: np.ndarray) -> int:
             f"the model does not run on inputs of shape {tuple(x.shape)} "
             f"({type(err).__name__}: {err}); give the shape it expects with --input-shape."
         ) from err
-    shape = np.shape(out) if out is not None else ()
+    shape: tuple[int, ...] = np.shape(out) if out is not None else ()
     if len(shape) < 2 or shape[1] < 2:
         raise UsageError(
             "--train-steps with --input-shape trains on random labels, which needs class scores "

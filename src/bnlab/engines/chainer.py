@@ -49,21 +49,17 @@ from bnlab.engines.common import (
     split_batches,
     torch_result,
 )
-from bnlab.errors import MissingExtra, UsageError
+from bnlab.errors import MissingExtra, UsageError, chainer_missing_text
 from bnlab.models import build_model
 from bnlab.rundir import RunRecorder
-
-MISSING_CHAINER = (
-    "The chainer engine needs Chainer 7.8.1, which is not importable here ({err}). Install the "
-    "extra: see DEVELOPERS.md (in short, last of all in bnlab's virtual environment: "
-    '`pip install "setuptools<70" wheel "numpy<2"` then `pip install --no-build-isolation '
-    "chainer==7.8.1`; Chainer imports pkg_resources and numpy.distutils, so setuptools<70 must "
-    "stay installed), or train with --engine torch."
-)
 
 
 class ChainerMissing(MissingExtra):
     """Chainer cannot be imported (one paragraph, exit 2)."""
+
+
+def _missing(err: BaseException) -> str:
+    return chainer_missing_text("The chainer engine", err) + " Or train with --engine torch."
 
 
 def import_chainer() -> ModuleType:
@@ -74,7 +70,7 @@ def import_chainer() -> ModuleType:
         import chainer.links  # noqa: F401
         import chainer.optimizers  # noqa: F401
     except ImportError as err:
-        raise ChainerMissing(MISSING_CHAINER.format(err=err)) from err
+        raise ChainerMissing(_missing(err)) from err
     return chainer
 
 
@@ -86,9 +82,9 @@ def require_chainer_installed() -> None:
     try:
         found = importlib.util.find_spec("chainer") is not None
     except (ImportError, ValueError) as err:  # ValueError: a stub module without a spec
-        raise ChainerMissing(MISSING_CHAINER.format(err=err)) from err
+        raise ChainerMissing(_missing(err)) from err
     if not found:
-        raise ChainerMissing(MISSING_CHAINER.format(err="no module named 'chainer'"))
+        raise ChainerMissing(_missing(ModuleNotFoundError("No module named 'chainer'")))
 
 
 # ------------------------------------------------------------------ what the engine can do
