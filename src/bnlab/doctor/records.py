@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bnlab.doctor.locations import SourceLocation
+
 
 @dataclass
 class LayerInfo:
@@ -33,6 +35,7 @@ class LayerInfo:
     weight: np.ndarray | None = None  # gamma, float64 (None without affine parameters)
     bias: np.ndarray | None = None  # beta
     aliases: list[str] = field(default_factory=list)  # other paths of the same layer object
+    defined: SourceLocation | None = None  # where the layer was created (bnlab.doctor.locations)
 
     @property
     def stats_finite(self) -> bool:
@@ -73,6 +76,7 @@ class CallRecord:
     mean: np.ndarray  # per channel, float64
     var: np.ndarray  # per channel, unbiased
     training: bool  # the layer's mode during this call
+    location: SourceLocation | None = None  # the line of the user's code that made this call
 
     @property
     def site(self) -> str:
