@@ -1,6 +1,6 @@
 """Watch a 2-process DistributedDataParallel job with bnlab's doctor.
 
-    PYTHONPATH=src python examples/ddp_watch.py [--no-broadcast-buffers] [--batch 8] [--sync-bn]
+    PYTHONPATH=src python examples/ddp_watch.py [--no-broadcast-buffers] [--batch 4]
     PYTHONPATH=src torchrun --nproc-per-node 2 examples/ddp_watch.py [same options]
 
 Each rank trains the question's MLP, fixed (784-100-100-10, one BatchNorm1d per hidden
@@ -11,8 +11,8 @@ compare what they saw; rank 0 prints the report, every rank gets it from ``repor
 - as it is: a healthy job, nothing to report;
 - ``--no-broadcast-buffers``: each rank keeps its own running statistics (a warning:
   a checkpoint saved on rank 0 keeps rank 0's);
-- ``--batch 4``: 4 samples per rank through plain BatchNorm (a warning: SyncBatchNorm);
-  ``--sync-bn`` converts the model first, and the warning goes.
+- ``--batch 4``: 4 samples per rank through plain BatchNorm (a warning: SyncBatchNorm,
+  whose statistics cover the global batch; it runs on GPUs, with the nccl backend).
 
 Without torchrun it starts its 2 processes itself (torch.multiprocessing, spawn) on a free
 port. Exit status: the worst rank's (1 when a report holds an error).
@@ -33,7 +33,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from answer_torch import MyModel
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from bnlab import doctor
@@ -47,18 +46,17 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=200, help="samples per rank and step (default 200)")
     parser.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
     parser.add_argument("--no-broadcast-buffers", action="store_true", help="DDP(broadcast_buffers=False)")
-    parser.add_argument("--sync-bn", action="store_true", help="nn.SyncBatchNorm.convert_sync_batchnorm first")
     return parser.parse_args(argv)
 
 
 def make_model(args: argparse.Namespace) -> DDP:
     torch.manual_seed(0)  # DDP broadcasts rank 0's weights anyway; the same seed keeps runs alike
-    model: nn.Module = MyModel()
-    if args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = MyModel()
     sync = not args.no_broadcast_buffers
     # torch 2.13 renamed broadcast_buffers to forward_sync_buffers (the old name warns)
-    name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    name = (
+        "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    )
     return DDP(model, **{name: sync})
 
 
@@ -95,7 +93,9 @@ def worker(rank: int, world: int, port: int | None, argv: list[str]) -> int:
         dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     else:
         address = f"tcp://127.0.0.1:{port}"
-        dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world, timeout=timedelta(seconds=120))
+        dist.init_process_group(
+            "gloo", init_method=address, rank=rank, world_size=world, timeout=timedelta(seconds=120)
+        )
     try:
         report = train(make_model(args), shard(dist.get_rank(), dist.get_world_size(), args))
     finally:

@@ -4,7 +4,7 @@
 
 Trains examples/ddp_watch.py's model on real MNIST (gloo, 127.0.0.1:PORT) inside
 ``doctor.watch``, then writes ``OUT_DIR/rank<RANK>.json``: the report, and how long the
-end of the ``with`` block took. Scenarios: healthy, no-broadcast, small-batch, sync-bn-small,
+end of the ``with`` block took. Scenarios: healthy, no-broadcast, small-batch,
 killed (rank 1 dies inside the block), raised (rank 1 raises inside the block), uneven
 (rank 1 trains 2 steps fewer, under DDP's join()).
 """
@@ -32,7 +32,6 @@ ARGS = {
     "healthy": [],
     "no-broadcast": ["--no-broadcast-buffers"],
     "small-batch": ["--batch", "4"],
-    "sync-bn-small": ["--batch", "4", "--sync-bn"],
     "killed": [],
     "raised": [],
     "uneven": [],

@@ -87,17 +87,16 @@ def test_no_broadcast_buffers_is_rank_divergent_stats(tmp_path: Path) -> None:
     assert "[rank-divergent-stats]" in results[0]["output"]
 
 
-def test_small_batch_per_rank_without_syncbn_and_not_with_it(tmp_path: Path) -> None:
+def test_small_batch_per_rank_without_syncbn(tmp_path: Path) -> None:
+    # (SyncBatchNorm itself runs on GPUs only: its absence of a finding is tested in-process below)
     results = run_job("small-batch", tmp_path)
-    (finding, *_) = [f for f in results[0]["report"]["findings"] if f["check"] == "small-batch-per-rank"]
-    assert finding["data"]["global_batch"] == 8 and finding["data"]["world_size"] == 2
-    assert finding["data"]["per_rank"]["0"]["values_per_channel"] == 4
-    assert "convert_sync_batchnorm" in finding["fix_code"]
+    found = [f for f in results[0]["report"]["findings"] if f["check"] == "small-batch-per-rank"]
+    assert {f["where"] for f in found} == {"bn1", "bn2"}
+    for finding in found:
+        assert finding["data"]["global_batch"] == 8 and finding["data"]["world_size"] == 2
+        assert finding["data"]["per_rank"]["0"]["values_per_channel"] == 4
+        assert "convert_sync_batchnorm" in finding["fix_code"]
     assert "small-batch" not in checks(results[0])  # reported once, as the rank problem it is
-
-    (tmp_path / "sync").mkdir()
-    synced = run_job("sync-bn-small", tmp_path / "sync")
-    assert not checks(synced[0]) & {"small-batch-per-rank", "rank-divergent-stats"}, synced[0]["report"]
 
 
 def test_a_killed_rank_ends_the_other_in_bounded_time_with_a_message(tmp_path: Path) -> None:
@@ -135,3 +134,61 @@ def test_example_script_runs_two_processes(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("bnlab doctor: MyModel") == 1  # printed by rank 0 only
     assert "WARNING [small-batch-per-rank]" in done.stdout
+
+
+# -- the checks on what ranks report, in-process (no job needed) ------------------------
+
+
+def _info(stats: list[tuple[list[float], list[float]]], plain: list[str], batch: int = 64, small=None):
+    import numpy as np
+
+    from bnlab.doctor.records import RanksInfo, RankView, SmallCall
+
+    views = [
+        RankView(
+            rank=rank,
+            steps=5,
+            passes=5,
+            batch=batch,
+            synced_stats={"bn": (np.array(mean), np.array(var))},
+            final_stats={"bn": (float(np.mean(mean)), float(np.mean(var)))},
+            smallest={"bn": SmallCall(*small, site="after l1")} if small else {},
+        )
+        for rank, (mean, var) in enumerate(stats)
+    ]
+    return RanksInfo(rank=0, world_size=len(stats), views=views, plain_bn=plain)
+
+
+def _findings(info, check: str):
+    from bnlab.doctor.records import ProbeResult
+    from bnlab.doctor.registry import Context, get
+
+    probe = ProbeResult("torch", "M", (4, 3), {}, [], {}, ranks=info)
+    return get(check).run(Context(probe))
+
+
+def test_equal_statistics_are_no_finding_and_a_difference_is_one() -> None:
+    same = _info([([0.5, 1.0], [2.0, 3.0])] * 2, plain=["bn"])
+    assert _findings(same, "rank-divergent-stats") == []
+    apart = _info([([0.5, 1.0], [2.0, 3.0]), ([0.5, 1.25], [2.0, 3.0])], plain=["bn"])
+    (finding,) = _findings(apart, "rank-divergent-stats")
+    assert finding.data["running_mean_max_abs_diff"] == 0.25 and "channel 1" in finding.evidence[0]
+
+
+def test_syncbn_layers_and_big_batches_are_no_small_batch_per_rank() -> None:
+    stats = [([0.0], [1.0])] * 2
+    assert _findings(_info(stats, plain=[], batch=4, small=(4, 4)), "small-batch-per-rank") == []  # SyncBatchNorm
+    assert _findings(_info(stats, plain=["bn"], batch=64), "small-batch-per-rank") == []
+    (finding,) = _findings(_info(stats, plain=["bn"], batch=4, small=(4, 4)), "small-batch-per-rank")
+    assert finding.severity == "warning" and finding.data["global_batch"] == 8
+    (single,) = _findings(_info(stats, plain=["bn"], batch=1, small=(1, 1)), "small-batch-per-rank")
+    assert single.severity == "error"
+
+
+def test_a_rank_view_travels_as_json_and_back() -> None:
+    from bnlab.doctor import ranks
+
+    view = _info([([0.5, float("nan")], [2.0, 3.0])], plain=["bn"], small=(4, 4)).views[0]
+    back = ranks.decode(ranks.encode(view))
+    assert back.smallest == view.smallest and repr(back.final_stats) == repr(view.final_stats)
+    assert str(back.synced_stats["bn"][0].tolist()) == "[0.5, nan]"

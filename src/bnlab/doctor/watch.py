@@ -89,7 +89,9 @@ class Watch:
         except Exception as err:  # noqa: BLE001 - never hide the user's own exception
             self._failure = err
         if self._rank_info is not None and self._rank_info.rank == 0:  # one rank prints, all return it
-            print(self._report if self._report is not None else f"bnlab doctor: no report ({self._failure})")
+            print(
+                self._report if self._report is not None else f"bnlab doctor: no report ({self._failure})", flush=True
+            )
 
     def report(self) -> Report:
         """The findings; available after the ``with`` block."""
@@ -147,7 +149,9 @@ class Watch:
     def _rank_view(self, exc: object) -> RankView:
         raised = "" if exc is None else f"{type(exc).__name__}: {exc}"
         batch = _batch(self._last_step_inputs)
-        return RankView(rank=-1, steps=self.steps, passes=self.passes, batch=batch, smallest=dict(self._smallest), raised=raised)
+        return RankView(
+            rank=-1, steps=self.steps, passes=self.passes, batch=batch, smallest=dict(self._smallest), raised=raised
+        )
 
     def _build_report(self) -> Report:
         inputs = self._last_step_inputs or self._last_inputs

@@ -55,12 +55,16 @@ def _layer(info: RanksInfo, path: str) -> Finding | None:
         where=path,
         sites=[worst.site],
         evidence=[
-            "; ".join(f"rank {rank}: batch of {s.samples} -> {s.values} value(s) per channel" for rank, s in small.items())
+            "; ".join(
+                f"rank {rank}: batch of {s.samples} -> {s.values} value(s) per channel" for rank, s in small.items()
+            )
             + f" (warning below {thresholds.SMALL_BATCH_WARN})",
             f"{info.world_size} ranks: SyncBatchNorm would see {total} samples ({values} values per channel) per step",
         ],
         data={
-            "per_rank": {str(rank): {"batch_size": s.samples, "values_per_channel": s.values} for rank, s in small.items()},
+            "per_rank": {
+                str(rank): {"batch_size": s.samples, "values_per_channel": s.values} for rank, s in small.items()
+            },
             "world_size": info.world_size,
             "global_batch": total,
             "global_values_per_channel": values,
