@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from bnlab.doctor import thresholds
-from bnlab.doctor.findings import Finding, number
+from bnlab.doctor.findings import Finding
 from bnlab.doctor.records import RanksInfo
 from bnlab.doctor.registry import Context, register
 
@@ -51,8 +51,8 @@ def _layer(info: RanksInfo, path: str) -> Finding | None:
         where=path,
         evidence=[
             f"as the last synchronising training step began: running_mean differs across ranks by up to "
-            f"{number(float(mean_diff.max()))} (channel {int(mean_diff.argmax())}), running_var by up to "
-            f"{number(float(var_diff.max()))} (channel {int(var_diff.argmax())})",
+            f"{float(mean_diff.max()):.4g} (channel {int(mean_diff.argmax())}), running_var by up to "
+            f"{float(var_diff.max()):.4g} (channel {int(var_diff.argmax())})",
             "at the end, channel averages of running_mean / running_var: "
             + "; ".join(
                 f"rank {r['rank']}: {r['running_mean_avg']:.4g} / {r['running_var_avg']:.4g}" for r in per_rank
@@ -69,9 +69,9 @@ def _layer(info: RanksInfo, path: str) -> Finding | None:
             "disagree in eval mode; a checkpoint saved from rank 0 keeps rank 0's statistics only."
         ),
         fix=(
-            "Keep DDP's broadcast_buffers=True (the default: every forward starts from rank 0's "
-            "statistics), or convert the BN layers to SyncBatchNorm (statistics of the global "
+            "Keep DDP's buffer broadcast on (broadcast_buffers=True, forward_sync_buffers from "
+            "torch 2.13; the default: every forward starts from rank 0's statistics), or convert the BN layers to SyncBatchNorm (statistics of the global "
             "batch on every rank), or average the running statistics over the ranks before saving."
         ),
-        fix_code="model = DDP(model, broadcast_buffers=True)  # the default",
+        fix_code="model = DDP(model)  # buffers broadcast from rank 0 at every forward (the default)",
     )
