@@ -67,11 +67,13 @@ def main() -> None:
         if rank == 1 and scenario == "raised":
             raise ValueError("planted failure on rank 1")
 
-    result: dict = {"rank": rank}
+    groups = dist.distributed_c10d._world.pg_map  # the job's process groups
+    result: dict = {"rank": rank, "groups_before": len(groups)}
     try:
         report = uneven(model, batches, rank) if scenario == "uneven" else ddp_watch.train(model, batches, inside)
         result["report"] = report.to_dict()
         result["exit_s"] = time.monotonic() - marks.get("end_of_loop", time.monotonic())
+        result["groups_after"] = len(groups)
     except ValueError as err:
         result["raised"] = str(err)
     (out / f"rank{rank}.json").write_text(json.dumps(result))

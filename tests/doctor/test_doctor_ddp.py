@@ -70,6 +70,7 @@ def test_healthy_job_compares_the_ranks_and_finds_nothing(tmp_path: Path) -> Non
         assert any("compared the 2 ranks" in note for note in report["notes"]), report["notes"]
         assert not [f for f in report["findings"] if f["severity"] != "info"], report
         assert report["exit_code"] == 0
+        assert results[rank]["groups_after"] == results[rank]["groups_before"]  # the doctor's group is gone
     assert "bnlab doctor: MyModel" in results[0]["output"]  # rank 0 prints the report ...
     assert "bnlab doctor:" not in results[1]["output"]  # ... rank 1 only returns it
 
