@@ -183,5 +183,9 @@ def watch(model: Any, optimizer: Any = None) -> Watch:
 
     ``optimizer``: the loop's optimizer, to check its weight decay on BN parameters (a
     torch optimizer stepping the model is also found without it).
+
+    In a DistributedDataParallel job, give each rank's DDP model: at the end of the block
+    the ranks compare their statistics and batches (bounded in time, see
+    :mod:`bnlab.doctor.torch_distributed`); rank 0 prints the report, every rank returns it.
     """
     return Watch(model, optimizer)
