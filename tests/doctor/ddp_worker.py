@@ -5,7 +5,8 @@
 Trains examples/ddp_watch.py's model on real MNIST (gloo, 127.0.0.1:PORT) inside
 ``doctor.watch``, then writes ``OUT_DIR/rank<RANK>.json``: the report, and how long the
 end of the ``with`` block took. Scenarios: healthy, no-broadcast, small-batch,
-killed (rank 1 dies inside the block), raised (rank 1 raises inside the block), uneven
+killed (rank 1 dies inside the block), late (rank 1 reaches the end of its
+block 15 s late), raised (rank 1 raises inside the block), uneven
 (rank 1 trains 2 steps fewer, under DDP's join()).
 """
 
@@ -34,6 +35,7 @@ ARGS = {
     "small-batch": ["--batch", "4"],
     "killed": [],
     "raised": [],
+    "late": [],
     "uneven": [],
 }
 
@@ -64,6 +66,8 @@ def main() -> None:
         marks["end_of_loop"] = time.monotonic()
         if rank == 1 and scenario == "killed":
             os._exit(3)
+        if rank == 1 and scenario == "late":
+            time.sleep(15)  # alive, but at the end of its block long after rank 0 gave up
         if rank == 1 and scenario == "raised":
             raise ValueError("planted failure on rank 1")
 

@@ -110,6 +110,14 @@ def test_a_killed_rank_ends_the_other_in_bounded_time_with_a_message(tmp_path: P
     assert "rank died, hung, or did not reach the end" in problem and "covers rank 0 alone" in problem
 
 
+def test_a_late_rank_does_not_hold_the_others_past_the_timeout(tmp_path: Path) -> None:
+    results = run_job("late", tmp_path)
+    assert results[0]["exit_s"] < 5.0 + 20.0  # rank 1 arrives 15 s late: rank 0 is gone by then
+    for rank in (0, 1):  # and rank 1, arriving alone, fails as fast
+        assert results[rank]["rc"] == 0
+        assert any("could not compare" in note for note in results[rank]["report"]["notes"])
+
+
 def test_a_rank_that_raised_is_named_and_its_exception_kept(tmp_path: Path) -> None:
     results = run_job("raised", tmp_path)
     assert results[1]["raised"] == "planted failure on rank 1"  # the user's exception propagates
