@@ -169,11 +169,12 @@ def _info(stats: list[tuple[list[float], list[float]]], plain: list[str], batch:
 
 
 def _findings(info, check: str):
+    from bnlab.doctor.backends import load
     from bnlab.doctor.records import ProbeResult
     from bnlab.doctor.registry import Context, get
 
     probe = ProbeResult("torch", "M", (4, 3), {}, [], {}, ranks=info)
-    return get(check).run(Context(probe))
+    return get(check).run(Context(probe, load("torch").fixes))
 
 
 def test_equal_statistics_are_no_finding_and_a_difference_is_one() -> None:
