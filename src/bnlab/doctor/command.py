@@ -19,16 +19,18 @@ from bnlab.doctor import checkpoints, sources
 from bnlab.doctor.backend import Backend
 from bnlab.doctor.backends import BACKENDS, detect, seed_all
 from bnlab.doctor.errors import InputError, ProbeError, UsageError
-from bnlab.doctor.findings import Report, clean
+from bnlab.doctor.findings import FAIL_ON, Report, clean
 from bnlab.doctor.loader import LoadError, load_model
 from bnlab.errors import BnlabError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
+FORMATS = ("text", "json", "sarif")
 
 DESCRIPTION = (
     "Find batch-normalization mistakes in your own model (a BN shared between layers, "
     "stale running statistics, train/eval divergence, momentum conventions...), each "
-    "with the numbers that prove it. Exit 0: no error; 1: errors found; 2: usage error."
+    "with the numbers that prove it. Exit 0: no error; 1: errors found (--fail-on picks "
+    "the severity); 2: usage error."
 )
 
 # One MNIST epoch at batch 1000. Measured on the question's MLP (Adam lr 0.01): after 60
@@ -118,7 +120,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="let --fix replace the files of an earlier repair in OUT"
     )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout (default: text)")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="how the report is printed on stdout: text, json (as --json) or sarif "
+        "(SARIF 2.1.0 for code-scanning pages; docs/ci.md); default: text",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout (= --format json)")
+    parser.add_argument(
+        "--fail-on",
+        choices=FAIL_ON,
+        default="error",
+        help="the least severe finding that makes the exit status 1: error, warning, "
+        "info, or never (exit 0 whatever is found; 2 still means the model could not be "
+        "checked); default: error",
+    )
 
 
 def _fail(message: str) -> int:
@@ -304,6 +321,9 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"--seed must lie in [0, 2**32 - 1]; got {args.seed}.")
     if not (math.isfinite(args.lr) and args.lr > 0):
         return _fail(f"--lr must be a positive number; got {args.lr}.")
+    if args.json and args.format not in (None, "json"):
+        return _fail(f"--json means --format json; drop one of --json and --format {args.format}.")
+    output = "json" if args.json else (args.format or "text")
     _seed(args.seed)
     try:
         report, extra, fix_text = _check(args)
@@ -313,11 +333,25 @@ def run(args: argparse.Namespace) -> int:
     except BnlabError as err:  # a target that does not load, bad flags, run directories, OUT
         _fail(str(err))
         return err.exit_code
-    if args.json:
+    report.fail_on = args.fail_on
+    if output == "json":
         print(json.dumps({**report.to_dict(), **clean(extra)}, indent=2, allow_nan=False))
+    elif output == "sarif":
+        print(json.dumps(_sarif(report, args), indent=2, allow_nan=False))
     else:
         print(report.to_text() + fix_text, end="")
     return report.exit_code
+
+
+def _sarif(report: Report, args: argparse.Namespace) -> dict[str, Any]:
+    from bnlab import __version__
+    from bnlab.doctor.sarif import to_sarif
+
+    target_file = None
+    if not checkpoints.is_run_dir(args.target):
+        path = Path(args.target.rpartition(":")[0])
+        target_file = path.as_posix() if not path.is_absolute() else str(path)
+    return to_sarif(report, target_file=target_file, tool_version=__version__)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
+from bnlab.doctor import source_lines
 from bnlab.doctor.backends.torch import train as torch_train
 from bnlab.doctor.backends.torch.common import (
     as_args,
@@ -33,6 +34,7 @@ from bnlab.doctor.backends.torch.common import (
     output_tensor,
 )
 from bnlab.doctor.errors import ProbeError, UnsupportedModel, forward_failed
+from bnlab.doctor.locations import call_site
 from bnlab.doctor.records import (
     CallRecord,
     LayerInfo,
@@ -387,6 +389,7 @@ class Recorder:
                 mean=mean,
                 var=var,
                 training=training,
+                location=call_site(),
             )
         )
 
@@ -580,6 +583,7 @@ def probe(
     result.train_log = log
     result.parallel = parallel_info(model, int(batch.shape[0]))
     result.notes = list(dict.fromkeys(notes + ([result.output_note] if result.output_note else [])))
+    source_lines.attach(result, norm_layers(model))
     return result
 
 
