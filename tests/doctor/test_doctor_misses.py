@@ -91,6 +91,8 @@ def test_functional_batch_norm_with_a_layers_buffers_is_a_shared_bn(model_class)
     assert finding.severity == "error" and finding.where == "bn"
     assert finding.sites == ["call 1 after l1", "call 2 after l2"]
     assert finding.data["calls"] == 2
+    # the second site's line is the F.batch_norm call in forward, not a line inside torch
+    assert [Path(site["file"]).name for site in finding.call_sites] == [Path(__file__).name] * 2
     assert report.exit_code == 1
 
 
