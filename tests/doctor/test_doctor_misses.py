@@ -100,6 +100,9 @@ def test_functional_batch_norm_after_training_steps_is_a_shared_bn() -> None:
     torch.manual_seed(0)
     report = doctor.check(FunctionalTwice(), vec(), train_steps=5)
     assert [f.severity for f in report.by_check("shared-bn")] == ["error"]
+    (outside,) = report.by_check("stats-updated-outside")  # the module itself is never called
+    assert outside.data["probe_calls"] == 2
+    assert "F.batch_norm at 2 site(s): call 1 after l1, call 2 after l2" in " ".join(outside.evidence)
 
 
 def test_functional_batch_norm_without_a_layers_buffers_is_no_finding() -> None:
