@@ -263,6 +263,10 @@ def test_many_bn_layers_read_at_a_glance_text_only() -> None:
     assert len(untrained.data["layers"]) == 19
     where = next(line for line in text.splitlines() if line.startswith("  where: bn1, "))
     assert where.endswith("and 15 more")
+    # small-batch on each of the 19 layers (4 images): printed once, the others named
+    assert len(report.by_check("small-batch")) == 19
+    assert text.count("WARNING [small-batch]") == 1
+    assert "  also: the same for 18 more: layer1.0.bn1, layer1.0.bn2, " in text
     # The JSON keeps every name.
     data = json.loads(report.to_json())
     assert len(data["summary"]["layers"]) == 19
@@ -277,6 +281,16 @@ def test_few_bn_layers_are_listed_in_full() -> None:
     text = doctor.check(MLP(), vec()).to_text()
     assert "normalization layers: bn1 x1, bn2 x1\n" in text
     assert "  where: bn1, bn2\n" in text
+
+
+def test_three_alike_findings_are_each_printed() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 8, bias=False), nn.BatchNorm1d(8), nn.Linear(8, 8, bias=False))
+    model.append(nn.BatchNorm1d(8)).append(nn.Linear(8, 8, bias=False)).append(nn.BatchNorm1d(8))
+    report = doctor.check(model, vec(4))  # 4 samples: small-batch on each of the 3 BNs
+    assert len(report.by_check("small-batch")) == 3
+    assert report.to_text().count("WARNING [small-batch]") == 3
+    assert "also:" not in report.to_text()
 
 
 def test_keras_on_torch_does_not_import_tensorflow() -> None:

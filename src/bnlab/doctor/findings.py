@@ -266,14 +266,38 @@ def _render_finding(finding: Finding, width: int) -> list[str]:
     return lines
 
 
+ALIKE = 4  # this many findings differing only in their layer are printed once in the text
+
+
+def _alike_once(findings: list[Finding]) -> list[tuple[Finding, list[Finding]]]:
+    """Each finding with the later ones it repeats for other layers (same check, severity,
+    consequence and fix: ``small-batch`` on each of 53 BN layers), when there are at least
+    ``ALIKE`` of them; the first stands for all, where it stood."""
+    groups: dict[tuple[str, ...], list[Finding]] = {}
+    for finding in findings:
+        key = (finding.check, finding.severity, finding.consequence, finding.fix, finding.fix_code)
+        groups.setdefault(key, []).append(finding)
+    shown = []
+    for finding in findings:
+        group = groups[(finding.check, finding.severity, finding.consequence, finding.fix, finding.fix_code)]
+        if len(group) < ALIKE:
+            shown.append((finding, []))
+        elif finding is group[0]:
+            shown.append((finding, group[1:]))
+    return shown
+
+
 def render_text(report: Report, width: int = 88) -> str:
     """The report as it is printed by ``bnlab doctor``."""
     lines = [
         wrapped for line in _header(report) for wrapped in textwrap.wrap(line, width=width, subsequent_indent="  ")
     ]
-    for finding in report.findings:
+    for finding, alike in _alike_once(report.findings):
         lines.append("")
         lines += _render_finding(finding, width)
+        if alike:
+            text = f"the same for {len(alike)} more: {name_list([f.where for f in alike])} (the JSON lists each)"
+            lines += _wrap("also", text, width)
     if report.notes:
         lines.append("")
         lines.append("notes:")
