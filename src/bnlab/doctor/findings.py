@@ -277,7 +277,7 @@ def _alike_once(findings: list[Finding]) -> list[tuple[Finding, list[Finding]]]:
     for finding in findings:
         key = (finding.check, finding.severity, finding.consequence, finding.fix, finding.fix_code)
         groups.setdefault(key, []).append(finding)
-    shown = []
+    shown: list[tuple[Finding, list[Finding]]] = []
     for finding in findings:
         group = groups[(finding.check, finding.severity, finding.consequence, finding.fix, finding.fix_code)]
         if len(group) < ALIKE:
