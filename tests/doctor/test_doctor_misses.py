@@ -66,15 +66,8 @@ class FunctionalTwice(ModuleThenFunctional):
         return self.out(F.relu(norm(self.l2(F.relu(norm(self.l1(x)))))))
 
 
-class FunctionalOwnStats(nn.Module):
+class FunctionalOwnStats(ModuleThenFunctional):
     """F.batch_norm with statistics of its own (no layer's buffers) next to a BN called once."""
-
-    def __init__(self):
-        super().__init__()
-        self.l1 = nn.Linear(20, 32, bias=False)
-        self.bn = nn.BatchNorm1d(32)
-        self.l2 = nn.Linear(32, 32, bias=False)
-        self.out = nn.Linear(32, 4)
 
     def forward(self, x):
         h = F.relu(self.bn(self.l1(x)))
