@@ -105,7 +105,7 @@ def test_training_a_copy_leaves_the_model_unchanged(probe_batch) -> None:
 
 
 def test_training_steps_move_the_clones_statistics(probe_batch) -> None:
-    from bnlab.doctor import keras_probe
+    from bnlab.doctor.backends.keras import probe as keras_probe
 
     x, y, batches = probe_batch
     result = keras_probe.probe(_mlp(shared=False), x, labels=y, train_steps=5, train_batches=batches)
@@ -208,7 +208,7 @@ def test_detecting_a_torch_model_imports_no_keras() -> None:
 
 
 def test_repair_splits_the_shared_bn_and_reestimates(probe_batch) -> None:
-    from bnlab.doctor import keras_repair
+    from bnlab.doctor.backends.keras import repair as keras_repair
 
     x, y, batches = probe_batch
     model = _mlp(width=64)

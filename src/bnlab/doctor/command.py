@@ -17,6 +17,8 @@ from typing import Any
 
 from bnlab.doctor import checkpoints, sources
 from bnlab.doctor import inputs as probe_inputs
+from bnlab.doctor.backend import Backend
+from bnlab.doctor.backends import BACKENDS, detect, seed_all
 from bnlab.doctor.errors import InputError, ProbeError, UsageError
 from bnlab.doctor.findings import Report, clean
 from bnlab.doctor.loader import LoadError, load_model
@@ -101,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, data order and inputs (default 0)")
     parser.add_argument(
         "--framework",
-        choices=["auto", "keras", "torch", "chainer"],
+        choices=["auto", *BACKENDS],
         default="auto",
         help="framework of the model (default: auto, detected from the model)",
     )
@@ -130,18 +132,15 @@ def _seed(seed: int) -> None:
     import random
 
     import numpy as np
-    import torch
 
     random.seed(seed)
     np.random.seed(seed)  # Chainer's initializers draw from numpy's global RNG
-    torch.manual_seed(seed)
+    seed_all(seed)
 
 
-def _framework(model: Any, wanted: str) -> str:
-    from bnlab.doctor.backends import detect
-
+def _backend(model: Any, wanted: str) -> Backend:
     try:
-        return detect(model, wanted).NAME
+        return detect(model, wanted)
     except UsageError as err:
         raise LoadError(str(err).replace("framework '", "--framework '")) from err
 
@@ -151,7 +150,7 @@ class Target:
     """The model to examine, and what the report calls it."""
 
     model: Any
-    framework: str
+    backend: Backend  # detected once, here
     name: str
     trained: bool  # weights from a checkpoint or a run directory
     dataset: str | None = None  # a run directory's data set
@@ -162,14 +161,14 @@ def _target(args: argparse.Namespace) -> Target:
         if args.checkpoint:
             raise InputError("--checkpoint is for FILE.py:NAME targets; a run directory brings its own checkpoint.pt.")
         model, cfg = checkpoints.load_run_dir(args.target)
-        framework = _framework(model, args.framework)
+        backend = _backend(model, args.framework)
         name = f"{args.target} (bnlab run: preset {cfg.preset}, seed {cfg.train.seed})"
-        return Target(model, framework, name, True, cfg.dataset)
+        return Target(model, backend, name, True, cfg.dataset)
     model = load_model(args.target)
-    framework = _framework(model, args.framework)
+    backend = _backend(model, args.framework)
     if args.checkpoint:
-        checkpoints.load_checkpoint_into(model, framework, args.checkpoint)
-    return Target(model, framework, "", bool(args.checkpoint))
+        backend.load_checkpoint(model, Path(args.checkpoint))
+    return Target(model, backend, "", bool(args.checkpoint))
 
 
 def _train_steps(args: argparse.Namespace, target: Target, real: bool) -> int:
@@ -186,7 +185,7 @@ def _source(args: argparse.Namespace, target: Target) -> tuple[sources.Source, i
         steps = _train_steps(args, target, True)
         if data in sources.BUILTIN:
             src = sources.builtin_source(
-                data, target.model, target.framework, args.data_dir, args.batch_size or 1000, args.seed
+                data, target.model, target.backend, args.data_dir, args.batch_size or 1000, args.seed
             )
         else:
             src = sources.file_source(data, args.batch_size, args.max_batches)
@@ -197,7 +196,7 @@ def _source(args: argparse.Namespace, target: Target) -> tuple[sources.Source, i
     if args.batch_size:
         shape = (args.batch_size,) + shape[1:]
     steps = _train_steps(args, target, False)
-    return sources.random_source(target.model, target.framework, shape, args.seed, steps), steps
+    return sources.random_source(target.model, target.backend, shape, args.seed, steps), steps
 
 
 def _data_note(src: sources.Source) -> str:
@@ -230,7 +229,7 @@ def _fix(args: argparse.Namespace, target: Target, src: sources.Source, report: 
         src.fit_batches(),
         src.held_out,
         split=split,
-        framework=target.framework,
+        framework=target.backend,
         evaluated_on=src.uses.get("evaluation (--fix)", ""),
     )
     result.changes += kept
@@ -240,6 +239,7 @@ def _fix(args: argparse.Namespace, target: Target, src: sources.Source, report: 
     )
     written = fix_output.write(
         result,
+        target.backend,
         Path(args.fix),
         target=args.target,
         report=report.to_dict(),
@@ -257,8 +257,8 @@ def _check(args: argparse.Namespace) -> tuple[Report, dict[str, Any], str]:
         from bnlab.doctor import fix_output
         from bnlab.doctor.repair import check_repairable
 
-        fix_output.check_writable(Path(args.fix), target.framework, args.overwrite)
-        check_repairable(target.model, target.framework)  # e.g. a subclassed Keras model
+        fix_output.check_writable(Path(args.fix), target.backend, args.overwrite)
+        check_repairable(target.model, target.backend)  # e.g. a subclassed Keras model
     src, steps = _source(args, target)
     if args.fix and not src.real:
         raise InputError(
@@ -272,7 +272,7 @@ def _check(args: argparse.Namespace) -> tuple[Report, dict[str, Any], str]:
         labels=src.probe_y,
         train_steps=steps,
         train_batches=src.train_batches,
-        framework=target.framework,
+        framework=target.backend,
         lr=args.lr,
         source=src.description,
     )

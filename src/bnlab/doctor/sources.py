@@ -10,12 +10,11 @@ Three sources, each split so that the doctor never judges a model on a batch it 
   DataLoader) gives ``(inputs, labels)`` batches; the last sixth of them (at least one)
   is held out for the probe and the evaluation, the rest is for training and re-estimation.
 
-Arrays are numpy (float32 inputs, int64 labels); both backends accept them.
+Arrays are numpy (float32 inputs, int64 labels); every backend accepts them.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
 import itertools
 from collections.abc import Callable, Iterable, Iterator
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from bnlab.doctor import inputs as probe_inputs
+from bnlab.doctor.backend import Backend
 from bnlab.doctor.errors import InputError, UsageError
 from bnlab.doctor.loader import LoadError, import_file
 
@@ -62,29 +62,10 @@ class Source:
 # -- --input-shape ------------------------------------------------------------------
 
 
-def _run_eval(model: Any, framework: str, x: np.ndarray) -> Any:
-    """The output of a throwaway copy of ``model`` in eval mode on ``x``."""
-    trial = copy.deepcopy(model)
-    if framework == "chainer":
-        import chainer
-
-        with chainer.using_config("train", False), chainer.no_backprop_mode():
-            out = trial(x)
-        return getattr(out, "array", out)
-    import torch
-
-    from bnlab.doctor.torch_common import first_tensor
-
-    trial.eval()
-    with torch.no_grad():
-        out = first_tensor(trial(torch.from_numpy(x)))
-    return None if out is None else out.numpy()
-
-
-def class_count(model: Any, framework: str, x: np.ndarray) -> int:
+def class_count(model: Any, backend: Backend, x: np.ndarray) -> int:
     """Number of classes in the model's output (N, C, ...); UsageError if it has none."""
     try:
-        out = _run_eval(model, framework, x[:2])
+        out = backend.eval_output(model, x[:2])
     except Exception as err:
         raise InputError(
             f"the model does not run on inputs of shape {tuple(x.shape)} "
@@ -100,7 +81,7 @@ def class_count(model: Any, framework: str, x: np.ndarray) -> int:
     return int(shape[1])
 
 
-def random_source(model: Any, framework: str, shape: tuple[int, ...], seed: int, train_steps: int) -> Source:
+def random_source(model: Any, backend: Backend, shape: tuple[int, ...], seed: int, train_steps: int) -> Source:
     """A standard-normal probe; training steps on fresh standard-normal batches.
 
     Training on the probe batch itself would let the copy memorize it, and a memorized
@@ -111,7 +92,7 @@ def random_source(model: Any, framework: str, shape: tuple[int, ...], seed: int,
     uses = {"probe": f"one standard-normal batch of {shape[0]} (seed {seed})"}
     train = None
     if train_steps > 0:
-        classes = class_count(model, framework, probe_x)
+        classes = class_count(model, backend, probe_x)
         train = _random_batches(shape, classes, seed)
         uses["training steps"] = (
             f"{train_steps} fresh standard-normal batches (seeds {seed + 1}..{seed + train_steps}) "
@@ -146,7 +127,7 @@ def _in_batches(x: np.ndarray, y: np.ndarray, size: int, shape: tuple[int, ...])
     return [(x[i : i + size].reshape((-1,) + shape), y[i : i + size]) for i in range(0, len(x), size)]
 
 
-def builtin_source(name: str, model: Any, framework: str, data_dir: str | None, batch_size: int, seed: int) -> Source:
+def builtin_source(name: str, model: Any, backend: Backend, data_dir: str | None, batch_size: int, seed: int) -> Source:
     """Training split for steps and re-estimation, test split for the probe and evaluation."""
     from bnlab.data import to_float
 
@@ -157,7 +138,7 @@ def builtin_source(name: str, model: Any, framework: str, data_dir: str | None, 
     test_y = np.asarray(data.test_labels).astype(np.int64)
     if batch_size > len(test_x):
         raise InputError(f"--batch-size {batch_size} is larger than the {label} test set ({len(test_x)}).")
-    shape = probe_inputs.fit_shape(model, framework, test_x)
+    shape = probe_inputs.fit_shape(model, backend, test_x)
     rng = np.random.default_rng(seed)
     pick = rng.permutation(len(test_x))[:batch_size]
     full = len(train_x) // batch_size

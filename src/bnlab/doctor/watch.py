@@ -25,7 +25,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from bnlab.doctor.backends import Backend, Watcher, detect
+from bnlab.doctor.backend import Backend, Watcher
+from bnlab.doctor.backends import detect
 from bnlab.doctor.checks.small_batch import too_small
 from bnlab.doctor.diagnose import run_checks
 from bnlab.doctor.findings import Report
@@ -153,7 +154,7 @@ class Watch:
             smallest=self._smallest,
             optimizer=self._backend.describe_optimizer(self.model, self._watcher.optimizer()),
         )
-        report = run_checks(probe, source="(last training batch seen by watch)")
+        report = run_checks(probe, self._backend.fixes, source="(last training batch seen by watch)")
         report.probe.update({"watched_passes": self.passes, "watched_steps": self.steps})
         report.notes = notes + report.notes
         return report

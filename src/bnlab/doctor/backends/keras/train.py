@@ -14,6 +14,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from bnlab.doctor.backends.keras.common import bn_layers, first_output
 from bnlab.doctor.batching import cycle
 from bnlab.doctor.errors import UsageError, training_step_failed
 from bnlab.doctor.records import OptimizerInfo, StatUpdates, TrainLog
@@ -31,8 +32,6 @@ def _inputs(x: Any) -> np.ndarray:
 
 
 def _scores(model: Any, x: np.ndarray) -> np.ndarray:
-    from bnlab.doctor.keras_probe import first_output
-
     return np.asarray(keras.ops.convert_to_numpy(first_output(model(x, training=False))[0]))
 
 
@@ -58,8 +57,6 @@ def optimizer_info(model: Any, optimizer: Any) -> OptimizerInfo:
     """The optimizer's kind and the weight decay it applies to BatchNormalization's
     gamma/beta (Keras decays every variable not excluded with
     ``exclude_from_weight_decay``)."""
-    from bnlab.doctor.keras_probe import bn_layers
-
     decay = float(getattr(optimizer, "weight_decay", None) or 0.0)
     decayed: dict[str, float] = {}
     uses = getattr(optimizer, "_use_weight_decay", None)
@@ -71,8 +68,6 @@ def optimizer_info(model: Any, optimizer: Any) -> OptimizerInfo:
 
 
 def _moving(model: Any) -> dict[str, np.ndarray]:
-    from bnlab.doctor.keras_probe import bn_layers
-
     return {
         path: np.concatenate([_numpy(layer.moving_mean), _numpy(layer.moving_variance)])
         for path, layer in bn_layers(model).items()

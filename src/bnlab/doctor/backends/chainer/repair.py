@@ -16,8 +16,8 @@ import chainer.functions as F
 import numpy as np
 from chainer.backends import cuda
 
-from bnlab.doctor.chainer_probe import Recorder, bn_links, frozen_statistics
-from bnlab.doctor.repair_torch import RepairError
+from bnlab.doctor.backends.chainer.probe import Recorder, bn_links, frozen_statistics
+from bnlab.doctor.errors import RepairError
 
 
 class PerCallBatchNormalization(chainer.ChainList):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -130,3 +132,44 @@ def optimizer_info(model: nn.Module, optimizer: Any) -> Any:
         if values and max(values) > 0:
             decays[name] = max(values)
     return OptimizerInfo(kind=type(optimizer).__name__, norm_weight_decay=decays)
+
+
+def lazy_memo(model: nn.Module) -> dict[int, Any]:
+    """A deepcopy memo giving each uninitialized (Lazy) tensor a fresh uninitialized
+    copy: deepcopy refuses to touch them otherwise."""
+    memo: dict[int, Any] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if is_lazy(tensor):
+            memo[id(tensor)] = (
+                UninitializedParameter(requires_grad=tensor.requires_grad)
+                if isinstance(tensor, nn.Parameter)
+                else UninitializedBuffer()
+            )
+    return memo
+
+
+def deep_copy(model: nn.Module) -> nn.Module:
+    """A deep copy, Lazy modules included (deepcopy refuses uninitialized tensors)."""
+    return copy.deepcopy(model, lazy_memo(model))
+
+
+def runs_on(model: nn.Module, x: np.ndarray) -> bool:
+    """Whether a fresh copy of ``model`` runs on ``x`` in eval mode (a fresh copy per
+    trial: a Lazy module takes its shapes from the first batch it sees)."""
+    trial = deep_copy(model)
+    trial.eval()
+    try:
+        with torch.no_grad():
+            trial(torch.from_numpy(x))
+    except Exception:  # noqa: BLE001 - any failure means: not this shape
+        return False
+    return True
+
+
+def eval_output(model: nn.Module, x: np.ndarray) -> np.ndarray | None:
+    """The first tensor of a throwaway copy's eval-mode output on ``x``, as numpy."""
+    trial = copy.deepcopy(model)
+    trial.eval()
+    with torch.no_grad():
+        out = first_tensor(trial(torch.from_numpy(x)))
+    return None if out is None else out.numpy()

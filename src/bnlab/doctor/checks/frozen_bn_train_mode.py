@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from bnlab.doctor import fixes
 from bnlab.doctor.facts import tracked
 from bnlab.doctor.findings import Finding
 from bnlab.doctor.registry import Context, register
@@ -26,7 +25,7 @@ def check_frozen(ctx: Context) -> list[Finding]:
                     "is not frozen: a frozen layer should also be in eval mode."
                 ),
                 fix="Put frozen BN layers in eval mode after every model.train() call.",
-                fix_code=fixes.freeze_bn(layer.framework),
+                fix_code=ctx.fixes.freeze_bn(),
             )
         )
     return findings

@@ -1,6 +1,6 @@
 """Light hooks on a Chainer model during the user's training loop (``watch``).
 
-The Chainer counterpart of :mod:`bnlab.doctor.torch_watch`: per BN call, only the mode
+The Chainer counterpart of :mod:`bnlab.doctor.backends.torch.watch`: per BN call, only the mode
 and sizes are noted. Chainer optimizers update parameter arrays in place, so a step is
 noticed by the sums of the parameter arrays (numpy, on the host for CPU models).
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 import chainer
 
-from bnlab.doctor.chainer_probe import Recorder
+from bnlab.doctor.backends.chainer.probe import Recorder
 from bnlab.doctor.records import CallRecord, StatUpdates
 
 

@@ -14,17 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab.doctor.batching import cycle
-from bnlab.doctor.errors import UsageError, training_step_failed
-from bnlab.doctor.records import TrainLog
-from bnlab.doctor.torch_common import (
+from bnlab.doctor.backends.torch.common import (
     as_args,
     classes,
     model_device,
     optimizer_info,
     output_tensor,
 )
-from bnlab.doctor.torch_watch import TorchWatcher
+from bnlab.doctor.backends.torch.watch import TorchWatcher
+from bnlab.doctor.batching import cycle
+from bnlab.doctor.errors import UsageError, training_step_failed
+from bnlab.doctor.records import TrainLog
 
 
 def pseudo_labels(model: nn.Module, args: tuple, seed: int = 0) -> torch.Tensor:
@@ -69,7 +69,7 @@ def train(
     ``optimizer_factory(params)`` defaults to Adam(lr); ``loss_fn(output, labels)`` to
     cross-entropy. Batches cycle through ``batches`` or else repeat the probe batch. For a
     model returning a tuple or dict, the loss reads the tensor the probe reads
-    (:func:`~bnlab.doctor.torch_common.output_tensor`). The log records, per norm layer,
+    (:func:`~bnlab.doctor.backends.torch.common.output_tensor`). The log records, per norm layer,
     the steps it spent in eval mode and how its running statistics moved.
     """
     device = model_device(model)

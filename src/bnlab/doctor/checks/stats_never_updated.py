@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from bnlab.doctor import fixes
 from bnlab.doctor.facts import called, tracked
 from bnlab.doctor.findings import Finding, number
 from bnlab.doctor.registry import Context, register
@@ -58,7 +57,7 @@ def check_never_updated(ctx: Context) -> list[Finding]:
                     "train() to freeze them unless they hold pretrained statistics) and use a "
                     "non-zero update rate."
                 ),
-                fix_code=fixes.train_mode_during_training(layer.framework),
+                fix_code=ctx.fixes.train_mode_during_training(),
             )
         )
     return findings

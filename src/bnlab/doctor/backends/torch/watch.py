@@ -21,8 +21,8 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from bnlab.doctor.backends.torch.common import is_stateful_norm
 from bnlab.doctor.records import CallRecord, StatUpdates
-from bnlab.doctor.torch_common import is_stateful_norm
 
 _NOTHING = np.zeros(0)  # call records here carry no statistics
 

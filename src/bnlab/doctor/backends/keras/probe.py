@@ -19,12 +19,13 @@ from typing import Any, Self
 import keras
 import numpy as np
 
-from bnlab.doctor import keras_train
+from bnlab.doctor.backends.keras import train as keras_train
+from bnlab.doctor.backends.keras.common import BN as _BN
+from bnlab.doctor.backends.keras.common import as_array, bn_layers, children, first_output, named_layers, numpy
 from bnlab.doctor.errors import UsageError, forward_failed
 from bnlab.doctor.records import CallRecord, LayerInfo, ProbeResult, TrainLog
 from bnlab.doctor.stats import channel_stats
 
-_BN = keras.layers.BatchNormalization
 _WITH_BIAS = (
     keras.layers.Dense,
     keras.layers.EinsumDense,
@@ -35,40 +36,6 @@ _WITH_BIAS = (
     keras.layers.DepthwiseConv2D,
     keras.layers.SeparableConv2D,
 )
-
-
-def numpy(value: Any) -> np.ndarray:
-    """Any backend's tensor (or a Keras variable) as a float64 numpy copy."""
-    return np.array(keras.ops.convert_to_numpy(value), dtype=np.float64)
-
-
-def _children(layer: Any) -> list[Any]:
-    flatten = getattr(layer, "_flatten_layers", None)
-    if flatten is None:
-        return list(getattr(layer, "layers", []))
-    return list(flatten(include_self=False, recursive=False))
-
-
-def named_layers(model: Any) -> dict[str, Any]:
-    """Every layer once, under a dotted path of Keras layer names (``block.bn``)."""
-    found: dict[str, Any] = {}
-    seen: set[int] = set()
-
-    def walk(layer: Any, prefix: str) -> None:
-        for child in _children(layer):
-            if id(child) in seen:
-                continue
-            seen.add(id(child))
-            path = f"{prefix}{child.name}"
-            found[path] = child
-            walk(child, path + ".")
-
-    walk(model, "")
-    return found
-
-
-def bn_layers(model: Any) -> dict[str, Any]:
-    return {path: layer for path, layer in named_layers(model).items() if isinstance(layer, _BN)}
 
 
 def _built(layer: Any) -> bool:
@@ -224,7 +191,7 @@ class Recorder:
 
     def _wrap(self, layer: Any, call: Callable[..., Any]) -> Callable[..., Any]:
         path = self.paths[id(layer)]
-        leaf = not _children(layer)
+        leaf = not children(layer)
 
         def recorded_call(*args: Any, **kwargs: Any) -> Any:
             if isinstance(layer, _BN) and args:
@@ -282,26 +249,6 @@ class Recorder:
 
 
 # -- the probe -------------------------------------------------------------------------
-
-
-def as_array(inputs: Any) -> np.ndarray:
-    """Probe input as float32 numpy (torch tensors and float64 arrays converted)."""
-    if hasattr(inputs, "detach") and hasattr(inputs, "numpy"):  # a torch tensor
-        inputs = inputs.detach().cpu().numpy()
-    array = np.asarray(keras.ops.convert_to_numpy(inputs))
-    return array.astype(np.float32) if array.dtype == np.float64 else array
-
-
-def first_output(output: Any) -> tuple[Any, str]:
-    """The tensor the probe reads from a model's output, and how it was reached."""
-    note = ""
-    while isinstance(output, (tuple, list, dict)) and output:
-        if isinstance(output, dict):
-            key = "logits" if "logits" in output else next(iter(output))
-            output, note = output[key], f"{note}[{key!r}]"
-        else:
-            output, note = output[0], f"{note}[0]"
-    return output, f"output{note}" if note else ""
 
 
 def classes(array: np.ndarray | None) -> np.ndarray | None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from bnlab.conventions import CONVENTIONS, OLD, from_torch_momentum, to_torch_momentum
-from bnlab.doctor import fixes, thresholds
+from bnlab.doctor import thresholds
+from bnlab.doctor.backend import Fixes
 from bnlab.doctor.facts import tracked
 from bnlab.doctor.findings import Finding, number
 from bnlab.doctor.records import LayerInfo
@@ -18,13 +19,13 @@ def check_momentum(ctx: Context) -> list[Finding]:
     for layer in ctx.probe.layers.values():
         if not tracked(layer) or layer.rate is None:
             continue
-        finding = _finding(layer)
+        finding = _finding(ctx.fixes, layer)
         if finding is not None:
             findings.append(finding)
     return findings
 
 
-def _finding(layer: LayerInfo) -> Finding | None:
+def _finding(fixes: Fixes, layer: LayerInfo) -> Finding | None:
     rate = float(layer.rate) if layer.rate is not None else 0.0
     torch_equiv = to_torch_momentum(layer.framework, rate)  # weight of the new batch
     convention = CONVENTIONS[layer.framework]

@@ -21,18 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-from bnlab.doctor.errors import UsageError
-from bnlab.doctor.torch_common import (
+from bnlab.doctor.backends.torch.common import (
     as_args,
     classes,
     first_tensor,
     is_stateful_norm,
     model_device,
 )
-
-
-class RepairError(UsageError):
-    """The model cannot be repaired as asked (message is for the user)."""
+from bnlab.doctor.errors import RepairError
 
 
 class PerCallNorm(nn.Module):
@@ -73,7 +69,7 @@ def call_sites(model: nn.Module, x: Any) -> dict[str, list[str]]:
 
     Runs a copy; sites are named as the doctor names them ("after l1").
     """
-    from bnlab.doctor.torch_probe import Recorder
+    from bnlab.doctor.backends.torch.probe import Recorder
 
     work = copy.deepcopy(model)
     work.eval()
@@ -294,7 +290,7 @@ def _reestimated(
 def evaluate(model: nn.Module, batches: list[Any]) -> dict[str, Any]:
     """Eval-mode accuracy and loss over labelled ``batches``, and the share of predictions
     that train-mode BN (batch statistics, dropout off) and eval mode agree on. A copy runs."""
-    from bnlab.doctor.torch_probe import _set_bn_only_train, frozen_buffers
+    from bnlab.doctor.backends.torch.probe import _set_bn_only_train, frozen_buffers
 
     work = copy.deepcopy(model)
     device = model_device(work)

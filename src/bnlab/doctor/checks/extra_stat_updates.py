@@ -4,7 +4,7 @@ in forward passes -- activation checkpointing recomputing the forward during bac
 
 from __future__ import annotations
 
-from bnlab.doctor import fixes
+from bnlab.doctor.backend import Fixes
 from bnlab.doctor.facts import share_moved
 from bnlab.doctor.findings import Finding, number
 from bnlab.doctor.records import LayerInfo, StatUpdates, TrainLog
@@ -28,11 +28,11 @@ def check_extra_updates(ctx: Context) -> list[Finding]:
         counted = upd.forward_calls + upd.extra_calls
         beyond_counter = upd.counter_delta is not None and upd.counter_delta > counted
         if upd.extra_calls or beyond_counter:
-            findings.append(_finding(layer, upd, log))
+            findings.append(_finding(ctx.fixes, layer, upd, log))
     return findings
 
 
-def _finding(layer: LayerInfo, upd: StatUpdates, log: TrainLog) -> Finding:
+def _finding(fixes: Fixes, layer: LayerInfo, upd: StatUpdates, log: TrainLog) -> Finding:
     updates = upd.counter_delta if upd.counter_delta is not None else (upd.forward_calls + upd.extra_calls)
     per_call = updates / max(upd.forward_calls, 1)
     evidence = [

@@ -18,7 +18,7 @@ import chainer.links as L
 import numpy as np
 from chainer.backends import cuda
 
-from bnlab.doctor import chainer_train
+from bnlab.doctor.backends.chainer import train as chainer_train
 from bnlab.doctor.errors import forward_failed
 from bnlab.doctor.records import CallRecord, LayerInfo, ProbeResult, TrainLog
 from bnlab.doctor.stats import channel_stats

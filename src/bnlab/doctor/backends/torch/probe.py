@@ -17,9 +17,19 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
-from bnlab.doctor import torch_train
+from bnlab.doctor.backends.torch import train as torch_train
+from bnlab.doctor.backends.torch.common import (
+    as_args,
+    check_supported,
+    classes,
+    first_tensor,
+    is_norm,
+    lazy_memo,
+    model_device,
+    norm_paths,
+    output_tensor,
+)
 from bnlab.doctor.errors import ProbeError, UnsupportedModel, forward_failed
 from bnlab.doctor.records import (
     CallRecord,
@@ -27,16 +37,6 @@ from bnlab.doctor.records import (
     ParallelInfo,
     ProbeResult,
     TrainLog,
-)
-from bnlab.doctor.torch_common import (
-    as_args,
-    check_supported,
-    classes,
-    first_tensor,
-    is_norm,
-    model_device,
-    norm_paths,
-    output_tensor,
 )
 
 _DROPOUT = (nn.modules.dropout._DropoutNd,)
@@ -96,20 +96,6 @@ def layer_infos(model: nn.Module, modes: dict[str, bool]) -> dict[str, LayerInfo
 # -- keeping the user's model untouched ---------------------------------------
 
 
-def _lazy_memo(model: nn.Module) -> dict[int, Any]:
-    """A deepcopy memo giving each uninitialized (Lazy) tensor a fresh uninitialized
-    copy: deepcopy refuses to touch them otherwise."""
-    memo: dict[int, Any] = {}
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if is_lazy(tensor):
-            memo[id(tensor)] = (
-                UninitializedParameter(requires_grad=tensor.requires_grad)
-                if isinstance(tensor, nn.Parameter)
-                else UninitializedBuffer()
-            )
-    return memo
-
-
 @contextlib.contextmanager
 def borrowed(model: nn.Module) -> Iterator[nn.Module]:
     """A copy of ``model`` to run freely; the original if it can't be deep-copied.
@@ -118,10 +104,10 @@ def borrowed(model: nn.Module) -> Iterator[nn.Module]:
     every norm's ``momentum`` is put back on exit, in place.
     """
     try:
-        work = copy.deepcopy(model, _lazy_memo(model))
+        work = copy.deepcopy(model, lazy_memo(model))
     except Exception:  # noqa: BLE001 - any failure to copy means: fall back to restoring
         work = None
-    if work is None and _lazy_memo(model):
+    if work is None and lazy_memo(model):
         raise UnsupportedModel(
             "the model has Lazy modules (LazyLinear, LazyBatchNorm...) whose shapes are not "
             "known yet, and it cannot be copied; bnlab doctor never runs your own model. Run "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bnlab.doctor import fixes, thresholds
+from bnlab.doctor import thresholds
 from bnlab.doctor.findings import Finding
 from bnlab.doctor.registry import Context, register
 
@@ -27,6 +27,6 @@ def check_parallel(ctx: Context) -> list[Finding]:
                 "Batch statistics come from a few samples per device: noisy training and noisy running statistics."
             ),
             fix="Use SyncBatchNorm so statistics are computed over the whole batch.",
-            fix_code=fixes.sync_bn(),
+            fix_code=ctx.fixes.sync_bn(),
         )
     ]

@@ -6,7 +6,6 @@ user's (``watch(model, optimizer=opt)``, or seen stepping the model).
 
 from __future__ import annotations
 
-from bnlab.doctor import fixes
 from bnlab.doctor.findings import Finding, number
 from bnlab.doctor.registry import Context, register
 
@@ -33,6 +32,6 @@ def check_weight_decay(ctx: Context) -> list[Finding]:
                 "(torchvision's norm_weight_decay=0) leaves norm parameters undecayed."
             ),
             fix="Put the normalization parameters in a parameter group with weight_decay=0.",
-            fix_code=fixes.no_decay_on_norms(),
+            fix_code=ctx.fixes.no_decay_on_norms(),
         )
     ]

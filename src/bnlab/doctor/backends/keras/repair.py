@@ -28,17 +28,14 @@ from typing import Any
 import keras
 import numpy as np
 
-from bnlab.doctor import keras_probe
-from bnlab.doctor.errors import UsageError
+from bnlab.doctor.backends.keras import common
+from bnlab.doctor.backends.keras import probe as keras_probe
+from bnlab.doctor.errors import RepairError
 
 _BN = keras.layers.BatchNormalization
 METHOD = "Keras's own update, momentum (k-1)/k at batch k"
 LAYOUT = "functional clone, one layer per call site"
 FROZEN = "trainable=False: Keras runs it in inference mode (frozen on purpose); left as it is"
-
-
-class RepairError(UsageError):
-    """The Keras model cannot be repaired as asked (message is for the user)."""
 
 
 def _graph_model(model: Any) -> bool:
@@ -59,7 +56,7 @@ def check_repairable(model: Any) -> None:
             "fix shows) and use each once in call(), or build the same layers with the functional "
             "API (keras.Model(inputs, outputs)), which --fix repairs as it is. To re-estimate the "
             "moving statistics of a subclassed model you own, call "
-            "bnlab.doctor.keras_repair.reestimate(model, batches)."
+            "bnlab.doctor.backends.keras.repair.reestimate(model, batches)."
         )
     if not model.built or not model.weights:
         raise RepairError(
@@ -70,7 +67,7 @@ def check_repairable(model: Any) -> None:
 
 def _inputs(batch: Any) -> np.ndarray:
     x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return keras_probe.as_array(x)
+    return common.as_array(x)
 
 
 def _pairs(batches: Iterable[Any]) -> list[tuple[Any, Any]]:
@@ -86,7 +83,7 @@ def _pairs(batches: Iterable[Any]) -> list[tuple[Any, Any]]:
 def call_sites(model: Any, x: Any) -> dict[str, list[str]]:
     """Per BatchNormalization: the call sites of one inference-mode forward pass of a clone
     on ``x``, named as the doctor names them ("call 1 after l1")."""
-    array = keras_probe.as_array(x)
+    array = common.as_array(x)
     work = keras_probe.clone(model, array)
     recorder = keras_probe.Recorder(work, stats=False)
     with recorder:
@@ -132,7 +129,7 @@ class _Splitter:
         self.original: dict[int, Any] = {}  # id of a new layer -> the original it copies
         self.made: list[Any] = []  # every new layer, in the order made
         self.per_site: dict[int, list[Any]] = {key: [] for key in split}
-        self.taken = {layer.name for layer in keras_probe.named_layers(model).values()}
+        self.taken = {layer.name for layer in common.named_layers(model).values()}
 
     def clone_function(self, layer: Any) -> Any:
         new = layer.__class__.from_config(layer.get_config())
@@ -166,7 +163,7 @@ def _clone_error(model: Any, err: Exception) -> RepairError:
 def _split(model: Any, paths: Iterable[str]) -> tuple[Any, dict[str, list[str]], dict[str, str]]:
     """The clone with the BNs at ``paths`` split; per path the new layers' paths (in call
     order), and per BN path of the clone the BN path of ``model`` its weights came from."""
-    layers = keras_probe.named_layers(model)
+    layers = common.named_layers(model)
     wanted = {path: layers[path] for path in paths}
     splitter = _Splitter(model, {id(layer): layer for layer in wanted.values()})
     source = _as_functional(model) if wanted else model
@@ -181,7 +178,7 @@ def _split(model: Any, paths: Iterable[str]) -> tuple[Any, dict[str, list[str]],
         raise
     except Exception as err:  # Keras's own refusal, worded for the user
         raise _clone_error(model, err) from err
-    new_paths = {id(layer): path for path, layer in keras_probe.named_layers(new).items()}
+    new_paths = {id(layer): path for path, layer in common.named_layers(new).items()}
     old_paths = {id(layer): path for path, layer in layers.items()}
     for layer in splitter.made:
         original = splitter.original[id(layer)]
@@ -212,7 +209,7 @@ def _split_checked(model: Any, calls: dict[str, int]) -> tuple[Any, dict[str, li
     """:func:`_split`, after checking that ``calls`` names BNs of ``model`` and that each
     was split into as many layers as it has call sites."""
     check_repairable(model)
-    bns = keras_probe.bn_layers(model)
+    bns = common.bn_layers(model)
     unknown = sorted(set(calls) - set(bns))
     if unknown:
         raise RepairError(f"no BatchNormalization layer {', '.join(map(repr, unknown))} in {model.name!r}.")
@@ -265,7 +262,7 @@ def reestimate(model: Any, batches: Iterable[Any]) -> int:
 
 
 def _stats(layer: Any) -> tuple[np.ndarray, np.ndarray]:
-    return keras_probe.numpy(layer.moving_mean), keras_probe.numpy(layer.moving_variance)
+    return common.numpy(layer.moving_mean), common.numpy(layer.moving_variance)
 
 
 def repair(model: Any, batches: Iterable[Any], split: Iterable[str] | None = None) -> tuple[Any, list[dict[str, Any]]]:
@@ -298,10 +295,10 @@ def repair(model: Any, batches: Iterable[Any], split: Iterable[str] | None = Non
         }
         for path in sorted(wanted)
     ]
-    old = keras_probe.bn_layers(model)
+    old = common.bn_layers(model)
     before = {path: _stats(layer) for path, layer in old.items()}
     count = reestimate(new, pairs)
-    for path, layer in keras_probe.bn_layers(new).items():
+    for path, layer in common.bn_layers(new).items():
         source = origin.get(path, path)
         if not layer.trainable:
             changes.append({"change": "kept", "where": path, "why": FROZEN})
@@ -328,7 +325,7 @@ def _bn_in_training(model: Any) -> Iterator[None]:
     """BatchNormalization layers use batch statistics in a ``training=False`` pass (the
     rest of the model, dropout included, stays in inference mode): the train-mode BN of
     ``repair_torch.evaluate``. Moving statistics are put back after each pass by the caller."""
-    layers = list(keras_probe.bn_layers(model).values())
+    layers = list(common.bn_layers(model).values())
 
     def forced(call: Callable[..., Any]) -> Callable[..., Any]:
         def call_in_training(inputs: Any, *args: Any, training: Any = None, **kwargs: Any) -> Any:
@@ -350,7 +347,7 @@ def _bn_in_training(model: Any) -> Iterator[None]:
 
 
 def _scores(out: Any) -> np.ndarray:
-    return keras_probe.numpy(keras_probe.first_output(out)[0])
+    return common.numpy(common.first_output(out)[0])
 
 
 def _cross_entropy(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -379,7 +376,7 @@ def evaluate(model: Any, batches: Iterable[Any]) -> dict[str, Any]:
     loss_sum = 0.0
     with keras_probe.borrowed(model, _inputs(pairs[0]), need_copy=False) as work:
         for x, y in pairs:
-            array, labels = keras_probe.as_array(x), np.asarray(y).reshape(-1).astype(np.int64)
+            array, labels = common.as_array(x), np.asarray(y).reshape(-1).astype(np.int64)
             scores = _scores(work(array, training=False))
             with keras_probe.frozen_statistics(work), _bn_in_training(work):
                 train_scores = _scores(work(array, training=False))

@@ -1,0 +1,86 @@
+"""Code sketches for the doctor's fixes, in Chainer (see :class:`bnlab.doctor.backend.Fixes`)."""
+
+from __future__ import annotations
+
+from bnlab.doctor.backends import sketch
+from bnlab.doctor.findings import number
+from bnlab.doctor.records import CallRecord, LayerInfo
+
+
+def _constructor(layer: LayerInfo) -> str:
+    return f"L.BatchNormalization({layer.num_channels}, decay={number(layer.rate)}, eps={number(layer.eps)})"
+
+
+class ChainerFixes:
+    def one_bn_per_site(self, layer: LayerInfo, calls: list[CallRecord]) -> str:
+        names = sketch.site_names(layer, calls)
+        lines = ["# __init__: one BN per call site, each with its own running statistics", "with self.init_scope():"]
+        lines += [f"    self.{name} = {_constructor(layer)}" for name in names]
+        lines.append("# forward: each call site uses its own BN")
+        for name, call in zip(names, calls):
+            if call.producer == layer.path:
+                lines.append(f"... self.{name}(...)  # or drop this second normalization")
+            elif call.producer and call.via == "direct":
+                lines.append(f"... self.{name}({sketch.attribute(call.producer)}(...)) ...")
+            else:
+                lines.append(f"... self.{name}(...)  # was call {call.index} of {sketch.attribute(layer.path)}")
+        return "\n".join(lines)
+
+    def recompute_stats(self) -> str:
+        return "\n".join(
+            [
+                "# re-estimate the running statistics on training data",
+                "for link in model.links():",
+                "    if isinstance(link, L.BatchNormalization):",
+                "        link.avg_mean[...] = 0; link.avg_var[...] = 1",
+                "with chainer.using_config('train', True), chainer.no_backprop_mode():",
+                "    for x in train_batches:",
+                "        model(x)",
+            ]
+        )
+
+    def reset_stats(self) -> str:
+        return self.recompute_stats()
+
+    def train_mode_during_training(self) -> str:
+        return "\n".join(
+            [
+                "with chainer.using_config('train', True):  # BN uses and updates batch stats",
+                "    loss = F.softmax_cross_entropy(model(x), t)",
+            ]
+        )
+
+    def train_mode_advice(self) -> str:
+        return (
+            "Train under chainer.using_config('train', True) (the default), or freeze the "
+            "layers completely (disable_update()) if intended."
+        )
+
+    def rate_code(self, layer: LayerInfo, value: float) -> str:
+        return f"L.BatchNormalization({layer.num_channels}, decay={number(value)}, eps={number(layer.eps)})"
+
+    def no_decay_on_norms(self) -> str:
+        return sketch.no_decay_on_norms()
+
+    def checkpoint_without_bn_updates(self) -> str:
+        return sketch.checkpoint_without_bn_updates()
+
+    def no_bias(self, kinds: list[str]) -> str:
+        return "L.Linear(n_in, n_out, nobias=True)  # likewise Convolution2D(..., nobias=True)"
+
+    def dropout_after_bn(self) -> str:
+        return "h = F.dropout(F.relu(self.bn(self.l(h))), ratio=0.5)  # dropout after BN"
+
+    def freeze_bn(self) -> str:
+        return "\n".join(
+            [
+                "# Chainer updates avg_mean/avg_var whenever config.train is True;",
+                "# for frozen statistics call the frozen BN under using_config('train', False)",
+            ]
+        )
+
+    def sync_bn(self) -> str:
+        return sketch.sync_bn()
+
+    def bigger_batches(self) -> str:
+        return "iterator = chainer.iterators.SerialIterator(data, batch_size=32, repeat=True)"
