@@ -1,7 +1,7 @@
 """The question's model in JAX/Flax, fixed: one BatchNorm per hidden layer.
 
-    bnlab doctor examples/answer_flax.py:MyModel --data mnist
-    bnlab doctor examples/answer_flax.py:LinenModel --data mnist
+bnlab doctor examples/answer_flax.py:MyModel --data mnist
+bnlab doctor examples/answer_flax.py:LinenModel --data mnist
 """
 
 import jax

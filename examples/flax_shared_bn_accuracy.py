@@ -56,7 +56,9 @@ def accuracy(model, x, y, train_mode: bool) -> float:
     in batches of 1000; the running statistics are put back after a train-mode pass."""
     saved = nnx.clone(nnx.state(model, nnx.BatchStat))
     model.train() if train_mode else model.eval()
-    hits = sum(int((np.asarray(predict(model, x[i : i + 1000])) == y[i : i + 1000]).sum()) for i in range(0, len(x), 1000))
+    hits = sum(
+        int((np.asarray(predict(model, x[i : i + 1000])) == y[i : i + 1000]).sum()) for i in range(0, len(x), 1000)
+    )
     nnx.update(model, saved)
     return hits / len(x)
 
@@ -78,7 +80,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
-    parser.add_argument("--repair", action="store_true", help="also repair the shared-BN model with bnlab.doctor.repair")
+    parser.add_argument(
+        "--repair", action="store_true", help="also repair the shared-BN model with bnlab.doctor.repair"
+    )
     parser.add_argument("--save", type=Path, default=None, help="folder for the trained states (.msgpack)")
     args = parser.parse_args()
     data = load_mnist()

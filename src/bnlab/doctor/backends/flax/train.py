@@ -20,11 +20,10 @@ import numpy as np
 import optax
 from flax import linen, nnx
 
+from bnlab.doctor.backends.flax import common
+from bnlab.doctor.backends.flax.common import Linen, Recorder, nnx_hooks, nnx_layers
 from bnlab.doctor.batching import cycle
 from bnlab.doctor.errors import UsageError, training_step_failed
-from bnlab.doctor.flax_backend import common
-from bnlab.doctor.flax_backend.common import Linen
-from bnlab.doctor.flax_backend.probe import Recorder, nnx_hooks, nnx_layers
 from bnlab.doctor.records import OptimizerInfo, StatUpdates, TrainLog
 
 LossFn = Callable[[Any, Any], Any]
@@ -77,7 +76,9 @@ def _log(steps: int, calls: Recorder, changed: dict[str, bool], tx: Any) -> Trai
     return log
 
 
-def _run(step: Callable[[Any, Any, Any], Any], batches: Iterable[tuple[Any, Any]], steps: int) -> tuple[float | None, float | None]:
+def _run(
+    step: Callable[[Any, Any, Any], Any], batches: Iterable[tuple[Any, Any]], steps: int
+) -> tuple[float | None, float | None]:
     """``steps`` calls of ``step(x, y, key) -> loss``; the first and the last loss."""
     first = last = None
     key = jax.random.key(0)
@@ -148,11 +149,9 @@ def train_nnx(
 
 
 def _linen_stats(variables: dict[str, Any], paths: Iterable[str]) -> dict[str, np.ndarray]:
-    from bnlab.doctor.flax_backend.probe import _collection_entry
-
     found = {}
     for path in paths:
-        entry = _collection_entry(variables.get("batch_stats", {}), path) or {}
+        entry = common.collection_entry(variables.get("batch_stats", {}), path) or {}
         if "mean" in entry and "var" in entry:
             found[path] = (entry["mean"], entry["var"])
     return _stats(found)
@@ -214,6 +213,6 @@ def train_linen(
     trained = Linen(model.module, {"params": params, **state})
     paths = sorted({c.path for c in recorder.calls})
     before, after = _linen_stats(model.variables, paths), _linen_stats(trained.variables or {}, paths)
-    log = _log(steps, recorder, {p: not np.array_equal(before[p], after.get(p)) for p in before}, tx)
+    log = _log(steps, recorder, {p: p not in after or not np.array_equal(before[p], after[p]) for p in before}, tx)
     log.loss_first, log.loss_last = first, last
     return trained, log
