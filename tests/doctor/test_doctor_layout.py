@@ -21,7 +21,9 @@ DOCTOR = Path(bnlab.doctor.__file__).resolve().parent
 BACKEND_DIR = DOCTOR / "backends"
 FRAMEWORKS = {"torch", "chainer", "keras", "tensorflow", "tf_keras", "jax", "flax", "optax", "lightning"}
 # A comparison with a framework's name, or with a backend's NAME: dispatch that belongs in a backend.
-DISPATCH = re.compile(r"""(==|!=)\s*["'](torch|chainer|keras|tensorflow|jax|flax)["']|\.NAME\s*(==|!=)|\bframework\s*(==|!=)""")
+DISPATCH = re.compile(
+    r"""(==|!=)\s*["'](torch|chainer|keras|tensorflow|jax|flax)["']|\.NAME\s*(==|!=)|\bframework\s*(==|!=)"""
+)
 # Every backend folder holds these modules (flax and later frameworks too).
 BACKEND_MODULES = {"__init__", "probe", "train", "watch", "repair", "fixes", "io", "common"}
 
@@ -68,7 +70,12 @@ def test_no_module_outside_backends_dispatches_on_a_framework_name() -> None:
 
 
 def test_dispatch_pattern_catches_the_old_branches() -> None:
-    for line in ('if layer.framework == "chainer":', "kind == 'torch'", "if backend.NAME == x:", 'framework != "keras"'):
+    for line in (
+        'if layer.framework == "chainer":',
+        "kind == 'torch'",
+        "if backend.NAME == x:",
+        'framework != "keras"',
+    ):
         assert DISPATCH.search(line), line
     assert not DISPATCH.search('framework="torch"')
 

@@ -188,6 +188,7 @@ class Recorder:
         self.counts: Counter[str] = Counter()
         self.paths: dict[int, str] = {}  # nnx: id(module) -> dotted path
         self.modules: list[Any] = []  # keeps registered modules alive: ids stay unique
+        self.copies: list[Any] = []  # the latest transform copy's modules (register_copy)
         self.bn_modules: dict[str, Any] = {}  # path -> the BN module seen (linen: bound)
         self.produced: dict[int, tuple[str, Any]] = {}
         self.pinned: list[Any] = []
@@ -195,12 +196,22 @@ class Recorder:
         self.stack: list[bool] = []  # per open call: has a child call happened
         self.on_root_call: Callable[[tuple], None] | None = None
         self.before_bn: Callable[[str, Any], None] | None = None  # (path, BN) before each call
+        self.adopt: Callable[[Any], bool] | None = None  # an unknown module to record from now on
 
     def register(self, model: nnx.Module) -> None:
         """Record calls of the modules of ``model`` (an nnx graph) under their paths."""
         for path, module in nnx.iter_modules(model):
             self.paths.setdefault(id(module), dotted(path))
             self.modules.append(module)
+
+    def register_copy(self, model: nnx.Module) -> None:
+        """Record ``model`` (a transform's copy of the model) instead of the previous copy:
+        a long loop makes a copy per step, and only the latest one's pass is running."""
+        for module in self.copies:
+            self.paths.pop(id(module), None)
+        self.copies = [module for _, module in nnx.iter_modules(model)]
+        for path, module in nnx.iter_modules(model):
+            self.paths.setdefault(id(module), dotted(path))
 
     def new_pass(self) -> None:
         """Call numbers and producers restart with every forward pass."""
@@ -324,6 +335,9 @@ def _recording(original: Callable[..., Any], recorder: Recorder) -> Callable[...
     @functools.wraps(original)  # keeps the signature: mode arguments are read from it
     def recorded_call(self: Any, *args: Any, **kwargs: Any) -> Any:
         path = recorder.paths.get(id(self))
+        if path is None and recorder.adopt is not None and recorder.adopt(self):
+            recorder.register_copy(self)  # a copy of the model that a transform (nnx.jit, nnx.grad) runs
+            path = recorder.paths[id(self)]
         if path is None:  # another model's module: not ours to record
             return original(self, *args, **kwargs)
         return recorder.layer_call(path, self, args, kwargs, lambda a, k: original(self, *a, **k))
