@@ -154,17 +154,17 @@ def _statistics(model: nnx.Module) -> dict[str, np.ndarray]:
 
 @contextlib.contextmanager
 def _replaced_call(cls: type, hook: Callable[..., Any]) -> Iterator[None]:
-    original = cls.__call__  # type: ignore[operator]
+    original = cls.__call__
 
     @functools.wraps(original)
     def watched(self: Any, *args: Any, **kwargs: Any) -> Any:
         return hook(original, self, args, kwargs)
 
-    cls.__call__ = watched  # type: ignore[operator]
+    cls.__call__ = watched  # type: ignore[method-assign]
     try:
         yield
     finally:
-        cls.__call__ = original  # type: ignore[operator]
+        cls.__call__ = original  # type: ignore[method-assign]
 
 
 def watcher(model: Any, on_pass_start: Callable[[tuple], None], optimizer: Any = None) -> Watcher:
