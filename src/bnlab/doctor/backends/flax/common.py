@@ -197,6 +197,10 @@ class Recorder:
         self.on_root_call: Callable[[tuple], None] | None = None
         self.before_bn: Callable[[str, Any], None] | None = None  # (path, BN) before each call
         self.adopt: Callable[[Any], bool] | None = None  # an unknown module to record from now on
+        # stats while jax traces: each BN input is handed out of the compiled pass
+        # (``inputs``) and measured afterwards (``fill``), in call order
+        self.inputs: list[Any] = []
+        self.pending: list[tuple[CallRecord, int]] = []  # (call, channel axis)
 
     def register(self, model: nnx.Module) -> None:
         """Record calls of the modules of ``model`` (an nnx graph) under their paths."""
@@ -291,11 +295,7 @@ class Recorder:
         axis = axis if axis >= 0 else len(shape) + axis
         channels = shape[axis]
         values = int(np.prod(shape)) // max(channels, 1)
-        if self.stats:
-            array = np.asarray(x, dtype=np.float64)
-            mean, var = channel_stats(np.moveaxis(array, axis, 0).reshape(channels, -1))
-        else:
-            mean = var = np.zeros(0)
+        mean = var = np.zeros(0)
         producer, kind, via, has_bias, dropout = self._producer(x)
         self.calls.append(
             CallRecord(
@@ -313,6 +313,16 @@ class Recorder:
                 training=training,
             )
         )
+        if self.stats:
+            self.inputs.append(x)
+            self.pending.append((self.calls[-1], axis))
+
+    def fill(self, inputs: list[Any]) -> None:
+        """The per-channel statistics of every pending call, from its concrete input."""
+        for (call, axis), x in zip(self.pending, inputs, strict=True):
+            array = np.moveaxis(np.asarray(x, dtype=np.float64), axis, 0)
+            call.mean, call.var = channel_stats(array.reshape(array.shape[0], -1))
+        self.pending, self.inputs = [], []
 
     # -- linen ---------------------------------------------------------------------------
 

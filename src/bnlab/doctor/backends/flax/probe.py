@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen, nnx
@@ -144,24 +145,49 @@ def _modes(layers: dict[str, LayerInfo], user: dict[str, LayerInfo], modes: dict
         layer.training = modes.get(path, layer.training)
 
 
+def _nnx_pass(work: nnx.Module, x: Any, train: bool, recorder: Recorder) -> Any:
+    """One forward pass of a copy of ``work`` made inside ``jax.jit`` (one compilation
+    instead of one per operation); ``work`` itself, statistics included, is untouched."""
+    graphdef, state = nnx.split(work)
+
+    def run(state: Any, x: Any) -> tuple[Any, list[Any]]:
+        model = nnx.merge(graphdef, state)
+        recorder.register_copy(model)
+        out = common.call_nnx(model, x, train)
+        return out, recorder.inputs
+
+    with nnx_hooks(work, recorder):
+        out, inputs = jax.jit(run)(state, x)
+    recorder.fill(inputs)
+    return out
+
+
+def _linen_pass(model: Linen, x: Any, train: bool, recorder: Recorder) -> Any:
+    """One forward pass of a linen model inside ``jax.jit`` (its variables are not written)."""
+
+    def run(variables: Any, x: Any) -> tuple[Any, list[Any]]:
+        out, _ = common.linen_apply(Linen(model.module, variables), x, train, mutable=True)
+        return out, recorder.inputs
+
+    with linen.intercept_methods(recorder.intercept):
+        out, inputs = jax.jit(run)(model.variables, x)
+    recorder.fill(inputs)
+    return out
+
+
 def observe_nnx(
     work: nnx.Module, x: np.ndarray, labels: Any, user: dict[str, LayerInfo], modes: dict[str, bool]
 ) -> ProbeResult:
     """One round of observations of the nnx copy ``work`` (statistics left as they were)."""
     layers = nnx_layer_infos(work)
     _modes(layers, user, modes)
-    saved = nnx.clone(nnx.state(work, nnx.BatchStat))
     inputs = jnp.asarray(x)
+    recorder, counter = Recorder(stats=True, force=True), Recorder(stats=False, force=False)
     try:
-        with nnx_hooks(work, Recorder(stats=True, force=True)) as recorder:
-            train_out = common.call_nnx(work, inputs, True)
-        nnx.update(work, saved)
-        with nnx_hooks(work, Recorder(stats=False, force=False)) as counter:
-            eval_out = common.call_nnx(work, inputs, False)
+        train_out = _nnx_pass(work, inputs, True, recorder)
+        eval_out = _nnx_pass(work, inputs, False, counter)
     except Exception as err:  # the user's forward pass on the probe input
         raise forward_failed(err) from err
-    finally:
-        nnx.update(work, saved)
     return _result(x, labels, layers, recorder, counter, (train_out, eval_out))
 
 
@@ -171,10 +197,8 @@ def observe_linen(model: Linen, x: np.ndarray, labels: Any, modes: dict[str, boo
     inputs = jnp.asarray(x)
     recorder, counter = Recorder(stats=True, force=True), Recorder(stats=False, force=False)
     try:
-        with linen.intercept_methods(recorder.intercept):
-            train_out, _ = common.linen_apply(model, inputs, True, mutable=True)
-        with linen.intercept_methods(counter.intercept):
-            eval_out, _ = common.linen_apply(model, inputs, False, mutable=True)
+        train_out = _linen_pass(model, inputs, True, recorder)
+        eval_out = _linen_pass(model, inputs, False, counter)
     except Exception as err:  # the user's forward pass on the probe input
         raise forward_failed(err) from err
     layers = {path: linen_layer_info(path, bn, model.variables) for path, bn in recorder.bn_modules.items()}
