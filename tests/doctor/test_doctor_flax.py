@@ -26,6 +26,7 @@ from bnlab.doctor import check, repair, watch  # noqa: E402
 from bnlab.doctor.backends import detect  # noqa: E402
 from bnlab.doctor.command import main  # noqa: E402
 from bnlab.doctor.errors import UnsupportedModel  # noqa: E402
+from bnlab.doctor.inputs import fit_shape  # noqa: E402
 
 QUESTION = import_example("question_flax")
 ANSWER = import_example("answer_flax")
@@ -131,6 +132,8 @@ def test_flax_cnn_has_no_error(data):
     report = check(FlaxCNN(), x[:128].reshape(-1, 28, 28, 1), labels=y[:128])
     assert report.exit_code == 0, report.to_text()
     assert [layer["path"] for layer in report.summary["layers"]] == ["bn1", "bn2"]
+    # --data mnist finds the channels-last shape a Flax CNN takes
+    assert fit_shape(FlaxCNN(), detect(FlaxCNN()), x[:2]) == (28, 28, 1)
 
 
 def test_siamese_encoder_on_alike_views_is_a_warning_not_an_error(data):

@@ -13,8 +13,9 @@ import numpy as np
 from bnlab.doctor.backend import Backend
 from bnlab.doctor.errors import InputError
 
-# Shapes an MNIST model may expect, tried in this order (per sample).
-MNIST_SHAPES: tuple[tuple[int, ...], ...] = ((784,), (1, 28, 28), (28, 28))
+# Shapes an MNIST model may expect, tried in this order (per sample); the last one is
+# channels-last, as Flax's convolutions (and Keras's by default) take images.
+MNIST_SHAPES: tuple[tuple[int, ...], ...] = ((784,), (1, 28, 28), (28, 28), (28, 28, 1))
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

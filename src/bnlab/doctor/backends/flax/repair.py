@@ -31,7 +31,7 @@ from bnlab.doctor.errors import RepairError
 from bnlab.doctor.stats import distance
 
 LAYOUT = "by call order within a forward pass: call k -> <bn>.sites[k-1]"
-METHOD = "nnx, train mode, momentum (k - 1) / k at call k: a cumulative average"
+METHOD = "nnx, momentum (k - 1) / k at call k of each BatchNorm"
 
 
 class _Turn:
