@@ -398,12 +398,18 @@ def copy(model: Any) -> Any:
 
 
 def eval_output(model: Any, x: np.ndarray, seed: int = 0) -> np.ndarray | None:
-    """The first output of a copy of ``model`` on ``x`` in eval mode (running statistics);
-    raises what the model raises."""
-    inputs = jnp.asarray(x)
+    """The first output of a copy of ``model`` on ``x`` in eval mode (running statistics),
+    in one ``jax.jit`` compilation; raises what the model raises."""
     if is_nnx(model):
-        out = call_nnx(nnx.clone(model), inputs, False)
-    else:
-        linen_model = init_linen(as_linen(model).copy(), x, seed)
-        out = linen_apply(linen_model, inputs, False, mutable=True)[0]
-    return np.asarray(first_output(out)[0])
+        graphdef, state = nnx.split(model)
+
+        def run(state: Any, x: Any) -> Any:
+            return first_output(call_nnx(nnx.merge(graphdef, state), x, False))[0]
+
+        return np.asarray(jax.jit(run)(state, jnp.asarray(x)))
+    linen_model = init_linen(as_linen(model).copy(), x, seed)
+
+    def apply(variables: Any, x: Any) -> Any:
+        return first_output(linen_apply(Linen(linen_model.module, variables), x, False, mutable=True)[0])[0]
+
+    return np.asarray(jax.jit(apply)(linen_model.variables, jnp.asarray(x)))
