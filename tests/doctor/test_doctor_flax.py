@@ -218,6 +218,15 @@ def test_pytorchs_momentum_in_flax_is_named_with_flaxs_convention(data):
     assert "nnx.BatchNorm(32, momentum=0.9" in finding.fix_code
 
 
+def test_stale_statistics_are_a_warning_on_the_layer_that_has_them(data):
+    batches, x, y = data
+    model = repair(ANSWER.MyModel(), batches[:4])  # nothing shared: statistics re-estimated only
+    assert check(model, x, labels=y).exit_code == 0
+    model.bn1.mean[...] = model.bn1.mean[...] + 3.0 * jnp.sqrt(model.bn1.var[...])  # from other data
+    report = check(model, x, labels=y)
+    assert [f.where for f in _by_check(report, "stale-stats")] == ["bn1"]
+
+
 # -- the cure ----------------------------------------------------------------------------------------
 
 
