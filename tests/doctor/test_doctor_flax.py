@@ -77,6 +77,12 @@ def test_question_shared_bn_is_an_error_and_the_answer_is_clean(api, data):
     assert finding.severity == "error"
     assert finding.sites == ["call 1 after l1", "call 2 after l2"]
     assert finding.data["between_sites"]["mean_shift"] > 0.3  # the sites differ, measured
+    sketch = (
+        "self.bn_l1 = nn.BatchNorm(momentum=0.9"
+        if api == "LinenModel"
+        else "self.bn_l1 = nnx.BatchNorm(100, momentum=0.9"
+    )
+    assert sketch in finding.fix_code  # in the API the model is written in
     fixed = check(getattr(ANSWER, api)(), x, labels=y, train_steps=2, train_batches=batches)
     assert fixed.exit_code == 0
     assert not _by_check(fixed, "shared-bn")

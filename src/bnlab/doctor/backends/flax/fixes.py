@@ -9,16 +9,27 @@ from bnlab.doctor.backends import sketch
 from bnlab.doctor.findings import number
 from bnlab.doctor.records import CallRecord, LayerInfo
 
+LINEN_LAYERS = {"Dense", "DenseGeneral"}  # layer kinds only linen has (nnx: Linear, LinearGeneral)
+
+
+def _linen(layer: LayerInfo) -> bool:
+    return layer.kind.startswith("linen.")  # the probe names linen layers so
+
 
 def _constructor(layer: LayerInfo, momentum: float | None = None) -> str:
     rate = layer.rate if momentum is None else momentum
+    if _linen(layer):
+        return f"nn.BatchNorm(momentum={number(rate)}, epsilon={number(layer.eps)})"
     return f"nnx.BatchNorm({layer.num_channels}, momentum={number(rate)}, epsilon={number(layer.eps)}, rngs=rngs)"
 
 
 class FlaxFixes:
     def one_bn_per_site(self, layer: LayerInfo, calls: list[CallRecord]) -> str:
         names = sketch.site_names(layer, calls)
-        lines = ["# __init__: one BatchNorm per call site, each with its own mean/var (nnx.BatchStat)"]
+        where = "setup: one BatchNorm per call site, each with its own batch_stats entry"
+        if not _linen(layer):
+            where = "__init__: one BatchNorm per call site, each with its own mean/var (nnx.BatchStat)"
+        lines = [f"# {where}"]
         lines += [f"self.{name} = {_constructor(layer)}" for name in names]
         lines.append("# __call__: each call site uses its own BatchNorm")
         for name, call in zip(names, calls, strict=True):
@@ -28,7 +39,6 @@ class FlaxFixes:
                 lines.append(f"... self.{name}({sketch.attribute(call.producer)}(...)) ...")
             else:
                 lines.append(f"... self.{name}(...)  # was call {call.index} of {sketch.attribute(layer.path)}")
-        lines.append("# linen: one nn.BatchNorm(...) per site in setup (or inline in @nn.compact)")
         return "\n".join(lines)
 
     def recompute_stats(self) -> str:
@@ -104,6 +114,8 @@ class FlaxFixes:
 
     def no_bias(self, kinds: list[str]) -> str:
         kind = kinds[0] if kinds else "Linear"
+        if kind in LINEN_LAYERS:
+            return f"nn.{kind}(..., use_bias=False)  # the BN's bias (beta) plays the role of the bias"
         return f"nnx.{kind}(..., use_bias=False, rngs=rngs)  # the BN's bias (beta) plays the role of the bias"
 
     def dropout_after_bn(self) -> str:

@@ -86,7 +86,7 @@ def linen_layer_info(path: str, bn: linen.BatchNorm, variables: dict[str, Any]) 
     bias = None if params.get("bias") is None else common.numpy64(params["bias"])
     return LayerInfo(
         path=path,
-        kind=type(bn).__name__,
+        kind=f"linen.{type(bn).__name__}",  # the fix sketches are written in linen's API for these
         framework="flax",
         num_channels=0 if mean is None else int(np.size(mean)),
         tracks_running_stats=True,
