@@ -233,6 +233,12 @@ def test_stale_statistics_are_a_warning_on_the_layer_that_has_them(data):
     assert [f.where for f in _by_check(report, "stale-stats")] == ["bn1"]
 
 
+def test_small_batches_are_counted_in_samples(data):
+    _, x, _ = data
+    report = check(ANSWER.MyModel(), x[:2])
+    assert {f.where for f in _by_check(report, "small-batch")} == {"bn1", "bn2"}
+
+
 # -- the cure ----------------------------------------------------------------------------------------
 
 
