@@ -1,5 +1,6 @@
 """What the Flax backend's modules share: the two model kinds, calling them in a mode,
-reading their outputs, and the facts of a layer the probes record.
+reading their outputs, the :class:`Recorder` of BatchNorm calls (used by the probe, the
+training steps, watch and the repair) and trial runs on a throwaway copy.
 
 Two APIs are taken:
 
