@@ -26,7 +26,7 @@ from bnlab.doctor import check, repair, watch  # noqa: E402
 from bnlab.doctor.backends import detect  # noqa: E402
 from bnlab.doctor.command import main  # noqa: E402
 from bnlab.doctor.errors import UnsupportedModel  # noqa: E402
-from bnlab.doctor.inputs import fit_shape  # noqa: E402
+from bnlab.doctor.sources import fit_shape  # noqa: E402
 
 QUESTION = import_example("question_flax")
 ANSWER = import_example("answer_flax")

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.doctor import checkpoints, sources
-from bnlab.doctor import inputs as probe_inputs
 from bnlab.doctor.backend import Backend
 from bnlab.doctor.backends import BACKENDS, detect, seed_all
 from bnlab.doctor.errors import InputError, ProbeError, UsageError
@@ -195,7 +194,7 @@ def _source(args: argparse.Namespace, target: Target) -> tuple[sources.Source, i
         return src, steps
     if args.input_shape is None:
         raise InputError("give the probe input: --data mnist, --data FILE.py:NAME or --input-shape N,D,...")
-    shape = probe_inputs.parse_shape(args.input_shape)
+    shape = sources.parse_shape(args.input_shape)
     if args.batch_size:
         shape = (args.batch_size,) + shape[1:]
     steps = _train_steps(args, target, False)

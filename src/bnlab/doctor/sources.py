@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from bnlab.doctor import inputs as probe_inputs
 from bnlab.doctor.backend import Backend
 from bnlab.doctor.errors import InputError, UsageError
 from bnlab.doctor.loader import LoadError, import_file
@@ -62,6 +61,24 @@ class Source:
 # -- --input-shape ------------------------------------------------------------------
 
 
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1000,784"`` -> (1000, 784)."""
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        raise InputError(f"--input-shape must be integers separated by commas, like 1000,784; got {text!r}") from None
+    if len(shape) < 2 or any(d <= 0 for d in shape):
+        raise InputError(
+            f"--input-shape needs a batch size and at least one more positive dimension, like 1000,784; got {text!r}"
+        )
+    return shape
+
+
+def random_inputs(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """A standard-normal probe batch (training steps, if any, repeat it with random labels)."""
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
 def class_count(model: Any, backend: Backend, x: np.ndarray) -> int:
     """Number of classes in the model's output (N, C, ...); UsageError if it has none."""
     try:
@@ -88,7 +105,7 @@ def random_source(model: Any, backend: Backend, shape: tuple[int, ...], seed: in
     batch looks unlike anything else to the checks (false errors on a legitimately
     shared encoder); fresh batches have the probe's distribution but not its samples.
     """
-    probe_x = probe_inputs.random_inputs(shape, seed)
+    probe_x = random_inputs(shape, seed)
     uses = {"probe": f"one standard-normal batch of {shape[0]} (seed {seed})"}
     train = None
     if train_steps > 0:
@@ -109,6 +126,23 @@ def _random_batches(shape: tuple[int, ...], classes: int, seed: int) -> Iterator
 
 
 # -- --data mnist | fashion-mnist ---------------------------------------------------------
+
+# Shapes an MNIST model may expect, tried in this order (per sample); the last one is
+# channels-last, as Flax's convolutions (and Keras's by default) take images.
+MNIST_SHAPES: tuple[tuple[int, ...], ...] = ((784,), (1, 28, 28), (28, 28), (28, 28, 1))
+
+
+def fit_shape(model: Any, backend: Backend, flat: np.ndarray) -> tuple[int, ...]:
+    """The per-sample MNIST shape that ``model`` accepts, tried on two samples (each on a
+    throwaway copy: a Lazy module takes its shapes from the first batch it sees)."""
+    for shape in MNIST_SHAPES:
+        if backend.runs_on(model, flat[:2].reshape((2,) + shape)):
+            return shape
+    tried = ", ".join("(N," + ",".join(map(str, s)) + ")" for s in MNIST_SHAPES)
+    raise InputError(
+        f"the model accepts none of the MNIST shapes {tried}; give the shape it expects with "
+        "--input-shape instead of --data."
+    )
 
 
 def _load_builtin(name: str, data_dir: str | None) -> Any:
@@ -138,7 +172,7 @@ def builtin_source(name: str, model: Any, backend: Backend, data_dir: str | None
     test_y = np.asarray(data.test_labels).astype(np.int64)
     if batch_size > len(test_x):
         raise InputError(f"--batch-size {batch_size} is larger than the {label} test set ({len(test_x)}).")
-    shape = probe_inputs.fit_shape(model, backend, test_x)
+    shape = fit_shape(model, backend, test_x)
     rng = np.random.default_rng(seed)
     pick = rng.permutation(len(test_x))[:batch_size]
     full = len(train_x) // batch_size

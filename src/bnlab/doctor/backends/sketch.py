@@ -53,6 +53,22 @@ def site_names(layer: LayerInfo, calls: list[CallRecord]) -> list[str]:
     return names
 
 
+def per_site_layers(layer: LayerInfo, calls: list[CallRecord], init_lines: list[str]) -> str:
+    """One BN per call site of a shared ``layer``, in a model class: ``init_lines`` create
+    them in the constructor (named by :func:`site_names`), then each call site uses its own."""
+    names = site_names(layer, calls)
+    lines = ["# __init__: one BN per call site, each with its own running statistics", *init_lines]
+    lines.append("# forward: each call site uses its own BN")
+    for name, call in zip(names, calls):
+        if call.producer == layer.path:
+            lines.append(f"... self.{name}(...)  # or drop this second normalization")
+        elif call.producer and call.via == "direct":
+            lines.append(f"... self.{name}({attribute(call.producer)}(...)) ...")
+        else:
+            lines.append(f"... self.{name}(...)  # was call {call.index} of {attribute(layer.path)}")
+    return "\n".join(lines)
+
+
 def no_decay_on_norms() -> str:
     return "\n".join(
         [

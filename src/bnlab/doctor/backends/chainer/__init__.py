@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from bnlab.doctor.backend import Backend, Batch, Change, Watcher
+from bnlab.doctor.backend import Backend, Watcher
 from bnlab.doctor.backends.chainer.fixes import ChainerFixes
+from bnlab.doctor.backends.folder import FolderBackend
 from bnlab.doctor.records import OptimizerInfo, ProbeResult
 
 
-class ChainerBackend:
+class ChainerBackend(FolderBackend):
     NAME = "chainer"
     WEIGHTS_NAME = "model.npz"
     fixes = ChainerFixes()
@@ -62,38 +62,6 @@ class ChainerBackend:
 
     def check_repairable(self, model: Any) -> None:
         return None  # every Chainer model can be split and re-estimated
-
-    def repair(
-        self, model: Any, batches: list[Batch], *, split: Iterable[str] | None = None
-    ) -> tuple[Any, list[Change]]:
-        from bnlab.doctor.backends.chainer import repair
-
-        return repair.repair(model, batches, split=split)
-
-    def split_shared(self, model: Any, calls: dict[str, int]) -> Any:
-        from bnlab.doctor.backends.chainer import repair
-
-        return repair.split_shared(model, calls)
-
-    def evaluate(self, model: Any, batches: list[Batch]) -> dict[str, Any]:
-        from bnlab.doctor.backends.chainer import repair
-
-        return repair.evaluate(model, batches)
-
-    def load_checkpoint(self, model: Any, path: Path) -> None:
-        from bnlab.doctor.backends.chainer import io
-
-        io.load_checkpoint(model, path)
-
-    def save_weights(self, model: Any) -> bytes:
-        from bnlab.doctor.backends.chainer import io
-
-        return io.save_weights(model)
-
-    def how_to_load(self, changes: list[Change], weights: Path, target: str, mlp_config: Any) -> str:
-        from bnlab.doctor.backends.chainer import io
-
-        return io.how_to_load(changes, weights, target, mlp_config)
 
 
 BACKEND: Backend = ChainerBackend()

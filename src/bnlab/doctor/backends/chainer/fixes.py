@@ -13,18 +13,9 @@ def _constructor(layer: LayerInfo) -> str:
 
 class ChainerFixes:
     def one_bn_per_site(self, layer: LayerInfo, calls: list[CallRecord]) -> str:
-        names = sketch.site_names(layer, calls)
-        lines = ["# __init__: one BN per call site, each with its own running statistics", "with self.init_scope():"]
-        lines += [f"    self.{name} = {_constructor(layer)}" for name in names]
-        lines.append("# forward: each call site uses its own BN")
-        for name, call in zip(names, calls):
-            if call.producer == layer.path:
-                lines.append(f"... self.{name}(...)  # or drop this second normalization")
-            elif call.producer and call.via == "direct":
-                lines.append(f"... self.{name}({sketch.attribute(call.producer)}(...)) ...")
-            else:
-                lines.append(f"... self.{name}(...)  # was call {call.index} of {sketch.attribute(layer.path)}")
-        return "\n".join(lines)
+        init = ["with self.init_scope():"]
+        init += [f"    self.{name} = {_constructor(layer)}" for name in sketch.site_names(layer, calls)]
+        return sketch.per_site_layers(layer, calls, init)
 
     def recompute_stats(self) -> str:
         return "\n".join(

@@ -9,14 +9,14 @@ Flax model is handled: :meth:`FlaxBackend.owns` looks Flax up in ``sys.modules``
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from bnlab.doctor.backend import Backend, Batch, Change, Watcher
+from bnlab.doctor.backend import Backend, Watcher
 from bnlab.doctor.backends.flax.fixes import FlaxFixes
+from bnlab.doctor.backends.folder import FolderBackend
 from bnlab.doctor.records import OptimizerInfo, ProbeResult
 
 # The seed of the CLI (``--seed``): keys for initialising a linen module and pseudo labels.
@@ -37,7 +37,7 @@ def _linen_module(model: Any) -> bool:
     return isinstance(model, linen.Module)
 
 
-class FlaxBackend:
+class FlaxBackend(FolderBackend):
     NAME = "flax"
     WEIGHTS_NAME = "model.msgpack"
     fixes = FlaxFixes()
@@ -67,11 +67,6 @@ class FlaxBackend:
 
         return common.eval_output(model, x, _SEED[0])
 
-    def probe(self, model: Any, inputs: Any, **options: Any) -> ProbeResult:
-        from bnlab.doctor.backends.flax import probe
-
-        return probe.probe(model, inputs, seed=_SEED[0], **options)
-
     def watcher(self, model: Any, on_pass_start: Callable[[tuple], None], optimizer: Any = None) -> Watcher:
         from bnlab.doctor.backends.flax import watch
 
@@ -87,38 +82,8 @@ class FlaxBackend:
 
         repair.check_repairable(model)
 
-    def repair(
-        self, model: Any, batches: list[Batch], *, split: Iterable[str] | None = None
-    ) -> tuple[Any, list[Change]]:
-        from bnlab.doctor.backends.flax import repair
-
-        return repair.repair(model, batches, split=split)
-
-    def split_shared(self, model: Any, calls: dict[str, int]) -> Any:
-        from bnlab.doctor.backends.flax import repair
-
-        repair.check_repairable(model)
-        return repair.split_shared(model, calls)
-
-    def evaluate(self, model: Any, batches: list[Batch]) -> dict[str, Any]:
-        from bnlab.doctor.backends.flax import repair
-
-        return repair.evaluate(model, batches)
-
-    def load_checkpoint(self, model: Any, path: Path) -> None:
-        from bnlab.doctor.backends.flax import io
-
-        io.load_checkpoint(model, path)
-
-    def save_weights(self, model: Any) -> bytes:
-        from bnlab.doctor.backends.flax import io
-
-        return io.save_weights(model)
-
-    def how_to_load(self, changes: list[Change], weights: Path, target: str, mlp_config: Any) -> str:
-        from bnlab.doctor.backends.flax import io
-
-        return io.how_to_load(changes, weights, target, mlp_config)
+    def probe(self, model: Any, inputs: Any, **options: Any) -> ProbeResult:
+        return super().probe(model, inputs, seed=_SEED[0], **options)
 
 
 BACKEND: Backend = FlaxBackend()

@@ -25,21 +25,9 @@ def _constructor(layer: LayerInfo, momentum: float | None = None) -> str:
 
 class FlaxFixes:
     def one_bn_per_site(self, layer: LayerInfo, calls: list[CallRecord]) -> str:
-        names = sketch.site_names(layer, calls)
-        where = "setup: one BatchNorm per call site, each with its own batch_stats entry"
-        if not _linen(layer):
-            where = "__init__: one BatchNorm per call site, each with its own mean/var (nnx.BatchStat)"
-        lines = [f"# {where}"]
-        lines += [f"self.{name} = {_constructor(layer)}" for name in names]
-        lines.append("# __call__: each call site uses its own BatchNorm")
-        for name, call in zip(names, calls, strict=True):
-            if call.producer == layer.path:
-                lines.append(f"... self.{name}(...)  # or drop this second normalization")
-            elif call.producer and call.via == "direct":
-                lines.append(f"... self.{name}({sketch.attribute(call.producer)}(...)) ...")
-            else:
-                lines.append(f"... self.{name}(...)  # was call {call.index} of {sketch.attribute(layer.path)}")
-        return "\n".join(lines)
+        init = ["# (linen: in setup(); each gets its own batch_stats entry)"] if _linen(layer) else []
+        init += [f"self.{name} = {_constructor(layer)}" for name in sketch.site_names(layer, calls)]
+        return sketch.per_site_layers(layer, calls, init)
 
     def recompute_stats(self) -> str:
         return "\n".join(

@@ -101,6 +101,7 @@ def split_shared(model: nnx.Module, calls: dict[str, int]) -> nnx.Module:
     """A clone of ``model`` where each BatchNorm at a path of ``calls`` is one per call site."""
     from bnlab.doctor.backends.flax.probe import nnx_layer_infos
 
+    check_repairable(model)
     work = nnx.clone(model)
     layers, infos = nnx_layers(work), nnx_layer_infos(work)
     for path, count in calls.items():

@@ -8,15 +8,15 @@ is also a ``torch.nn.Module`` whose BatchNormalization layers torch's hooks woul
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from bnlab.doctor.backend import Backend, Batch, Change, Watcher
+from bnlab.doctor.backend import Backend, Watcher
+from bnlab.doctor.backends.folder import FolderBackend
 from bnlab.doctor.backends.keras.fixes import KerasFixes
-from bnlab.doctor.records import OptimizerInfo, ProbeResult
+from bnlab.doctor.records import OptimizerInfo
 
 
 def _from_keras(cls: type) -> bool:
@@ -24,7 +24,7 @@ def _from_keras(cls: type) -> bool:
     return module == "keras" or module.startswith("keras.")
 
 
-class KerasBackend:
+class KerasBackend(FolderBackend):
     NAME = "keras"
     WEIGHTS_NAME = "model.keras"
     fixes = KerasFixes()
@@ -52,11 +52,6 @@ class KerasBackend:
 
         return eval_output(model, x)
 
-    def probe(self, model: Any, inputs: Any, **options: Any) -> ProbeResult:
-        from bnlab.doctor.backends.keras import probe
-
-        return probe.probe(model, inputs, **options)
-
     def watcher(self, model: Any, on_pass_start: Callable[[tuple], None], optimizer: Any = None) -> Watcher:
         from bnlab.doctor.backends.keras import watch
 
@@ -71,38 +66,6 @@ class KerasBackend:
         from bnlab.doctor.backends.keras import repair
 
         repair.check_repairable(model)
-
-    def repair(
-        self, model: Any, batches: list[Batch], *, split: Iterable[str] | None = None
-    ) -> tuple[Any, list[Change]]:
-        from bnlab.doctor.backends.keras import repair
-
-        return repair.repair(model, batches, split=split)
-
-    def split_shared(self, model: Any, calls: dict[str, int]) -> Any:
-        from bnlab.doctor.backends.keras import repair
-
-        return repair.split_shared(model, calls)
-
-    def evaluate(self, model: Any, batches: list[Batch]) -> dict[str, Any]:
-        from bnlab.doctor.backends.keras import repair
-
-        return repair.evaluate(model, batches)
-
-    def load_checkpoint(self, model: Any, path: Path) -> None:
-        from bnlab.doctor.backends.keras import io
-
-        io.load_checkpoint(model, path)
-
-    def save_weights(self, model: Any) -> bytes:
-        from bnlab.doctor.backends.keras import io
-
-        return io.save_weights(model)
-
-    def how_to_load(self, changes: list[Change], weights: Path, target: str, mlp_config: Any) -> str:
-        from bnlab.doctor.backends.keras import io
-
-        return io.how_to_load(changes, weights, target, mlp_config)
 
 
 BACKEND: Backend = KerasBackend()

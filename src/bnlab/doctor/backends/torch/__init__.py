@@ -7,18 +7,18 @@ import it at module level and are imported from the methods here).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from bnlab.doctor.backend import Backend, Batch, Change, Watcher
+from bnlab.doctor.backend import Backend, Watcher
+from bnlab.doctor.backends.folder import FolderBackend
 from bnlab.doctor.backends.torch.fixes import TorchFixes
-from bnlab.doctor.records import OptimizerInfo, ProbeResult
+from bnlab.doctor.records import OptimizerInfo
 
 
-class TorchBackend:
+class TorchBackend(FolderBackend):
     NAME = "torch"
     WEIGHTS_NAME = "model.pt"
     fixes = TorchFixes()
@@ -47,11 +47,6 @@ class TorchBackend:
 
         return eval_output(model, x)
 
-    def probe(self, model: Any, inputs: Any, **options: Any) -> ProbeResult:
-        from bnlab.doctor.backends.torch import probe
-
-        return probe.probe(model, inputs, **options)
-
     def watcher(self, model: Any, on_pass_start: Callable[[tuple], None], optimizer: Any = None) -> Watcher:
         from bnlab.doctor.backends.torch.common import check_supported
         from bnlab.doctor.backends.torch.watch import TorchWatcher
@@ -66,38 +61,6 @@ class TorchBackend:
 
     def check_repairable(self, model: Any) -> None:
         return None  # every torch model can be split and re-estimated
-
-    def repair(
-        self, model: Any, batches: list[Batch], *, split: Iterable[str] | None = None
-    ) -> tuple[Any, list[Change]]:
-        from bnlab.doctor.backends.torch import repair
-
-        return repair.repair(model, batches, split=split)
-
-    def split_shared(self, model: Any, calls: dict[str, int]) -> Any:
-        from bnlab.doctor.backends.torch import repair
-
-        return repair.split_shared(model, calls)
-
-    def evaluate(self, model: Any, batches: list[Batch]) -> dict[str, Any]:
-        from bnlab.doctor.backends.torch import repair
-
-        return repair.evaluate(model, batches)
-
-    def load_checkpoint(self, model: Any, path: Path) -> None:
-        from bnlab.doctor.backends.torch import io
-
-        io.load_checkpoint(model, path)
-
-    def save_weights(self, model: Any) -> bytes:
-        from bnlab.doctor.backends.torch import io
-
-        return io.save_weights(model)
-
-    def how_to_load(self, changes: list[Change], weights: Path, target: str, mlp_config: Any) -> str:
-        from bnlab.doctor.backends.torch import io
-
-        return io.how_to_load(changes, weights, target, mlp_config)
 
 
 BACKEND: Backend = TorchBackend()

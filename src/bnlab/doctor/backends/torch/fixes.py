@@ -23,18 +23,8 @@ class TorchFixes:
                 for alias in layer.aliases
             ]
             return "\n".join(lines)
-        names = sketch.site_names(layer, calls)
-        lines = ["# __init__: one BN per call site, each with its own running statistics"]
-        lines += [f"self.{name} = {_constructor(layer)}" for name in names]
-        lines.append("# forward: each call site uses its own BN")
-        for name, call in zip(names, calls):
-            if call.producer == layer.path:
-                lines.append(f"... self.{name}(...)  # or drop this second normalization")
-            elif call.producer and call.via == "direct":
-                lines.append(f"... self.{name}({sketch.attribute(call.producer)}(...)) ...")
-            else:
-                lines.append(f"... self.{name}(...)  # was call {call.index} of {sketch.attribute(layer.path)}")
-        return "\n".join(lines)
+        init = [f"self.{name} = {_constructor(layer)}" for name in sketch.site_names(layer, calls)]
+        return sketch.per_site_layers(layer, calls, init)
 
     def recompute_stats(self) -> str:
         return "\n".join(
