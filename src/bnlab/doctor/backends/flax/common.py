@@ -29,6 +29,7 @@ import numpy as np
 from flax import linen, nnx
 
 from bnlab.doctor.errors import forward_failed
+from bnlab.doctor.outputs import first_output
 from bnlab.doctor.records import CallRecord
 from bnlab.doctor.stats import channel_stats
 
@@ -105,18 +106,6 @@ def call_nnx(model: nnx.Module, x: Any, train: bool) -> Any:
     return model(x, **mode_kwargs(type(model).__call__, train))
 
 
-def first_output(output: Any) -> tuple[Any, str]:
-    """The array the probe reads from a model's output, and how it was reached."""
-    note = ""
-    while isinstance(output, (tuple, list, dict)) and output:
-        if isinstance(output, dict):
-            key = "logits" if "logits" in output else next(iter(output))
-            output, note = output[key], f"{note}[{key!r}]"
-        else:
-            output, note = output[0], f"{note}[0]"
-    return output, f"output{note}" if note else ""
-
-
 def numpy64(value: Any) -> np.ndarray:
     return np.array(value, dtype=np.float64)
 
@@ -127,12 +116,6 @@ def as_array(inputs: Any) -> np.ndarray:
         inputs = inputs.detach().cpu().numpy()
     array = np.asarray(inputs)
     return array.astype(np.float32) if array.dtype == np.float64 else array
-
-
-def classes(array: np.ndarray | None) -> np.ndarray | None:
-    if array is None or array.ndim < 2 or array.shape[1] < 2 or not np.all(np.isfinite(array)):
-        return None
-    return array.argmax(axis=1).reshape(-1)
 
 
 def is_batchnorm(module: Any) -> bool:

@@ -23,6 +23,7 @@ from flax import linen, nnx
 from bnlab.doctor.backends.flax import common
 from bnlab.doctor.backends.flax.common import Linen, Recorder, nnx_hooks, nnx_layers
 from bnlab.doctor.errors import forward_failed
+from bnlab.doctor.outputs import classes, first_output, relative_change
 from bnlab.doctor.records import LayerInfo, ProbeResult, TrainLog
 
 # -- layers ------------------------------------------------------------------------------
@@ -116,12 +117,10 @@ def _result(
     counter: Recorder,
     outputs: tuple[Any, Any],
 ) -> ProbeResult:
-    (train_out, note), (eval_out, _) = (common.first_output(out) for out in outputs)
+    (train_out, note), (eval_out, _) = (first_output(out) for out in outputs)
     train_array, eval_array = np.asarray(train_out, dtype=np.float64), np.asarray(eval_out, dtype=np.float64)
-    train_pred, eval_pred = common.classes(train_array), common.classes(eval_array)
-    diff = None
-    if train_pred is None and train_array.shape == eval_array.shape:
-        diff = float(np.linalg.norm(train_array - eval_array) / (np.linalg.norm(eval_array) + 1e-12))
+    train_pred, eval_pred = classes(train_array), classes(eval_array)
+    diff = relative_change(train_array, eval_array) if train_pred is None else None
     return ProbeResult(
         framework="flax",
         model_name="",

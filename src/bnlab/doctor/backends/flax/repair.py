@@ -28,6 +28,7 @@ from bnlab.doctor.backend import Batch, Change
 from bnlab.doctor.backends.flax import common
 from bnlab.doctor.backends.flax.common import Recorder, nnx_hooks, nnx_layers
 from bnlab.doctor.errors import RepairError
+from bnlab.doctor.outputs import first_output
 from bnlab.doctor.stats import distance
 
 LAYOUT = "by call order within a forward pass: call k -> <bn>.sites[k-1]"
@@ -194,7 +195,7 @@ def _scores_fn(kwargs: tuple[tuple[str, bool], ...]) -> Any:
 
     @nnx.jit
     def scores(model: nnx.Module, x: Any) -> Any:
-        return common.first_output(model(x, **dict(kwargs)))[0]
+        return first_output(model(x, **dict(kwargs)))[0]
 
     return scores
 

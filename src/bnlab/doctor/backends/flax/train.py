@@ -24,6 +24,7 @@ from bnlab.doctor.backends.flax import common
 from bnlab.doctor.backends.flax.common import Linen, Recorder, nnx_hooks, nnx_layers
 from bnlab.doctor.batching import cycle
 from bnlab.doctor.errors import UsageError, training_step_failed
+from bnlab.doctor.outputs import first_output
 from bnlab.doctor.records import OptimizerInfo, StatUpdates, TrainLog
 
 LossFn = Callable[[Any, Any], Any]
@@ -39,7 +40,7 @@ def pseudo_labels(scores: np.ndarray, seed: int = 0) -> np.ndarray:
 
 def loss_value(loss_fn: LossFn | None, output: Any, labels: Any) -> Any:
     """``loss_fn(output, labels)``, by default softmax cross-entropy on the logits."""
-    scores = common.first_output(output)[0]
+    scores = first_output(output)[0]
     if loss_fn is not None:
         return loss_fn(scores, labels)
     return optax.softmax_cross_entropy_with_integer_labels(scores, labels).mean()
@@ -119,7 +120,7 @@ def train_nnx(
 
     def scores() -> np.ndarray:
         probe_copy = nnx.clone(work)
-        return np.asarray(common.first_output(common.call_nnx(probe_copy, jnp.asarray(x[:8]), False))[0])
+        return np.asarray(first_output(common.call_nnx(probe_copy, jnp.asarray(x[:8]), False))[0])
 
     data = _batches(batches, x, labels, scores, seed)
     tx = optimizer_factory() if optimizer_factory else optax.adam(lr)
@@ -177,7 +178,7 @@ def train_linen(
     assert model.variables is not None
 
     def scores() -> np.ndarray:
-        return np.asarray(common.first_output(common.linen_apply(model, jnp.asarray(x[:8]), False))[0])
+        return np.asarray(first_output(common.linen_apply(model, jnp.asarray(x[:8]), False))[0])
 
     data = _batches(batches, x, labels, scores, seed)
     tx = optimizer_factory() if optimizer_factory else optax.adam(lr)
