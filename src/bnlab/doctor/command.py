@@ -90,7 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="load trained weights into the model first: a state_dict saved with "
         "torch.save (loaded with weights_only=True), for Chainer a save_npz file, for "
-        "Keras a .weights.h5 or .keras file (default: none, the model's own initial weights)",
+        "Keras a .weights.h5 or .keras file, for Flax nnx a msgpack state written by "
+        "flax.serialization.msgpack_serialize(nnx.state(model).to_pure_dict()) (msgpack: "
+        "arrays only, no code runs; a linen model brings its variables: NAME returns "
+        "(module, variables)) (default: none, the model's own initial weights)",
     )
     parser.add_argument(
         "--train-steps",

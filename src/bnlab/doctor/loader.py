@@ -137,7 +137,8 @@ def build(module: ModuleType, name: str, path: Path) -> Any:
     if not is_model(model):
         raise LoadError(
             f"{path}:{name}() returned a {type(model).__name__}, not a keras.Model, a "
-            "torch.nn.Module or a chainer.Link."
+            "torch.nn.Module, a chainer.Link or a Flax module (a flax.nnx.Module, a "
+            "flax.linen.Module, or a (linen module, variables) pair)."
         )
     return model
 

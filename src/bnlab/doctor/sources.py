@@ -127,8 +127,9 @@ def _random_batches(shape: tuple[int, ...], classes: int, seed: int) -> Iterator
 
 # -- --data mnist | fashion-mnist ---------------------------------------------------------
 
-# Shapes an MNIST model may expect, tried in this order (per sample).
-MNIST_SHAPES: tuple[tuple[int, ...], ...] = ((784,), (1, 28, 28), (28, 28))
+# Shapes an MNIST model may expect, tried in this order (per sample); the last one is
+# channels-last, as Flax's convolutions (and Keras's by default) take images.
+MNIST_SHAPES: tuple[tuple[int, ...], ...] = ((784,), (1, 28, 28), (28, 28), (28, 28, 1))
 
 
 def fit_shape(model: Any, backend: Backend, flat: np.ndarray) -> tuple[int, ...]:

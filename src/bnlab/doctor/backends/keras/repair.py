@@ -31,6 +31,7 @@ import numpy as np
 from bnlab.doctor.backends.keras import common
 from bnlab.doctor.backends.keras import probe as keras_probe
 from bnlab.doctor.errors import RepairError
+from bnlab.doctor.outputs import first_output
 
 _BN = keras.layers.BatchNormalization
 METHOD = "Keras's own update, momentum (k-1)/k at batch k"
@@ -347,7 +348,7 @@ def _bn_in_training(model: Any) -> Iterator[None]:
 
 
 def _scores(out: Any) -> np.ndarray:
-    return common.numpy(common.first_output(out)[0])
+    return common.numpy(first_output(out)[0])
 
 
 def _cross_entropy(scores: np.ndarray, labels: np.ndarray) -> float:
