@@ -29,6 +29,7 @@ import numpy as np
 from flax import linen, nnx
 
 from bnlab.doctor.errors import forward_failed
+from bnlab.doctor.locations import call_site
 from bnlab.doctor.outputs import first_output
 from bnlab.doctor.records import CallRecord
 from bnlab.doctor.stats import channel_stats
@@ -295,6 +296,7 @@ class Recorder:
                 mean=mean,
                 var=var,
                 training=training,
+                location=call_site(),  # traced once per pass: the user's line calling the layer
             )
         )
         if self.stats:

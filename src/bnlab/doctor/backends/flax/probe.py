@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen, nnx
 
+from bnlab.doctor import source_lines
 from bnlab.doctor.backends.flax import common
 from bnlab.doctor.backends.flax.common import Linen, Recorder, nnx_hooks, nnx_layers
 from bnlab.doctor.errors import forward_failed
@@ -255,4 +256,6 @@ def probe(
             result.given = given
     result.model_name = model_name(model)
     result.train_log = log
+    if common.is_nnx(model):  # linen builds its layers inside apply: no creation line to show
+        source_lines.attach(result, nnx_layers(model))
     return result
