@@ -97,18 +97,18 @@ def check_supported(model: nn.Module) -> None:
 class _LayerBuffers:
     """Where one layer's forward and backward write, for one batch size (made once).
 
-    Why buffers: a step allocates and frees the same ~20 tensors every time, and each
-    fresh multi-megabyte block can come back from the C allocator as new pages the kernel
-    has to fault in and zero; written with ``out=`` the step touches the same, warm memory
-    every time, and the values are the kernels' own bit for bit (``out=`` picks the
-    destination, not the arithmetic)."""
+    Written with ``out=``, a step touches the same memory every time instead of asking the
+    allocator for a dozen fresh 400 kB blocks, and the values are the kernels' own bit for
+    bit (``out=`` picks the destination, not the arithmetic; tests/test_backprop.py). On
+    its own this measured no faster per step here (the allocator recycles those blocks
+    well); what it buys is gradient tensors that stay the same objects, so ``FusedAdam``
+    builds its argument lists once."""
 
     z: torch.Tensor  # the Linear's output (the BN's input, or the ReLU's)
     out: torch.Tensor  # the BN's output, made the ReLU's output in place
     mean: torch.Tensor  # BN's batch mean and 1/std, kept for its backward
     invstd: torch.Tensor
     grad_out: torch.Tensor  # ReLU's backward
-    grad_z: torch.Tensor  # BN's backward
     grad_in: torch.Tensor  # the gradient this layer passes down
 
     @classmethod
@@ -117,8 +117,7 @@ class _LayerBuffers:
             return torch.empty(shape, dtype=like.dtype, device=like.device)
 
         return cls(
-            empty(rows, width), empty(rows, width), empty(width), empty(width), empty(rows, width), empty(rows, width),
-            empty(rows, fan_in),
+            empty(rows, width), empty(rows, width), empty(width), empty(width), empty(rows, width), empty(rows, fan_in)
         )
 
 
@@ -138,7 +137,6 @@ class Backprop:
         self.last = model._linears[-1]
         self.bn_logits = cast(nn.BatchNorm1d, model.bn_logits) if model.cfg.logits_norm else None
         self.grads = {p: torch.empty_like(p) for p in model.parameters()}
-        self._scratch: dict[nn.Parameter, torch.Tensor] = {}  # a shared BN's second and later sites
         self._buffers: dict[int, tuple[list[_LayerBuffers], _LayerBuffers]] = {}
 
     def _buffers_for(self, x: torch.Tensor) -> tuple[list[_LayerBuffers], _LayerBuffers]:
@@ -174,54 +172,44 @@ class Backprop:
         grad = grad_out
         if self.bn_logits is not None:
             grad = self._norm_backward(self.bn_logits, grad, last, seen)
-        grad_in = self._linear_backward(self.last, inputs[-1], grad, last, seen, input_grad=bool(hidden))
+        grad_in = self._linear_backward(self.last, inputs[-1], grad, last, input_grad=bool(hidden))
         for i in reversed(range(len(hidden))):
             (linear, norm), buf = self.hidden[i], hidden[i]
             assert grad_in is not None  # every layer but the first passes a gradient down
             grad = aten.threshold_backward.grad_input(grad_in, buf.out, 0, grad_input=buf.grad_out)  # ReLU's
             if norm is not None:
                 grad = self._norm_backward(norm, grad, buf, seen)
-            grad_in = self._linear_backward(linear, inputs[i], grad, buf, seen, input_grad=i > 0)
+            grad_in = self._linear_backward(linear, inputs[i], grad, buf, input_grad=i > 0)
         for param, g in self.grads.items():
             if param.grad is not g:
                 param.grad = g
         return loss, out
 
-    def _grad_slot(self, param: nn.Parameter, seen: set[nn.Parameter]) -> tuple[torch.Tensor, bool]:
-        """Where this call's gradient of ``param`` goes: its gradient tensor the first time in
-        a step, a scratch tensor (added after) when a shared BN is met again."""
-        if param not in seen:
+    def _set_grad(self, param: nn.Parameter, grad: torch.Tensor, seen: set[nn.Parameter]) -> None:
+        """Write this call's gradient of ``param`` into its gradient tensor, or add it there
+        when a shared BN is met again (autograd adds the sites' gradients up too)."""
+        if param in seen:
+            self.grads[param].add_(grad)
+        else:
             seen.add(param)
-            return self.grads[param], False
-        if param not in self._scratch:
-            self._scratch[param] = torch.empty_like(param)
-        return self._scratch[param], True
+            self.grads[param].copy_(grad)
 
     def _norm_backward(
         self, norm: nn.BatchNorm1d, grad: torch.Tensor, buf: _LayerBuffers, seen: set[nn.Parameter]
     ) -> torch.Tensor:
-        (gw, add_w), (gb, add_b) = self._grad_slot(norm.weight, seen), self._grad_slot(norm.bias, seen)
-        aten.native_batch_norm_backward.out(
-            grad, buf.z, norm.weight, None, None, buf.mean, buf.invstd, True, norm.eps, [True, True, True],
-            out0=buf.grad_z, out1=gw, out2=gb,
+        # The functional kernel, not its .out variant: that one is generated as the
+        # functional plus a copy of every result (measured: three extra copy_ kernels).
+        grad_z, grad_weight, grad_bias = aten.native_batch_norm_backward(
+            grad, buf.z, norm.weight, None, None, buf.mean, buf.invstd, True, norm.eps, [True, True, True]
         )
-        if add_w:  # a shared BN is called, and gets a gradient, per site; autograd adds them up
-            self.grads[norm.weight].add_(gw)
-        if add_b:
-            self.grads[norm.bias].add_(gb)
-        return buf.grad_z
+        self._set_grad(norm.weight, grad_weight, seen)
+        self._set_grad(norm.bias, grad_bias, seen)
+        return grad_z
 
     def _linear_backward(
-        self,
-        linear: nn.Linear,
-        inputs: torch.Tensor,
-        grad: torch.Tensor,
-        buf: _LayerBuffers,
-        seen: set[nn.Parameter],
-        input_grad: bool,
+        self, linear: nn.Linear, inputs: torch.Tensor, grad: torch.Tensor, buf: _LayerBuffers, input_grad: bool
     ) -> torch.Tensor | None:
         # The products autograd runs for addmm(bias, inputs, weight.t()), in the same layouts.
-        seen.update((linear.weight, linear.bias))  # a Linear is never shared
         torch.mm(grad.t(), inputs, out=self.grads[linear.weight])
         torch.sum(grad, 0, out=self.grads[linear.bias])
         return torch.mm(grad, linear.weight, out=buf.grad_in) if input_grad else None
