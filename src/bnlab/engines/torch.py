@@ -73,56 +73,66 @@ class Minibatches:
     """Gathers minibatches of the training set into buffers made once per batch size.
 
     Each batch is gathered as uint8 rows, then converted to float32 / 255 in place (the
-    question's conversion, bit for bit). The buffers stay the same memory from step to
-    step, warm in cache, instead of fresh multi-megabyte blocks the allocator may hand
-    back as new pages. The labels are gathered into one epoch-long vector, in the order
-    the steps see them, for the epoch's accuracy (``Metrics``).
+    question's conversion, bit for bit): the same memory every step instead of a fresh
+    3 MB block, and a quarter of the gather's traffic of float rows. Measured against
+    gathering from a float32 copy of the training set (thread time, loaded machine):
+    0.30 ms a step for this, 0.51-0.55 ms for the float rows (which would also add 188 MB
+    to the run's memory); converting in L2-sized pieces of 125 rows: 0.39-0.42 ms.
     """
 
     def __init__(self, images_u8: torch.Tensor, labels: torch.Tensor) -> None:
         self.images, self.labels = images_u8, labels
-        self.epoch_labels = torch.empty_like(labels)
         self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def gather(self, idx: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The minibatch ``idx`` as float32 / 255 and its labels (``epoch_labels[start:]``)."""
+    def gather(self, idx: torch.Tensor, labels_out: torch.Tensor) -> torch.Tensor:
+        """The minibatch ``idx`` as float32 / 255; its labels are written to ``labels_out``."""
         rows = len(idx)
         if rows not in self._buffers:
             u8 = torch.empty((rows, self.images.shape[1]), dtype=torch.uint8, device=self.images.device)
             self._buffers[rows] = (u8, torch.empty(u8.shape, dtype=torch.float32, device=u8.device))
         u8, x = self._buffers[rows]
         torch.index_select(self.images, 0, idx, out=u8)
-        x.copy_(u8).div_(255)
-        y = self.epoch_labels[start : start + rows]
-        torch.index_select(self.labels, 0, idx, out=y)
-        return x, y
+        torch.index_select(self.labels, 0, idx, out=labels_out)
+        return x.copy_(u8).div_(255)
 
 
 class Metrics:
     """The epoch's training loss and accuracy, kept on the device.
 
-    A step stores its loss and its predicted classes and nothing else: the accuracy of
-    every batch is counted once at the end of the epoch, from one comparison of all
-    predictions with ``Minibatches.epoch_labels`` (each batch's mean of 0/1 values is an
-    exact count over its size, so it equals the per-batch ``mean()`` bit for bit).
+    A step stores its loss, its labels and its predicted classes, each into its own view
+    of an epoch-long tensor (made once: the batch sizes are the same every epoch), and
+    nothing else: the accuracy of every batch is counted once at the end of the epoch, from
+    one comparison of all predictions with all labels. Each batch's mean of 0/1 values is
+    an exact count over its size, so it equals the per-batch ``mean()`` of before bit for
+    bit, for 4 kernels a step fewer (measured: 0.14 -> 0.12 ms a step, loaded machine).
     """
 
     def __init__(self, n: int, device: torch.device) -> None:
-        self.predictions = torch.empty(n, dtype=torch.int64, device=device)
+        self.device = device
+        self.all_labels = torch.empty(n, dtype=torch.int64, device=device)
+        self.all_predictions = torch.empty(n, dtype=torch.int64, device=device)
         self.losses = torch.empty(0, device=device)
         self.sizes: list[int] = []
+        self.labels: list[torch.Tensor] = []  # per batch, views of all_labels
+        self._predictions: list[torch.Tensor] = []
+        self._losses: list[torch.Tensor] = []
 
     def start_epoch(self, batches: list[torch.Tensor]) -> None:
-        self.sizes = [len(b) for b in batches]
-        if len(self.losses) != len(batches):
-            self.losses = torch.empty(len(batches), device=self.losses.device)
+        sizes = [len(b) for b in batches]
+        if sizes != self.sizes:
+            self.sizes = sizes
+            self.labels = list(self.all_labels[: sum(sizes)].split(sizes))
+            self._predictions = list(self.all_predictions[: sum(sizes)].split(sizes))
+            self.losses = torch.empty(len(sizes), device=self.device)
+            self._losses = list(self.losses.unbind(0))
 
-    def record(self, i: int, start: int, loss: torch.Tensor, logits: torch.Tensor) -> None:
-        self.losses[i] = loss
-        torch.argmax(logits, 1, out=self.predictions[start : start + len(logits)])
+    def record(self, i: int, loss: torch.Tensor, logits: torch.Tensor) -> None:
+        self._losses[i].copy_(loss)
+        torch.argmax(logits, 1, out=self._predictions[i])
 
-    def accuracy(self, labels: torch.Tensor) -> torch.Tensor:
-        correct = (self.predictions == labels).float()
+    def accuracy(self) -> torch.Tensor:
+        n = sum(self.sizes)
+        correct = (self.all_predictions[:n] == self.all_labels[:n]).float()
         return torch.stack([part.mean() for part in correct.split(self.sizes)]).mean()
 
 
@@ -225,19 +235,18 @@ def _run(cfg: RunConfig, data: Any, recorder: RunRecorder, initial_state: dict[s
             started = time.perf_counter()
             batches = split_batches(order.to(device), tc.batch_size, tc.batching)
             metrics.start_epoch(batches)
-            start = 0
             for i, idx in enumerate(batches):
                 step += 1
-                xb, yb = minibatches.gather(idx, start)
+                yb = metrics.labels[i]
+                xb = minibatches.gather(idx, yb)
                 loss, logits = step_fn(xb, yb, step, trace.record if trace else None)
                 if trace:
                     trace.end_step()
-                metrics.record(i, start, loss, logits)
-                start += len(idx)
+                metrics.record(i, loss, logits)
             val_loss, val_acc = evaluate(model, x_val, y_val)
             # The one host synchronisation of the epoch.
             losses = metrics.losses.cpu()
-            summary = torch.stack([metrics.accuracy(minibatches.epoch_labels), val_loss, val_acc]).cpu().tolist()
+            summary = torch.stack([metrics.accuracy(), val_loss, val_acc]).cpu().tolist()
             if not torch.isfinite(losses).all():
                 bad = int((~torch.isfinite(losses)).nonzero()[0])
                 raise diverged(cfg, epoch, bad, losses[bad].item())
