@@ -4,16 +4,13 @@ Speed comes from doing nothing twice (airbench's lesson): the data is moved to t
 once, minibatches are gathered by index into buffers made once (``Minibatches``), the host
 waits on the device once per epoch, not once per batch (``Metrics``), each step runs only
 the kernels it needs (``torch_step`` writes the backward out instead of recording an
-autograd graph, and prepares the optimizer's kernel call once), and Python's garbage
-collector sleeps while the loop runs (``gc_paused``). docs/speed.md has the measurements.
+autograd graph, and prepares the optimizer's kernel call once). docs/speed.md has the
+measurements.
 """
 
 from __future__ import annotations
 
-import gc
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -136,24 +133,6 @@ class Metrics:
         return torch.stack([part.mean() for part in correct.split(self.sizes)]).mean()
 
 
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off while the loop runs, as it was after.
-
-    Every step makes a few hundred short-lived Python objects, and every few hundred the
-    collector walks the young ones: measured here at about 18 ms an epoch of collections
-    that never find anything (the loop makes no reference cycles; reference counting frees
-    all of it). Whatever cycles a run does leave are collected when it ends.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 class BNTrace(BNCallLog):
     """Records, at every training call of every BN module, the batch mean/var of its
     input and its running mean/var right after the call, for the first few channels.
@@ -230,33 +209,30 @@ def _run(cfg: RunConfig, data: Any, recorder: RunRecorder, initial_state: dict[s
     minibatches = Minibatches(x_train, y_train)
     metrics = Metrics(len(x_train), device)
     step = 0
-    with gc_paused():
-        for epoch, order in enumerate(epoch_orders(tc.seed, len(x_train), tc.epochs)):
-            started = time.perf_counter()
-            batches = split_batches(order.to(device), tc.batch_size, tc.batching)
-            metrics.start_epoch(batches)
-            for i, idx in enumerate(batches):
-                step += 1
-                yb = metrics.labels[i]
-                xb = minibatches.gather(idx, yb)
-                loss, logits = step_fn(xb, yb, step, trace.record if trace else None)
-                if trace:
-                    trace.end_step()
-                metrics.record(i, loss, logits)
-            val_loss, val_acc = evaluate(model, x_val, y_val)
-            # The one host synchronisation of the epoch.
-            losses = metrics.losses.cpu()
-            summary = torch.stack([metrics.accuracy(), val_loss, val_acc]).cpu().tolist()
-            if not torch.isfinite(losses).all():
-                bad = int((~torch.isfinite(losses)).nonzero()[0])
-                raise diverged(cfg, epoch, bad, losses[bad].item())
+    for epoch, order in enumerate(epoch_orders(tc.seed, len(x_train), tc.epochs)):
+        started = time.perf_counter()
+        batches = split_batches(order.to(device), tc.batch_size, tc.batching)
+        metrics.start_epoch(batches)
+        for i, idx in enumerate(batches):
+            step += 1
+            yb = metrics.labels[i]
+            xb = minibatches.gather(idx, yb)
+            loss, logits = step_fn(xb, yb, step, trace.record if trace else None)
             if trace:
-                trace.end_epoch()
-            recorder.epoch(
-                EpochRecord(
-                    epoch, float(losses.mean()), summary[1], summary[0], summary[2], time.perf_counter() - started
-                )
-            )
+                trace.end_step()
+            metrics.record(i, loss, logits)
+        val_loss, val_acc = evaluate(model, x_val, y_val)
+        # The one host synchronisation of the epoch.
+        losses = metrics.losses.cpu()
+        summary = torch.stack([metrics.accuracy(), val_loss, val_acc]).cpu().tolist()
+        if not torch.isfinite(losses).all():
+            bad = int((~torch.isfinite(losses)).nonzero()[0])
+            raise diverged(cfg, epoch, bad, losses[bad].item())
+        if trace:
+            trace.end_epoch()
+        recorder.epoch(
+            EpochRecord(epoch, float(losses.mean()), summary[1], summary[0], summary[2], time.perf_counter() - started)
+        )
     bn_trace = trace.close() if trace else None
     recorder.finish(model.state_dict(), bn_trace)
     return RunResult(cfg, recorder.history, model, recorder.out_dir, bn_trace)
