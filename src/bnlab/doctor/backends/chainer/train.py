@@ -65,11 +65,19 @@ def train(
     with chainer.using_config("train", True):
         for step, (bx, by) in zip(range(steps), cycle(batches)):
             try:
-                loss = loss_fn(model(_inputs(bx)), _labels(by))
+                output = model(_inputs(bx))
+            except Exception as err:  # noqa: BLE001 - reported as a probe failure
+                raise training_step_failed(step, err, "forward") from err
+            try:
+                loss = loss_fn(output, _labels(by))
+            except Exception as err:  # noqa: BLE001 - reported as a probe failure
+                raise training_step_failed(step, err, "loss") from err
+            try:
                 model.cleargrads()
                 loss.backward()
                 optimizer.update()
             except Exception as err:  # noqa: BLE001 - reported as a probe failure
-                raise training_step_failed(step, err) from err
+                value = float(loss.array) if np.size(getattr(loss, "array", None)) == 1 else None
+                raise training_step_failed(step, err, "update", value) from err
             log.add_loss(step, float(loss.array))
     return log

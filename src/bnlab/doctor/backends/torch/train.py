@@ -17,6 +17,7 @@ from torch import nn
 from bnlab.doctor.backends.torch.common import (
     as_args,
     classes,
+    float_dtype,
     model_device,
     optimizer_info,
     output_tensor,
@@ -72,7 +73,7 @@ def train(
     (:func:`~bnlab.doctor.backends.torch.common.output_tensor`). The log records, per norm layer,
     the steps it spent in eval mode and how its running statistics moved.
     """
-    device = model_device(model)
+    device, dtype = model_device(model), float_dtype(model)
     if batches is None:
         if labels is None:
             labels = pseudo_labels(model, args)
@@ -88,18 +89,9 @@ def train(
     try:
         for step, (x, y) in zip(range(steps), cycle(batches)):
             model.train()
-            xs = as_args(x, device)
+            xs = as_args(x, device, dtype)
             target = torch.as_tensor(y).to(device)
-            try:
-                output, _ = output_tensor(model(*xs))
-                if output is None:
-                    raise TypeError("the model's output holds no tensor")
-                loss = loss_fn(output, target)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            except Exception as err:  # noqa: BLE001 - reported as a probe failure
-                raise training_step_failed(step, err) from err
+            loss = _step(model, xs, target, loss_fn, optimizer, step)
             eval_steps.update({c.path for c in watcher.calls if not c.training})
             watcher.calls.clear()
             log.add_loss(step, float(loss.detach()))
@@ -108,3 +100,26 @@ def train(
     log.eval_mode_steps = dict(eval_steps)
     log.updates = watcher.updates()
     return log
+
+
+def _step(model: nn.Module, xs: tuple, target: torch.Tensor, loss_fn: Callable, optimizer: Any, step: int) -> Any:
+    """One optimizer step; a failure names its stage (forward, loss, update), so the message
+    blames the labels only when the loss itself failed."""
+    try:
+        output, _ = output_tensor(model(*xs))
+        if output is None:
+            raise TypeError("the model's output holds no tensor")
+    except Exception as err:  # noqa: BLE001 - reported as a probe failure
+        raise training_step_failed(step, err, "forward") from err
+    try:
+        loss = loss_fn(output, target)
+    except Exception as err:  # noqa: BLE001 - reported as a probe failure
+        raise training_step_failed(step, err, "loss") from err
+    try:
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    except Exception as err:  # noqa: BLE001 - reported as a probe failure
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+        raise training_step_failed(step, err, "update", value) from err
+    return loss
