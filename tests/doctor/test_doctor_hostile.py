@@ -128,9 +128,7 @@ def test_an_input_shape_too_large_to_allocate_is_refused_before_allocating(shape
 
 
 def test_a_batch_size_too_large_to_allocate_is_refused_too(tmp_path, capsys):
-    code, _, err = doctor(
-        [f"{model_file(tmp_path)}:Net", "--input-shape", "8,784", "--batch-size", "40000000"], capsys
-    )
+    code, _, err = doctor([f"{model_file(tmp_path)}:Net", "--input-shape", "8,784", "--batch-size", "40000000"], capsys)
     assert code == 2
     assert_clear_error(err, "a probe batch of shape 40000000,784", "GiB")
 
@@ -299,30 +297,38 @@ def _fix_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
+def _pages(path: Path) -> int:
+    return -(-path.stat().st_size // 4096) * 4096  # what a file takes on a tmpfs
+
+
 def test_a_full_disk_leaves_no_half_repair_and_the_rerun_works(tmpfs, tmp_path, capsys):  # noqa: F811
     path = model_file(tmp_path)
+    argv = [f"{path}:Net", "--data", "mnist", "--train-steps", "0", "--fix"]
+    measured = tmp_path / "measured"
+    assert doctor([*argv, measured], capsys)[0] == 0
     disk = tmpfs("disk", "1m")
-    fill(disk, leave_bytes=24 * 1024)  # room for repair.json and HOW_TO_LOAD.txt, not for model.pt
+    # Room for model.pt and repair.json, not for HOW_TO_LOAD.txt: written one after the other,
+    # the first two would be left without the third, and a rerun would refuse them.
+    fill(disk, leave_bytes=_pages(measured / "model.pt") + _pages(measured / "repair.json"))
     out_dir = disk / "fixed"
-    argv = [f"{path}:Net", "--data", "mnist", "--train-steps", "0", "--fix", out_dir]
-    code, _, err = doctor(argv, capsys)
+    code, _, err = doctor([*argv, out_dir], capsys)
     assert code == 2
     assert_clear_error(err, f"cannot write {out_dir}", "the disk is full; free some space or choose another --fix")
     assert not out_dir.exists() and no_temp_files(disk)
     (disk / "filler.bin").unlink()
-    code, _, err = doctor(argv, capsys)
+    code, _, err = doctor([*argv, out_dir], capsys)
     assert code == 0, err
     assert _fix_files(out_dir) == ["HOW_TO_LOAD.txt", "model.pt", "repair.json"]
 
 
-def test_overwrite_on_a_full_disk_keeps_the_earlier_repair(tmpfs, tmp_path, capsys):  # noqa: F811
+def test_overwrite_without_room_for_the_new_set_keeps_the_earlier_repair(tmpfs, tmp_path, capsys):  # noqa: F811
     path = model_file(tmp_path)
     disk = tmpfs("disk", "1m")
     out_dir = disk / "fixed"
     argv = [f"{path}:Net", "--data", "mnist", "--train-steps", "0", "--fix", out_dir]
     assert doctor(argv, capsys)[0] == 0
     before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
-    fill(disk, leave_bytes=24 * 1024)
+    fill(disk, leave_bytes=_pages(out_dir / "model.pt") + _pages(out_dir / "repair.json"))
     code, _, err = doctor([*argv, "--overwrite", "--seed", "1"], capsys)
     assert code == 2
     assert_clear_error(err, "the disk is full", "--fix")
@@ -339,3 +345,12 @@ def test_fix_on_a_read_only_file_system_is_refused_before_the_work(tmpfs, tmp_pa
         assert code == 2 and out == ""
         assert_clear_error(err, f"cannot write {out_dir}", "read-only; choose another --fix")
         assert "--out" not in err
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/sub"])
+def test_fix_where_a_file_stands_is_refused_before_the_work(where, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("mine")
+    code, out, err = doctor([f"{model_file(tmp_path)}:Net", "--data", "mnist", "--fix", tmp_path / where], capsys)
+    assert code == 2 and out == ""
+    assert_clear_error(err, "--fix")
+    assert (tmp_path / "a-file").read_text() == "mine"

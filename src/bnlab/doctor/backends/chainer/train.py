@@ -77,7 +77,12 @@ def train(
                 loss.backward()
                 optimizer.update()
             except Exception as err:  # noqa: BLE001 - reported as a probe failure
-                value = float(loss.array) if np.size(getattr(loss, "array", None)) == 1 else None
-                raise training_step_failed(step, err, "update", value) from err
+                raise training_step_failed(step, err, "update", _scalar(loss)) from err
             log.add_loss(step, float(loss.array))
     return log
+
+
+def _scalar(loss: Any) -> float | None:
+    """The loss as a number, when it is one (a user's loss_fn may return anything)."""
+    array = np.asarray(getattr(loss, "array", loss))
+    return float(array) if array.size == 1 and np.issubdtype(array.dtype, np.number) else None
