@@ -56,6 +56,21 @@ def model_file(folder: Path, prelude: str = "", init: str = "pass", forward: str
     return path
 
 
+DATA = """
+import numpy as np
+
+def batches():
+    rng = np.random.default_rng(0)
+    return [(rng.standard_normal(({size}, 784), dtype=np.float32), {labels}) for _ in range({count})]
+"""
+
+
+def data_file(folder: Path, size: int = 8, count: int = 6, labels: str = "rng.integers(0, 10, {size})") -> str:
+    """``FILE.py:batches``: ``count`` standard-normal batches of ``size`` with ``labels``."""
+    (folder / "data.py").write_text(DATA.format(size=size, count=count, labels=labels.format(size=size)))
+    return f"{folder / 'data.py'}:batches"
+
+
 def doctor(argv, capsys) -> tuple[int, str, str]:
     return bnlab(["doctor", *argv], capsys)
 
@@ -136,14 +151,7 @@ def test_a_batch_size_too_large_to_allocate_is_refused_too(tmp_path, capsys):
 def test_the_batches_kept_from_a_data_file_are_bounded(tmp_path, capsys, monkeypatch):
     # As on a machine with 64 KB for batches: 3 batches of 8x784 float32 exceed it.
     monkeypatch.setattr(sources, "memory_limit", lambda: 64 << 10)
-    (tmp_path / "data.py").write_text(
-        "import numpy as np\n"
-        "def batches():\n"
-        "    rng = np.random.default_rng(0)\n"
-        "    for _ in range(100):\n"
-        "        yield rng.standard_normal((8, 784), dtype=np.float32), rng.integers(0, 10, 8)\n"
-    )
-    code, _, err = doctor([f"{model_file(tmp_path)}:Net", "--data", f"{tmp_path / 'data.py'}:batches"], capsys)
+    code, _, err = doctor([f"{model_file(tmp_path)}:Net", "--data", data_file(tmp_path, count=100)], capsys)
     assert code == 2
     assert_clear_error(err, "batches of", "lower --max-batches")
 
@@ -177,13 +185,8 @@ def test_a_failing_backward_pass_does_not_blame_the_labels(tmp_path, capsys):
 
 
 def test_labels_outside_the_classes_blame_the_labels(tmp_path, capsys):
-    (tmp_path / "data.py").write_text(
-        "import numpy as np\n"
-        "def batches():\n"
-        "    rng = np.random.default_rng(0)\n"
-        "    return [(rng.standard_normal((8, 784), dtype=np.float32), np.full(8, 99)) for _ in range(6)]\n"
-    )
-    code, _, err = doctor([f"{model_file(tmp_path)}:Net", "--data", f"{tmp_path / 'data.py'}:batches"], capsys)
+    path = data_file(tmp_path, labels="np.full({size}, 99)")
+    code, _, err = doctor([f"{model_file(tmp_path)}:Net", "--data", path], capsys)
     assert code == 2
     assert_clear_error(err, "training step 1 failed", "labels fit the model's output")
 
@@ -209,12 +212,7 @@ def test_a_model_that_changes_directory_moves_neither_fix_nor_data(tmp_path, cap
     work = tmp_path / "work"
     work.mkdir()
     model_file(work, prelude=f"os.chdir({str(elsewhere)!r})")
-    (work / "data.py").write_text(
-        "import numpy as np\n"
-        "def batches():\n"
-        "    rng = np.random.default_rng(0)\n"
-        "    return [(rng.standard_normal((32, 784), dtype=np.float32), rng.integers(0, 10, 32)) for _ in range(12)]\n"
-    )
+    data_file(work, size=32, count=12)
     (elsewhere / "data.py").write_text("def batches():\n    raise RuntimeError('the wrong data.py')\n")
     monkeypatch.chdir(work)
     code, out, err = doctor(["net.py:Net", "--data", "data.py:batches", "--train-steps", "2", "--fix", "out"], capsys)

@@ -23,8 +23,8 @@ from bnlab.doctor.backends.torch.common import (
     output_tensor,
 )
 from bnlab.doctor.backends.torch.watch import TorchWatcher
-from bnlab.doctor.batching import cycle
-from bnlab.doctor.errors import UsageError, training_step_failed
+from bnlab.doctor.batching import cycle, staged_step
+from bnlab.doctor.errors import UsageError
 from bnlab.doctor.records import TrainLog
 
 
@@ -91,7 +91,13 @@ def train(
             model.train()
             xs = as_args(x, device, dtype)
             target = torch.as_tensor(y).to(device)
-            loss = _step(model, xs, target, loss_fn, optimizer, step)
+            loss = staged_step(
+                step,
+                lambda: _output(model, xs),  # noqa: B023 - called at once
+                lambda output: loss_fn(output, target),  # noqa: B023 - called at once
+                lambda loss: _update(optimizer, loss),
+                _number,
+            )
             eval_steps.update({c.path for c in watcher.calls if not c.training})
             watcher.calls.clear()
             log.add_loss(step, float(loss.detach()))
@@ -102,24 +108,18 @@ def train(
     return log
 
 
-def _step(model: nn.Module, xs: tuple, target: torch.Tensor, loss_fn: Callable, optimizer: Any, step: int) -> Any:
-    """One optimizer step; a failure names its stage (forward, loss, update), so the message
-    blames the labels only when the loss itself failed."""
-    try:
-        output, _ = output_tensor(model(*xs))
-        if output is None:
-            raise TypeError("the model's output holds no tensor")
-    except Exception as err:  # noqa: BLE001 - reported as a probe failure
-        raise training_step_failed(step, err, "forward") from err
-    try:
-        loss = loss_fn(output, target)
-    except Exception as err:  # noqa: BLE001 - reported as a probe failure
-        raise training_step_failed(step, err, "loss") from err
-    try:
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    except Exception as err:  # noqa: BLE001 - reported as a probe failure
-        value = float(loss.detach()) if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
-        raise training_step_failed(step, err, "update", value) from err
-    return loss
+def _output(model: nn.Module, xs: tuple) -> torch.Tensor:
+    output, _ = output_tensor(model(*xs))
+    if output is None:
+        raise TypeError("the model's output holds no tensor")
+    return output
+
+
+def _update(optimizer: Any, loss: Any) -> None:
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def _number(loss: Any) -> float | None:
+    return float(loss.detach()) if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
