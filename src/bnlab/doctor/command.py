@@ -332,10 +332,10 @@ def run(args: argparse.Namespace) -> int:
             "statistics would say nothing about your model."
         )
     _resolve_paths(args)
-    _seed(args.seed)
     machine_read = bool(args.json) or getattr(args, "format", None) in ("json", "sarif")
     try:
         with shield.kept_cwd(), shield.prints_to_stderr(machine_read):
+            _seed(args.seed)  # imports the frameworks: seconds in which a Ctrl-C may come
             report, extra, fix_text = _check(args)
     except KeyboardInterrupt:
         return _interrupted(args)
