@@ -19,7 +19,7 @@ from bnlab.doctor import checkpoints, shield, sources
 from bnlab.doctor.backend import Backend
 from bnlab.doctor.backends import BACKENDS, detect, seed_all
 from bnlab.doctor.errors import InputError, ProbeError, UsageError
-from bnlab.doctor.findings import Report, clean
+from bnlab.doctor.findings import FAIL_ON, Report, clean
 from bnlab.doctor.loader import LoadError, load_model
 from bnlab.errors import BnlabError
 
@@ -29,11 +29,13 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as the shell and `bnlab train` report it
 # The doctor's training steps use Adam, whose step is about lr per weight: 10 is already far
 # beyond any learning rate a model is trained with.
 MAX_LR = 10.0
+FORMATS = ("text", "json", "sarif")
 
 DESCRIPTION = (
     "Find batch-normalization mistakes in your own model (a BN shared between layers, "
     "stale running statistics, train/eval divergence, momentum conventions...), each "
-    "with the numbers that prove it. Exit 0: no error; 1: errors found; 2: usage error."
+    "with the numbers that prove it. Exit 0: no error; 1: errors found (--fail-on picks "
+    "the severity); 2: usage error."
 )
 
 # One MNIST epoch at batch 1000. Measured on the question's MLP (Adam lr 0.01): after 60
@@ -123,7 +125,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="let --fix replace the files of an earlier repair in OUT"
     )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout (default: text)")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="how the report is printed on stdout: text, json (as --json) or sarif "
+        "(SARIF 2.1.0 for code-scanning pages; docs/ci.md); default: text",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout (= --format json)")
+    parser.add_argument(
+        "--fail-on",
+        choices=FAIL_ON,
+        default="error",
+        help="the least severe finding that makes the exit status 1: error, warning, "
+        "info, or never (exit 0 whatever is found; 2 still means the model could not be "
+        "checked); default: error",
+    )
 
 
 def _fail(message: str) -> int:
@@ -331,10 +348,12 @@ def run(args: argparse.Namespace) -> int:
             "the gradient's scale: a larger lr wrecks the copy in one step, and its BN "
             "statistics would say nothing about your model."
         )
+    if args.json and args.format not in (None, "json"):
+        return _fail(f"--json means --format json; drop one of --json and --format {args.format}.")
+    output = "json" if args.json else (args.format or "text")
     _resolve_paths(args)
-    machine_read = bool(args.json) or getattr(args, "format", None) in ("json", "sarif")
     try:
-        with shield.kept_cwd(), shield.prints_to_stderr(machine_read):
+        with shield.kept_cwd(), shield.prints_to_stderr(output != "text"):
             _seed(args.seed)  # imports the frameworks: seconds in which a Ctrl-C may come
             report, extra, fix_text = _check(args)
     except KeyboardInterrupt:
@@ -345,11 +364,27 @@ def run(args: argparse.Namespace) -> int:
     except BnlabError as err:  # a target that does not load, bad flags, run directories, OUT
         _fail(str(err))
         return err.exit_code
-    if args.json:
+    report.fail_on = args.fail_on
+    if output == "json":
         print(json.dumps({**report.to_dict(), **clean(extra)}, indent=2, allow_nan=False))
+    elif output == "sarif":
+        print(json.dumps(_sarif(report, args), indent=2, allow_nan=False))
     else:
         print(report.to_text() + fix_text, end="")
     return report.exit_code
+
+
+def _sarif(report: Report, args: argparse.Namespace) -> dict[str, Any]:
+    from bnlab import __version__
+    from bnlab.doctor.locations import shown
+    from bnlab.doctor.sarif import to_sarif
+
+    target_file = None
+    if not checkpoints.is_run_dir(args.target):
+        # The target was made absolute before the user's code ran: shown relative to the
+        # working directory again, as the findings' own file:line are.
+        target_file = Path(shown(args.target.rpartition(":")[0])).as_posix()
+    return to_sarif(report, target_file=target_file, tool_version=__version__)
 
 
 def main(argv: list[str] | None = None) -> int:

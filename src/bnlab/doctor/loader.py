@@ -19,6 +19,7 @@ from typing import Any
 
 from bnlab.doctor.backends import missing_framework, recognised
 from bnlab.doctor.errors import quote_error
+from bnlab.doctor.locations import recording
 from bnlab.errors import EXIT_USAGE, BnlabError
 
 
@@ -144,4 +145,9 @@ def build(module: ModuleType, name: str, path: Path) -> Any:
 def load_model(target: str) -> Any:
     """``"file.py:NAME"`` -> the model instance."""
     path, name = split_target(target)
-    return build(import_file(path), name, path)
+    # Note where each norm layer is created (the frameworks imported by then are patched
+    # for the time of the build only): the report points at those lines.
+    with recording():
+        module = import_file(path)
+    with recording():  # again: importing the file may have imported a framework
+        return build(module, name, path)

@@ -20,8 +20,11 @@ def check_small_batch(ctx: Context) -> list[Finding]:
     log = probe.train_log
     findings = []
     if log is not None and log.watched:  # the batches of the user's own loop
+        per_rank = set(probe.ranks.plain_bn) if probe.ranks is not None else set()  # small-batch-per-rank's
         for path, seen in log.smallest.items():
             layer = probe.layers.get(path)
+            if path in per_rank:
+                continue
             if layer is not None and layer.is_batchnorm and too_small(seen.samples, seen.values):
                 findings.append(
                     _finding(

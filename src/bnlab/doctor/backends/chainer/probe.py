@@ -18,8 +18,10 @@ import chainer.links as L
 import numpy as np
 from chainer.backends import cuda
 
+from bnlab.doctor import source_lines
 from bnlab.doctor.backends.chainer import train as chainer_train
 from bnlab.doctor.errors import forward_failed
+from bnlab.doctor.locations import call_site
 from bnlab.doctor.records import CallRecord, LayerInfo, ProbeResult, TrainLog
 from bnlab.doctor.stats import channel_stats
 
@@ -282,6 +284,7 @@ class Recorder(chainer.LinkHook):
                 mean=mean,
                 var=var,
                 training=bool(chainer.config.train),
+                location=call_site(),
             )
         )
 
@@ -407,4 +410,5 @@ def probe(
             result.given = given
     result.model_name = type(model).__name__
     result.train_log = log
+    source_lines.attach(result, bn_links(model))
     return result

@@ -19,10 +19,12 @@ from typing import Any, Self
 import keras
 import numpy as np
 
+from bnlab.doctor import source_lines
 from bnlab.doctor.backends.keras import train as keras_train
 from bnlab.doctor.backends.keras.common import BN as _BN
 from bnlab.doctor.backends.keras.common import as_array, bn_layers, children, first_output, named_layers, numpy
 from bnlab.doctor.errors import UsageError, forward_failed, quote_error
+from bnlab.doctor.locations import call_site
 from bnlab.doctor.records import CallRecord, LayerInfo, ProbeResult, TrainLog
 from bnlab.doctor.stats import channel_stats
 
@@ -244,6 +246,7 @@ class Recorder:
                 mean=mean,
                 var=var,
                 training=bool(training) and bool(layer.trainable),
+                location=call_site(),
             )
         )
 
@@ -351,4 +354,5 @@ def probe(
             result.given = given
     result.model_name = model_name(model)
     result.train_log = log
+    source_lines.attach(result, bn_layers(model))
     return result

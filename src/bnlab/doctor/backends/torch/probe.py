@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnlab.doctor import source_lines
 from bnlab.doctor.backends.torch import train as torch_train
 from bnlab.doctor.backends.torch.common import (
     as_args,
@@ -32,6 +33,7 @@ from bnlab.doctor.backends.torch.common import (
     output_tensor,
 )
 from bnlab.doctor.errors import ProbeError, UnsupportedModel, forward_failed, quote_error
+from bnlab.doctor.locations import call_site
 from bnlab.doctor.records import (
     CallRecord,
     LayerInfo,
@@ -316,6 +318,7 @@ class Recorder:
                 mean=mean,
                 var=var,
                 training=bool(module.training),
+                location=call_site(),
             )
         )
 
@@ -508,6 +511,7 @@ def probe(
     result.train_log = log
     result.parallel = parallel_info(model, int(batch.shape[0]))
     result.notes = list(dict.fromkeys(notes + ([result.output_note] if result.output_note else [])))
+    source_lines.attach(result, norm_layers(model))
     return result
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from bnlab.doctor.backends.torch import distributed as torch_distributed
 from bnlab.doctor.backends.torch.common import is_stateful_norm
 from bnlab.doctor.records import CallRecord, StatUpdates
 
@@ -36,6 +37,8 @@ class TorchWatcher:
         on_pass_start: Callable[[tuple], None] | None = None,
         optimizer: Any = None,
     ) -> None:
+        self.ranks = torch_distributed.exchange_for(model)  # None unless a multi-process job
+        model = torch_distributed.local_module(model)  # DDP: watch the module it wraps
         self.model = model
         self.on_pass_start = on_pass_start
         self.norms = {name: m for name, m in model.named_modules() if name and is_stateful_norm(m)}
@@ -71,6 +74,7 @@ class TorchWatcher:
             for module in self.norms.values():
                 self._handles.append(module.register_forward_pre_hook(self._norm_call))
             self._handles.append(register_optimizer_step_post_hook(self._optimizer_step))
+            self._handles += self.ranks.hooks() if self.ranks is not None else []
         except Exception:
             self.detach()
             raise
