@@ -23,7 +23,7 @@ from bnlab.doctor import source_lines
 from bnlab.doctor.backends.keras import train as keras_train
 from bnlab.doctor.backends.keras.common import BN as _BN
 from bnlab.doctor.backends.keras.common import as_array, bn_layers, children, named_layers, numpy
-from bnlab.doctor.errors import UsageError, forward_failed
+from bnlab.doctor.errors import UsageError, forward_failed, quote_error
 from bnlab.doctor.locations import call_site
 from bnlab.doctor.outputs import classes, first_output, relative_change
 from bnlab.doctor.records import CallRecord, LayerInfo, ProbeResult, TrainLog
@@ -109,7 +109,7 @@ def borrowed(model: Any, x: np.ndarray, need_copy: bool) -> Iterator[Any]:
         if need_copy:
             raise UsageError(
                 f"training steps run on a copy, and this Keras model cannot be cloned "
-                f"({type(err).__name__}: {err}). Give the model class a get_config() "
+                f"({quote_error(err)}). Give the model class a get_config() "
                 "(keras.models.clone_model needs it for subclassed models), or probe "
                 "without training (--train-steps 0)."
             ) from err
