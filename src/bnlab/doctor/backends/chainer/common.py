@@ -9,7 +9,7 @@ from typing import Any
 import chainer
 import numpy as np
 
-from bnlab.doctor.backends.outputs import pick_output
+from bnlab.doctor.outputs import pick_output
 
 
 def output_array(value: Any) -> tuple[Any, str]:
