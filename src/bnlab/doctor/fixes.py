@@ -208,7 +208,26 @@ def reestimate_stats() -> str:
     )
 
 
-def no_decay_on_norms() -> str:
+def no_decay_on_norms(framework: str = "torch") -> str:
+    if framework == "keras":
+        return "\n".join(
+            [
+                "optimizer = keras.optimizers.AdamW(learning_rate=1e-3, weight_decay=1e-4)",
+                'optimizer.exclude_from_weight_decay(var_names=["gamma", "beta"])  # before fit',
+                "model.compile(optimizer=optimizer, loss=...)",
+            ]
+        )
+    if framework == "chainer":
+        return "\n".join(
+            [
+                "# instead of optimizer.add_hook(WeightDecay(1e-4)), which decays every parameter:",
+                "norm = {id(p) for link in model.links() if isinstance(link, L.BatchNormalization)",
+                "        for p in link.params()}",
+                "for param in model.params():",
+                "    if id(param) not in norm:",
+                "        param.update_rule.add_hook(chainer.optimizer_hooks.WeightDecay(1e-4))",
+            ]
+        )
     return "\n".join(
         [
             "norm_params = [p for m in model.modules()",

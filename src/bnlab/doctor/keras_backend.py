@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from bnlab.doctor.errors import UnsupportedModel
 from bnlab.doctor.records import OptimizerInfo, ProbeResult
 
 NAME = "keras"
@@ -35,10 +34,9 @@ def probe(model: Any, inputs: Any, **options: Any) -> ProbeResult:
 
 
 def watcher(model: Any, on_pass_start: Callable[[tuple], None], optimizer: Any = None) -> Any:
-    raise UnsupportedModel(
-        "bnlab.doctor.watch does not support Keras models yet; check the model with "
-        "bnlab.doctor.check(model, x, train_steps=N) or `bnlab doctor FILE.py:NAME`."
-    )
+    from bnlab.doctor import keras_watch
+
+    return keras_watch.watcher(model, on_pass_start, optimizer)
 
 
 def describe_optimizer(model: Any, optimizer: Any) -> OptimizerInfo | None:

@@ -124,7 +124,8 @@ class Watch:
     def _note_calls(self, calls: list[CallRecord]) -> None:
         small: dict[str, CallRecord] = {}  # smallest train-mode call per layer, this pass
         for call in calls:
-            if call.training and too_small(call.batch_size, call.values_per_channel):
+            # batch_size -1: a compiled step traced for any batch size (Keras fit)
+            if call.training and call.batch_size >= 0 and too_small(call.batch_size, call.values_per_channel):
                 best = small.get(call.path)
                 if best is None or call.values_per_channel < best.values_per_channel:
                     small[call.path] = call
@@ -137,8 +138,17 @@ class Watch:
                 seen.samples, seen.values, seen.site = (call.batch_size, call.values_per_channel, call.site)
 
     # -- the report -------------------------------------------------------------------
+    def _inputs_after_training(self) -> tuple | None:
+        # Compiled steps (Keras fit on TensorFlow or JAX) show Python only symbolic
+        # inputs; such a watcher reads a training batch once training is over.
+        later = getattr(self._watcher, "inputs_after_training", None)
+        return None if later is None else later()
+
     def _build_report(self) -> Report:
+        source = "(last training batch seen by watch)"
         inputs = self._last_step_inputs or self._last_inputs
+        if inputs is None:
+            inputs, source = self._inputs_after_training(), "(a training batch, read after training)"
         notes = [f"watched {self.passes} forward passes, {self.steps} training steps"]
         if inputs is None:
             notes.append("no tensor input was seen, so the model could not be probed")
@@ -153,7 +163,7 @@ class Watch:
             smallest=self._smallest,
             optimizer=self._backend.describe_optimizer(self.model, self._watcher.optimizer()),
         )
-        report = run_checks(probe, source="(last training batch seen by watch)")
+        report = run_checks(probe, source=source)
         report.probe.update({"watched_passes": self.passes, "watched_steps": self.steps})
         report.notes = notes + report.notes
         return report
