@@ -35,5 +35,6 @@ def watcher(model: Any, on_pass_start: Callable[[tuple], None], optimizer: Any =
 
 
 def describe_optimizer(model: Any, optimizer: Any) -> OptimizerInfo | None:
-    # Chainer's weight decay is an optimizer hook over every parameter; not checked yet.
-    return None
+    from bnlab.doctor.chainer_watch import optimizer_info
+
+    return optimizer_info(model, optimizer)
