@@ -40,7 +40,9 @@ def fit(model, data, callback=None, epochs=2):
 def built(make):
     keras.utils.set_random_seed(0)
     model = make()
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     return model
 
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from keras_import import import_keras
 
@@ -168,3 +167,29 @@ def test_watch_around_a_custom_keras_loop(mnist_fit) -> None:
     (finding,) = report.by_check("shared-bn")
     assert finding.severity == "error" and finding.data["updates_per_step"] == 2.0
     assert wrappers_left(model) == []
+
+
+def test_the_fit_example_runs(mnist_dir) -> None:
+    """examples/keras_fit_callback.py as documented (torch backend): the answer passes,
+    the question's shared BN fails after fit with the error naming both sites."""
+    env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(REPO / "src")}
+    script = REPO / "examples" / "keras_fit_callback.py"
+    runs = {
+        flag: subprocess.run(
+            [sys.executable, str(script), *([flag] if flag else [])],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            check=False,
+        )
+        for flag in ("", "--shared")
+    }
+    assert runs[""].returncode == 0, runs[""].stdout + runs[""].stderr
+    assert "0 errors, 0 warnings" in runs[""].stdout
+    shared = runs["--shared"]
+    assert shared.returncode == 1, shared.stdout + shared.stderr
+    assert "where: bn -- call 1 after l1; call 2 after l2" in shared.stdout
+    assert "updated 2 times per step" in shared.stdout.replace("\n      ", " ")
+    assert "fit ended with: bnlab doctor found 1 error(s)" in shared.stdout
+    assert "Traceback" not in shared.stderr

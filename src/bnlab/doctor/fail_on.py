@@ -28,7 +28,7 @@ def checked(fail_on: object) -> FailOn:
     """``fail_on`` as given, once known to be one of None, "error", "warning"."""
     if fail_on not in _SEVERITIES:
         raise ValueError(f"fail_on must be None, 'error' or 'warning', not {fail_on!r}")
-    return fail_on  # type: ignore[return-value]
+    return fail_on
 
 
 def raise_if_failed(report: Report | None, fail_on: FailOn) -> None:
