@@ -53,12 +53,12 @@ def wrappers_left(model) -> list[str]:
     return found + (["model.call"] if "call" in vars(model) else [])
 
 
-@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+@pytest.mark.parametrize("backend", ["torch", "tensorflow", "jax"])
 def test_fit_on_each_backend_in_a_subprocess(backend, mnist_dir) -> None:
     """Shared BN -> error naming both sites, 2 updates per step; per-layer BN -> no error;
     the same fit without the callback gives the same weights and history."""
-    if backend == "tensorflow":
-        pytest.importorskip("tensorflow")
+    if backend != "torch":
+        pytest.importorskip(backend)
     env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(REPO / "src"), "TF_CPP_MIN_LOG_LEVEL": "2"}
     script = Path(__file__).with_name("keras_fit_scenarios.py")
     done = subprocess.run(
@@ -77,10 +77,12 @@ def test_fit_on_each_backend_in_a_subprocess(backend, mnist_dir) -> None:
     assert result["per_layer"]["steps"] == 40
     assert result["same_weights"] and result["same_history"]
     assert result["wrapped"] == []
-    if backend == "tensorflow":  # compiled steps: the batch is read from fit's dataset afterwards
-        assert result["shared"]["source"] == "(a training batch, read after training)"
-    else:
-        assert result["shared"]["source"] == "(last training batch seen by watch)"
+    sources = {
+        "torch": "(last training batch seen by watch)",  # eager steps: the model sees the data
+        "jax": "(last training batch of fit)",  # compiled steps: the batch fit's step took
+        "tensorflow": "(a batch of fit's training data, read after training)",  # from fit's dataset
+    }
+    assert result["shared"]["source"] == sources[backend]
 
 
 def test_fail_on_error_raises_after_fit_and_removes_the_wrappers(mnist_fit, capsys) -> None:

@@ -15,6 +15,10 @@ Steps that run eagerly (``fit`` on torch, ``run_eagerly=True``, a custom loop) a
 counted as they run. In a custom loop without ``fit``, a step is the optimizer's
 ``iterations`` counter moving.
 
+The probe at the end needs a training batch: the last one a step ran on (eager steps;
+on JAX the batches fit's step takes from its iterator), or, on TensorFlow, where the
+batches never reach Python, one read from fit's dataset once training is over.
+
 The moving statistics are copied once at :meth:`KerasWatcher.attach` and compared once,
 in :meth:`KerasWatcher.updates`.
 """
@@ -71,6 +75,22 @@ def _training(value: Any) -> bool:
         return bool(value)
     except Exception:  # noqa: BLE001 - a symbolic flag: Keras decides at run time
         return True
+
+
+class _Batches:
+    """An iterator of batches, passed through, that keeps the latest batch for the probe."""
+
+    def __init__(self, batches: Any, keep: Callable[[Any], None]) -> None:
+        self._batches = batches
+        self._keep = keep
+
+    def __iter__(self) -> _Batches:
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self._batches)
+        self._keep(batch)
+        return batch
 
 
 class KerasWatcher:
@@ -206,12 +226,20 @@ class KerasWatcher:
     def _train_function(self, function: Callable[..., Any]) -> Callable[..., Any]:
         def watched_steps(*args: Any, **kwargs: Any) -> Any:
             self._saw_eager = self._saw_trace = False
-            self._fit_input = args[-1] if args else None
+            if args and keras.backend.backend() == "jax":
+                # JAX's fit hands the step a Python iterator of numpy batches: passed on
+                # as it is, the batches it yields are noted on the way.
+                args = (*args[:-1], _Batches(args[-1], self._keep_batch))
+            else:
+                self._fit_input = args[-1] if args else None
             out = function(*args, **kwargs)
             self._count_steps(max(1, int(getattr(self.model, "steps_per_execution", 1) or 1)))
             return out
 
         return watched_steps
+
+    def _keep_batch(self, batch: Any) -> None:
+        self._fit_input = batch
 
     def _count_steps(self, steps: int) -> None:
         """``steps`` steps of fit just ran: eagerly (their calls were seen) or compiled."""
@@ -239,16 +267,18 @@ class KerasWatcher:
     def optimizer(self) -> Any:
         return self._given_optimizer or getattr(self.model, "optimizer", None)
 
-    def inputs_after_training(self) -> tuple | None:
+    def inputs_after_training(self) -> tuple[tuple, str] | None:
         """A training batch for the probe when every step was compiled (no data reached
-        Python): from fit's own dataset, read only now that training is over (a fresh
-        iterator earlier would move the shuffling of later epochs)."""
-        found = self._fit_input
+        the model's Python code), and where it came from: the latest batch of fit's step,
+        or, on TensorFlow, one from fit's own dataset, read only now that training is over
+        (a fresh iterator earlier would move the shuffling of later epochs)."""
+        found, source = self._fit_input, "(last training batch of fit)"
         dataset = getattr(found, "_dataset", None)  # fit's tf.data iterator on TensorFlow
         if dataset is not None:
             found = next(iter(dataset.take(1)), None)
+            source = "(a batch of fit's training data, read after training)"
         x = _first_array(found)
-        return None if x is None or symbolic(x) else (x,)
+        return None if x is None or symbolic(x) else ((x,), source)
 
     def updates(self) -> dict[str, StatUpdates]:
         result = {}

@@ -138,9 +138,9 @@ class Watch:
                 seen.samples, seen.values, seen.site = (call.batch_size, call.values_per_channel, call.site)
 
     # -- the report -------------------------------------------------------------------
-    def _inputs_after_training(self) -> tuple | None:
+    def _inputs_after_training(self) -> tuple[tuple, str] | None:
         # Compiled steps (Keras fit on TensorFlow or JAX) show Python only symbolic
-        # inputs; such a watcher reads a training batch once training is over.
+        # inputs; such a watcher finds a training batch (and says which) once training is over.
         later = getattr(self._watcher, "inputs_after_training", None)
         return None if later is None else later()
 
@@ -148,7 +148,7 @@ class Watch:
         source = "(last training batch seen by watch)"
         inputs = self._last_step_inputs or self._last_inputs
         if inputs is None:
-            inputs, source = self._inputs_after_training(), "(a training batch, read after training)"
+            inputs, source = self._inputs_after_training() or (None, "")
         notes = [f"watched {self.passes} forward passes, {self.steps} training steps"]
         if inputs is None:
             notes.append("no tensor input was seen, so the model could not be probed")
