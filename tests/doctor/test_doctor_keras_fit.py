@@ -195,3 +195,20 @@ def test_the_fit_example_runs(mnist_dir) -> None:
     assert "updated 2 times per step" in shared.stdout.replace("\n      ", " ")
     assert "fit ended with: bnlab doctor found 1 error(s)" in shared.stdout
     assert "Traceback" not in shared.stderr
+
+
+def test_a_fit_that_raises_leaves_wrappers_the_next_fit_removes(mnist_fit) -> None:
+    class Bug(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 2:
+                raise RuntimeError("the user's own bug")
+
+    keras.utils.set_random_seed(0)
+    model, callback = mlp(shared=False), BNDoctorCallback(echo=None)
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(RuntimeError, match="the user's own bug"):
+        model.fit(*mnist_fit, batch_size=100, epochs=1, verbose=0, callbacks=[callback, Bug()])
+    assert wrappers_left(model)  # Keras calls no callback when fit raises
+    fit(model, mnist_fit, callback)
+    assert wrappers_left(model) == []
+    assert callback.report.probe["watched_steps"] == 20 and not callback.report.errors
