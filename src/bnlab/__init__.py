@@ -10,10 +10,11 @@ The public API, imported lazily (``import bnlab`` loads no framework):
 - ``bnlab.PRESETS``, ``bnlab.get_preset``, ``bnlab.RunConfig``, ``bnlab.apply_overrides``.
 
 One concept per module, dependencies pointing down the list:
-``cli`` -> ``sweep`` -> ``report`` -> ``figures`` -> ``engines`` (``torch``, ``torch_step``,
-``chainer``, ``tensorflow``, ``common``) -> ``rundir`` -> ``table`` -> ``presets`` ->
-``config`` -> ``conventions``, ``errors``; ``models`` and ``data`` beside the engines;
-``doctor`` on its own (it uses ``conventions``, ``data``, ``rundir``).
+``cli`` -> ``comparison`` -> ``sweep``, ``grid_report`` -> ``report`` -> ``figures`` ->
+``engines`` (``torch``, ``torch_step``, ``chainer``, ``tensorflow``, ``common``) -> ``rundir``
+-> ``table`` -> ``presets`` -> ``config`` -> ``conventions``, ``errors``; ``models`` and
+``data`` beside the engines; ``doctor`` on its own (it uses ``conventions``, ``data``,
+``rundir``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ __version__ = "0.1.0"
 # name -> (module, attribute); attribute None means the module itself.
 _PUBLIC: dict[str, tuple[str, str | None]] = {
     "train": ("bnlab.engines", "train"),
-    "compare": ("bnlab.sweep", "compare"),
+    "compare": ("bnlab.comparison", "compare"),
     "load_run": ("bnlab.rundir", "load_run"),
     "doctor": ("bnlab.doctor", None),
     "conventions": ("bnlab.conventions", None),

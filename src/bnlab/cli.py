@@ -135,7 +135,7 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_json(obj: Any) -> None:
-    from bnlab.report import json_safe
+    from bnlab.jsonsafe import json_safe
 
     print(json.dumps(json_safe(obj), indent=2))
 
@@ -511,9 +511,10 @@ def _run_sweep(
     """Plan, train (resuming) and report one sweep with a progress bar; (outcomes, report).
     ``grid``: the axes (default: parsed from --grid); ``extra_results(specs, outcomes,
     on_stage)``: more results for a grid report (the sharing study's repairs)."""
+    from bnlab.comparison import compare
     from bnlab.config import parse_seeds
     from bnlab.grid import parse_axis
-    from bnlab.sweep import DEFAULT_THREADS_PER_WORKER, SweepProgress, compare
+    from bnlab.sweep import DEFAULT_THREADS_PER_WORKER, SweepProgress
 
     seeds = parse_seeds(args.seeds)
     if grid is None:
@@ -606,7 +607,8 @@ def _finish_sweep(args: argparse.Namespace, outcomes: Sequence[Any], report: Any
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from bnlab.presets import parse_presets
-    from bnlab.report import CLIP_NOTE, STAT_COLUMNS, markdown_table, stats_rows
+    from bnlab.report import CLIP_NOTE, STAT_COLUMNS, stats_rows
+    from bnlab.report_format import markdown_table
 
     outcomes, report = _run_sweep(args, parse_presets(args.presets), _print_outcome(args))
     if args.grid:
@@ -629,7 +631,7 @@ def _print_outcome(args: argparse.Namespace) -> Callable[[Any], None]:
 
 def cmd_study(args: argparse.Namespace) -> int:
     from bnlab.grid import format_value, parse_axis
-    from bnlab.report import markdown_table
+    from bnlab.report_format import markdown_table
     from bnlab.study import SHARING_PRESETS, repaired_results
 
     repairs: list[Any] = []

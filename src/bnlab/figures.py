@@ -15,11 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 from bnlab.rundir import RunData, atomic_write_bytes, group_by_preset, safe_name
-
-CONFIDENCE = 0.95
+from bnlab.seedstats import CONFIDENCE, t_half_width
 
 
 def curve_band(curves: np.ndarray, confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -28,11 +26,11 @@ def curve_band(curves: np.ndarray, confidence: float = CONFIDENCE) -> tuple[np.n
     mean = curves.mean(axis=0)
     if n < 2:
         return mean, np.full_like(mean, np.nan), np.full_like(mean, np.nan)
-    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) * curves.std(axis=0, ddof=1) / math.sqrt(n)
+    half = t_half_width(curves.std(axis=0, ddof=1), n, confidence)
     return mean, mean - half, mean + half
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
     # A bare Figure on the Agg canvas: no pyplot state, no GUI backend, safe in any process.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -119,7 +117,7 @@ def plot_val_curves(runs: Sequence[RunData], out_dir: Path) -> SavedFigure | Non
     groups = _complete_groups(runs)
     if not groups:
         return None
-    fig = _figure(12, 4.4)
+    fig = new_figure(12, 4.4)
     ax_acc, ax_loss = fig.subplots(1, 2)
     for i, (preset, group) in enumerate(groups.items()):
         color = f"C{i % 10}"
@@ -148,7 +146,7 @@ def plot_train_vs_val(runs: Sequence[RunData], out_dir: Path) -> SavedFigure | N
     groups = _complete_groups(runs)
     if not groups:
         return None
-    fig = _figure(11, 2.4 * len(groups) + 0.4)
+    fig = new_figure(11, 2.4 * len(groups) + 0.4)
     axes = np.asarray(fig.subplots(len(groups), 2, squeeze=False))
     for row, (preset, group) in enumerate(groups.items()):
         for col, metric in enumerate(("acc", "loss")):
@@ -290,7 +288,7 @@ def plot_bn_trace(run: RunData, series: Sequence[TraceSeries], out_dir: Path, ma
     x = np.arange(steps) / per_epoch
     stride = max(1, steps // max_points)  # thin the lines: every step would make huge SVGs
     channels = series[0].batch_mean.shape[1]
-    fig = _figure(3.3 * channels, 6.4)
+    fig = new_figure(3.3 * channels, 6.4)
     axes = np.asarray(fig.subplots(2, channels, squeeze=False))
     for c in range(channels):
         for row in range(2):

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from bnlab.figures import SavedFigure, _figure, save_figure
+from bnlab.figures import SavedFigure, new_figure, save_figure
 from bnlab.grid import GridAxis, GridPoint, format_value, point_label
 
 ACC_LABEL = "final val acc (eval mode, 10,000 test images)"
@@ -101,7 +101,7 @@ def plot_axes(
         others = [a for j, a in enumerate(axes) if j != i]
         rows.append((axis, others, list(itertools.product(*(a.values for a in others)))))
     n_cols = max(len(r[2]) for r in rows)
-    fig = _figure(max(5.0, 4.2 * n_cols), 3.9 * len(rows) + 0.5)
+    fig = new_figure(max(5.0, 4.2 * n_cols), 3.9 * len(rows) + 0.5)
     grid = np.asarray(fig.subplots(len(rows), n_cols, squeeze=False))
     y_low = max(0.0, min(c.bar()[0] for c in cells) - 0.02)
     y_high = min(1.0, max(c.bar()[1] for c in cells) + 0.01)
@@ -191,7 +191,7 @@ def plot_heatmaps(
         vmin, vmax = vmin - 0.005, vmax + 0.005
     cell_w, cell_h = 1.25, 0.8
     width = max(4.0, len(series) * (len(cols_axis.values) * cell_w + 1.6) + 1.2)
-    fig = _figure(width, len(rows_axis.values) * cell_h + 2.0)
+    fig = new_figure(width, len(rows_axis.values) * cell_h + 2.0)
     panels = np.atleast_1d(fig.subplots(1, len(series), squeeze=False)[0])
     image = None
     for ax, name in zip(panels, series, strict=True):

@@ -20,25 +20,13 @@ from typing import Any
 
 from bnlab.grid import GridAxis, GridPoint, format_value, point_label
 from bnlab.grid_figures import CellStat, plot_axes, plot_heatmaps
-from bnlab.report import (
-    _CSS,
-    CONFIDENCE,
-    LAST_EPOCHS,
-    METRICS,
-    Stats,
-    _ci,
-    _figure_html,
-    _mean_sd,
-    _num,
-    _table_html,
-    describe,
-    json_safe,
-    markdown_table,
-    run_metrics,
-)
+from bnlab.jsonsafe import json_safe
+from bnlab.report import LAST_EPOCHS, METRICS, OTHER_METRICS, run_metrics, seed_cells
+from bnlab.report_format import CSS, figure_html, markdown_table, num, table_html
 from bnlab.rundir import RUN_COMPLETE, RunData, atomic_write_json, atomic_write_text
+from bnlab.seedstats import CONFIDENCE, Stats, describe
 
-if typing.TYPE_CHECKING:  # the sweep imports this module when it reports
+if typing.TYPE_CHECKING:
     from bnlab.sweep import RunOutcome, RunSpec
 
 
@@ -119,25 +107,16 @@ def stats_columns(axes: Sequence[GridAxis]) -> tuple[str, ...]:
 def stats_rows(cells: Sequence[GridCell], axes: Sequence[GridAxis]) -> list[list[str]]:
     """One row per (grid point, series): points in grid order, series in plan order."""
     rank = {point: i for i, point in enumerate(dict.fromkeys(c.point for c in cells))}
-    rows = []
-    for c in sorted(cells, key=lambda c: rank[c.point]):
-        f = c.stats["final_val_acc"]
-        runs = f"{f.n}" + (f" (+{len(c.not_complete)} not complete)" if c.not_complete else "")
-        values = dict(c.point)
-        rows.append(
-            [
-                c.series,
-                *(format_value(values[a.field]) for a in axes),
-                runs,
-                _mean_sd(f),
-                _ci(f),
-                f"{_num(f.min)} – {_num(f.max)}",
-                _mean_sd(c.stats["best_val_acc"]),
-                _mean_sd(c.stats["last10_val_acc"]),
-                _mean_sd(c.stats["final_val_loss"]),
-            ]
-        )
-    return rows
+    # One column per axis already: the grid's table leaves out the best val loss.
+    others = [m for m in OTHER_METRICS if m != "best_val_loss"]
+    return [
+        [
+            c.series,
+            *(format_value(dict(c.point)[a.field]) for a in axes),
+            *seed_cells(c.stats, c.not_complete, others),
+        ]
+        for c in sorted(cells, key=lambda c: rank[c.point])
+    ]
 
 
 def summary_csv(cells: Sequence[GridCell], axes: Sequence[GridAxis]) -> str:
@@ -258,35 +237,35 @@ def render_html(
             point_label(r.point),
             str(r.seed),
             r.status,
-            _num(r.metrics["final_val_acc"]) if "final_val_acc" in r.metrics else "-",
+            num(r.metrics["final_val_acc"]) if "final_val_acc" in r.metrics else "-",
             str(r.run_dir or "-"),
         ]
         for r in results
     ]
     parts = [
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
         f'<p class="small">Generated {time.strftime("%Y-%m-%d %H:%M:%S %Z")} from {len(results)} result(s). '
         f"Grid: {html.escape(grid)}. Final val acc is eval mode (running statistics) on the 10,000 test "
         "images after the last epoch.</p>",
     ]
     for fig in figures:
-        parts += [f"<h2>{html.escape(fig.title)}</h2>", _figure_html(fig)]
+        parts += [f"<h2>{html.escape(fig.title)}</h2>", figure_html(fig)]
     if len(axes) != 2:
         parts.append('<p class="small">The heat map is drawn for grids of exactly two axes.</p>')
     parts += [
         f'<h2>Statistics per grid point</h2><p class="small">Sample standard deviation (ddof=1); '
         f"{CONFIDENCE:.0%} interval of the mean from Student's t; - where undefined.</p>",
-        _table_html(stats_columns(axes), stats_rows(cells, axes)),
+        table_html(stats_columns(axes), stats_rows(cells, axes)),
     ]
     if failed:
         parts += [
             "<h2>Runs that did not complete</h2>",
-            _table_html(("series", "grid point", "seed", "status", "message"), failed),
+            table_html(("series", "grid point", "seed", "status", "message"), failed),
         ]
     parts += [
         "<h2>Runs</h2>",
-        _table_html(("series", "grid point", "seed", "status", "final val acc", "directory"), run_rows),
+        table_html(("series", "grid point", "seed", "status", "final val acc", "directory"), run_rows),
         "</body></html>",
     ]
     return "\n".join(parts)

@@ -25,7 +25,15 @@ from typing import Any
 
 from bnlab.errors import MissingExtra, UsageError
 from bnlab.rundir import RUN_FAILED
-from bnlab.sweep import DEFAULT_THREADS_PER_WORKER, EventHandler, RunOutcome, RunSpec, SweepEvent, _saved, execute_spec
+from bnlab.sweep import (
+    DEFAULT_THREADS_PER_WORKER,
+    EventHandler,
+    RunOutcome,
+    RunSpec,
+    SweepEvent,
+    execute_spec,
+    saved_run,
+)
 
 # Ray retries a task whose worker process died this many times before the run is failed.
 DEFAULT_MAX_RETRIES = 3
@@ -228,7 +236,7 @@ class RayExecutor:
             first_line = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
             return spec.outcome(
                 RUN_FAILED,
-                _saved(spec)[1],
+                saved_run(spec)[1],
                 f"the Ray task training it failed after {self.max_retries} retries "
                 f"({type(err).__name__}: {first_line}); it will run again on the next invocation",
             )

@@ -1,4 +1,6 @@
-"""Statistics, tables, plots and the HTML report of a sweep's run directories.
+"""Statistics, tables, plots and the HTML report of a sweep's run directories (the
+statistics of one metric over seeds are ``bnlab.seedstats``'s, the text and HTML pieces
+``bnlab.report_format``'s, shared with the grid report).
 
 Input: run directories as ``bnlab.train`` writes them (history.json, config.json,
 environment.json and, for traced BN models, bn_trace.npz). Output: per-preset statistics
@@ -9,7 +11,6 @@ and one self-contained HTML file. Every file is written temp-file-then-rename.
 
 from __future__ import annotations
 
-import base64
 import csv
 import functools
 import html
@@ -23,13 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from scipy import stats as scipy_stats
-
 from bnlab import bnstats
 from bnlab.errors import UsageError
 from bnlab.figures import (
-    CONFIDENCE,
     SavedFigure,
     TraceSeries,
     plot_bn_trace,
@@ -38,8 +35,11 @@ from bnlab.figures import (
     steps_per_epoch,
     trace_series,
 )
+from bnlab.jsonsafe import json_safe
 from bnlab.presets import PresetRuns, Verdict, judge
+from bnlab.report_format import CSS, ci_text, figure_html, markdown_table, mean_sd, num, table_html
 from bnlab.rundir import RunData, atomic_write_json, atomic_write_text, group_by_preset, read_run
+from bnlab.seedstats import CONFIDENCE, Stats, describe
 
 LAST_EPOCHS = 10  # "last10_val_acc" averages this many final epochs: the shared-BN runs swing
 
@@ -65,54 +65,6 @@ CLIP_NOTE = (
     "Interval bounds are clipped to the possible range (accuracy [0, 1], loss >= 0): with few seeds "
     "that disagree, a t-interval can reach past it."
 )
-
-# ----------------------------------------------------------------------------- statistics
-
-
-@dataclass(frozen=True)
-class Stats:
-    """Summary of one metric over seeds; std is the sample one (ddof=1) and the interval
-    is Student-t, so both are NaN for a single value."""
-
-    n: int
-    mean: float
-    std: float
-    ci_low: float
-    ci_high: float
-    min: float
-    max: float
-
-    def to_dict(self) -> dict[str, float | int | None]:
-        return json_safe(dict(self.__dict__))  # an undefined number is null
-
-
-def t_half_width(std: float, n: int, confidence: float = CONFIDENCE) -> float:
-    """Half the width of the Student-t confidence interval of a mean of ``n`` values."""
-    if n < 2 or not math.isfinite(std):
-        return math.nan
-    return float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
-
-
-def describe(
-    values: Sequence[float], confidence: float = CONFIDENCE, bounds: tuple[float, float] = (-math.inf, math.inf)
-) -> Stats:
-    """Summary of ``values``; the interval's ends are clipped to ``bounds`` (the range the
-    metric can take, see METRIC_RANGE)."""
-    x = np.asarray(values, dtype=np.float64)
-    n = int(x.size)
-    if n == 0:
-        return Stats(0, *(math.nan,) * 6)
-    mean = float(x.mean())
-    std = float(x.std(ddof=1)) if n > 1 else math.nan
-    half = t_half_width(std, n, confidence)
-    low, high = bounds
-    # NaN stays NaN (min/max would turn it into a bound).
-    ci_low = mean - half if math.isnan(half) else max(low, mean - half)
-    ci_high = mean + half if math.isnan(half) else min(high, mean + half)
-    return Stats(n, mean, std, ci_low, ci_high, float(x.min()), float(x.max()))
-
-
-# ------------------------------------------------------------------------------ the runs
 
 # --------------------------------------------------------------------------- per preset
 
@@ -165,18 +117,6 @@ def summarize(runs: Sequence[RunData], confidence: float = CONFIDENCE) -> dict[s
 # -------------------------------------------------------------------------------- tables
 
 
-def _num(x: float, digits: int = 4) -> str:
-    return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
-
-
-def _mean_sd(s: Stats) -> str:
-    return _num(s.mean) if s.n < 2 else f"{_num(s.mean)} ± {_num(s.std)}"
-
-
-def _ci(s: Stats) -> str:
-    return "-" if s.n < 2 else f"[{_num(s.ci_low)}, {_num(s.ci_high)}]"
-
-
 STAT_COLUMNS = (
     "preset",
     "runs",
@@ -190,25 +130,22 @@ STAT_COLUMNS = (
 )
 
 
+# The metrics after the final val acc in a statistics row, as mean ± sd.
+OTHER_METRICS = ("best_val_acc", "last10_val_acc", "final_val_loss", "best_val_loss")
+
+
+def seed_cells(
+    stats: dict[str, Stats], not_complete: Sequence[str], others: Sequence[str] = OTHER_METRICS
+) -> list[str]:
+    """A statistics row after its name (the sweep's and the grid's tables): runs, the final
+    val acc's mean ± sd, interval and range, then ``others`` as mean ± sd."""
+    f = stats["final_val_acc"]
+    runs = f"{f.n}" + (f" (+{len(not_complete)} not complete)" if not_complete else "")
+    return [runs, mean_sd(f), ci_text(f), f"{num(f.min)} – {num(f.max)}", *(mean_sd(stats[m]) for m in others)]
+
+
 def stats_rows(summaries: dict[str, PresetSummary]) -> list[list[str]]:
-    rows = []
-    for s in summaries.values():
-        f = s.stats["final_val_acc"]
-        runs = f"{f.n}" + (f" (+{len(s.not_complete)} not complete)" if s.not_complete else "")
-        rows.append(
-            [
-                s.preset,
-                runs,
-                _mean_sd(f),
-                _ci(f),
-                f"{_num(f.min)} – {_num(f.max)}",
-                _mean_sd(s.stats["best_val_acc"]),
-                _mean_sd(s.stats["last10_val_acc"]),
-                _mean_sd(s.stats["final_val_loss"]),
-                _mean_sd(s.stats["best_val_loss"]),
-            ]
-        )
-    return rows
+    return [[s.preset, *seed_cells(s.stats, s.not_complete)] for s in summaries.values()]
 
 
 # The verdict second: on a narrow screen it stays in view while the claim scrolls.
@@ -223,13 +160,6 @@ def verdict_rows(verdicts: Sequence[Verdict]) -> list[list[str]]:
         label = v.label + (" (settings differ)" if v.deviations else "") + (" (one seed)" if v.caveat else "")
         rows.append([v.preset, label, measured, f'"{v.claim}"' if v.claim else "-", band])
     return rows
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-
-    return "\n".join([line(header), line(["---"] * len(header)), *(line(r) for r in rows)])
 
 
 def summary_markdown(summaries: dict[str, PresetSummary], verdicts: Sequence[Verdict]) -> str:
@@ -263,17 +193,6 @@ def summary_csv(summaries: dict[str, PresetSummary]) -> str:
             row += ["" if d[f] is None else d[f] for f in fields]
         writer.writerow(row)
     return out.getvalue()
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with every non-finite float replaced by None: JSON has no NaN."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def summary_json(summaries: dict[str, PresetSummary], verdicts: Sequence[Verdict]) -> dict[str, Any]:
@@ -315,36 +234,6 @@ def trace_mismatch(series: Sequence[TraceSeries], last_steps: int, eps: float) -
 
 # ---------------------------------------------------------------------------------- HTML
 
-# .scroll: a table wider than the screen (420 px phones) scrolls inside its box instead of
-# being cut off at the page's edge. Words wrap only between words, except in .long cells
-# (paths, digests, platform strings), which may break anywhere.
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
-.scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:1em 0;font-size:14px}
-td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}.long{overflow-wrap:anywhere}
-@media (max-width:600px){body{margin:1em auto;padding:0 .5em}table{font-size:12px}td,th{padding:3px 4px}}
-th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}.ok{color:#08660b;font-weight:600}
-.bad{color:#a10d0d;font-weight:600}.small{color:#555;font-size:13px}code{background:#f5f5f5;padding:0 3px}"""
-
-
-def _table_html(header: Sequence[str], rows: Sequence[Sequence[str]], long: Sequence[int] = ()) -> str:
-    """A table in a box that scrolls sideways; the cells of the ``long`` columns may break anywhere."""
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-
-    def cell(i: int, c: str) -> str:
-        return f'<td class="long">{html.escape(str(c))}</td>' if i in long else f"<td>{html.escape(str(c))}</td>"
-
-    body = "".join("<tr>" + "".join(cell(i, c) for i, c in enumerate(row)) + "</tr>" for row in rows)
-    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
-
-
-def _figure_html(fig: SavedFigure) -> str:
-    data = base64.b64encode(fig.png_bytes).decode("ascii")
-    return (
-        f'<figure><img alt="{html.escape(fig.title)}" src="data:image/png;base64,{data}">'
-        f'<figcaption class="small">{html.escape(fig.caption)} Files: <code>{html.escape(fig.png.name)}</code>, '
-        f"<code>{html.escape(fig.svg.name)}</code>.</figcaption></figure>"
-    )
-
 
 def _verdicts_html(verdicts: Sequence[Verdict]) -> str:
     items = []
@@ -384,9 +273,9 @@ def _environment_html(runs: Sequence[RunData]) -> str:
             sums.setdefault(fname, {})[digest] = None
     sum_rows = [[f, ", ".join(d)] for f, d in sums.items()]
     return (
-        _table_html(("key", "value (all distinct values over the runs)"), env_rows, long=(1,))
+        table_html(("key", "value (all distinct values over the runs)"), env_rows, long=(1,))
         + "<h3>Data sha256</h3>"
-        + _table_html(("file", "sha256"), sum_rows, long=(0, 1))
+        + table_html(("file", "sha256"), sum_rows, long=(0, 1))
     )
 
 
@@ -402,7 +291,7 @@ def _mismatch_html(mismatches: dict[str, list[dict[str, Any]]]) -> str:
         "epoch's steps): <b>mean shift</b> = |batch mean - running mean| in running standard deviations "
         "(0 is a match), <b>variance ratio</b> = batch variance / running variance (1 is a match; "
         "averaged geometrically). These are the definitions <code>bnlab doctor</code> reports.</p>"
-        + _table_html(("preset", "call site", "mean shift (running SD)", "variance ratio (batch / running)"), rows)
+        + table_html(("preset", "call site", "mean shift (running SD)", "variance ratio (batch / running)"), rows)
     )
 
 
@@ -421,7 +310,7 @@ def render_html(
             str(r.seed),
             r.status,
             str(len(r.history)),
-            _num(r.history[-1].val_acc) if r.history else "-",
+            num(r.history[-1].val_acc) if r.history else "-",
             str(r.run_dir),
             r.message,
         ]
@@ -430,30 +319,30 @@ def render_html(
     parts = [
         f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>'
-        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
         f'<p class="small">Generated {time.strftime("%Y-%m-%d %H:%M:%S %Z")} from {len(runs)} run(s). '
         "The question: a Chainer MLP (784-100-100-10, BN + ReLU, Adam lr 0.01, batch 1000, 100 epochs) that "
         "applied ONE BatchNormalization after both hidden layers; the answer gave each layer its own.</p>",
         f'<h2>Statistics over seeds</h2><p class="small">Sample standard deviation (ddof=1); {CONFIDENCE:.0%} '
         "interval of the mean from Student's t; - where undefined (one seed).</p>",
-        _table_html(STAT_COLUMNS, stats_rows(summaries)),
+        table_html(STAT_COLUMNS, stats_rows(summaries)),
         f'<p class="small">{html.escape(CLIP_NOTE)}</p>',
         '<h2>The question\'s claims</h2><p class="small">Each preset is one program of the question or the answer; '
         "a claim is judged only for runs with that program's settings (other settings: not judged).</p>",
-        _table_html(VERDICT_COLUMNS, verdict_rows(verdicts)),
+        table_html(VERDICT_COLUMNS, verdict_rows(verdicts)),
         _verdicts_html(verdicts),
     ]
     for fig in figures:
-        parts += [f"<h2>{html.escape(fig.title)}</h2>", _figure_html(fig)]
+        parts += [f"<h2>{html.escape(fig.title)}</h2>", figure_html(fig)]
     if bn_figures:
         parts.append("<h2>Why one shared BatchNormalization fails</h2>")
         parts.append(_mismatch_html(mismatches))
         for fig in bn_figures:
-            parts += [f"<h3>{html.escape(fig.title)}</h3>", _figure_html(fig)]
+            parts += [f"<h3>{html.escape(fig.title)}</h3>", figure_html(fig)]
     run_header = ("preset", "seed", "status", "epochs", "final val acc", "directory", "message")
     parts += [
         "<h2>Runs</h2>",
-        _table_html(run_header, run_rows, long=(5, 6)),
+        table_html(run_header, run_rows, long=(5, 6)),
         "<h2>Environment</h2>",
         _environment_html(runs),
         "</body></html>",

@@ -47,16 +47,18 @@ def repair_run(run_dir: Path, data_dir: str | os.PathLike | None = None) -> dict
     """Repair one trained run's model with the doctor and evaluate it before and after on
     the test set: ``{"before": {...}, "after": {...}, "changes": [...]}``."""
     from bnlab.doctor import sources
+    from bnlab.doctor.backends import detect
     from bnlab.doctor.repair import repair_report
     from bnlab.rundir import load_checkpoint
 
     model, cfg = load_checkpoint(run_dir / "checkpoint.pt")
+    backend = detect(model)
     try:
         src = sources.builtin_source(
-            cfg.dataset, model, "torch", str(data_dir) if data_dir else None, REPAIR_BATCH, REPAIR_SEED
+            cfg.dataset, model, backend, str(data_dir) if data_dir else None, REPAIR_BATCH, REPAIR_SEED
         )
         assert src.fit_batches is not None and src.held_out is not None  # a built-in data set has both
-        result = repair_report(model, src.fit_batches(), src.held_out, framework="torch")
+        result = repair_report(model, src.fit_batches(), src.held_out, framework=backend)
     except (MissingExtra, OutputError):
         raise
     except BnlabError as err:  # the model or the data did not let the doctor repair it

@@ -6,8 +6,9 @@ A sweep trains every (preset, seed) pair into OUT/runs/PRESET/seedN/, and with a
 OUT/runs/question/bn_momentum-0.01__batch_size-100/seed0. ``plan_sweep`` turns names,
 grid axes and seeds into RunSpecs; ``run_sweep`` skips the runs already finished on disk and
 hands the rest to an Executor, which reports progress as SweepEvents and returns one
-RunOutcome per spec. ``compare`` is the whole job (plan, train, report) as one call.
-One process owns a sweep directory at a time (a lock on OUT).
+RunOutcome per spec. ``bnlab.comparison.compare`` is the whole job (plan, train, report)
+as one call, above this module and the reports. One process owns a sweep directory at a time
+(a lock on OUT).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bnlab.config import DatasetName, EpochRecord, RunConfig, apply_overrides, config_differences, overrides_field
-from bnlab.errors import BnlabError, InputError, OutputError, UsageError
+from bnlab.errors import BnlabError, InputError, UsageError
 from bnlab.grid import GridAxis, GridPoint, check_axes, grid_points, point_label, point_name, point_overrides
 from bnlab.presets import ALL_PRESETS, get_preset
 from bnlab.rundir import (
@@ -35,18 +36,11 @@ from bnlab.rundir import (
     RUN_DIVERGED,
     RUN_FAILED,
     RunInUse,
-    RunLock,
     RunRecorder,
     clear_run_files,
     read_run,
     safe_name,
 )
-
-if typing.TYPE_CHECKING:
-    from bnlab.grid_report import ExtraResult, GridReport
-    from bnlab.report import Report
-
-    ExtraResults = Callable[[list["RunSpec"], list["RunOutcome"]], list[ExtraResult]]
 
 # Measured on the 2-core development machine (shared with other jobs), training time of
 # run_sweep over question and answer x seeds 0-1 at 20 epochs (4 full-size runs), two
@@ -188,7 +182,7 @@ def plan_sweep(
     return specs
 
 
-def _saved(spec: RunSpec) -> tuple[str | None, list[EpochRecord], str]:
+def saved_run(spec: RunSpec) -> tuple[str | None, list[EpochRecord], str]:
     """(status, history, message) saved in the spec's run directory; (None, [], "") when
     there is none, and for a directory whose files cannot be trusted (it is re-run)."""
     try:
@@ -207,7 +201,7 @@ def finished_outcome(spec: RunSpec) -> RunOutcome | None:
     Raises UsageError when the directory holds a finished run with other settings: results
     are never overwritten, nor reused for a different question, without the user saying so.
     """
-    status, history, message = _saved(spec)
+    status, history, message = saved_run(spec)
     if status not in FINISHED_STATUSES:
         return None
     try:
@@ -271,7 +265,7 @@ def execute_spec(spec: RunSpec, on_epoch: Callable[[EpochRecord], None] | None =
         # directory itself says what happened (a rerun clears it and tries again).
         RunRecorder(spec.config, spec.run_dir, echo=None).record_failed_start(message)
     if status != RUN_COMPLETE:
-        history = _saved(spec)[1]
+        history = saved_run(spec)[1]
     return spec.outcome(status, history, message, seconds=time.perf_counter() - started)
 
 
@@ -357,7 +351,7 @@ class _PoolState:
 
     def _fail(self, index: int, message: str) -> None:
         spec = self.specs[index]
-        self._finish(index, spec.outcome(RUN_FAILED, _saved(spec)[1], message))
+        self._finish(index, spec.outcome(RUN_FAILED, saved_run(spec)[1], message))
 
     def reap(self, procs: list, events) -> None:
         """Account for workers that died without reporting (killed, out of memory)."""
@@ -643,91 +637,3 @@ def _plain(name: str) -> bool:
     except InputError:
         return False
     return True
-
-
-def compare(
-    presets: Sequence[str],
-    seeds: Sequence[int],
-    out: str | os.PathLike,
-    overrides: dict[str, typing.Any] | None = None,
-    *,
-    dataset: str = "mnist",
-    data_dir: str | os.PathLike | None = None,
-    workers: int | None = None,
-    threads: int = DEFAULT_THREADS_PER_WORKER,
-    executor: Executor | None = None,
-    on_event: EventHandler | None = None,
-    on_stage: Callable[[str], None] | None = None,
-    on_plan: Callable[[list[RunSpec]], None] | None = None,
-    grid: Sequence[GridAxis] = (),
-    extra_results: ExtraResults | None = None,
-) -> tuple[list[RunOutcome], Report | GridReport]:
-    """Plan, train (resuming) and report one sweep: every preset x grid point x seed into
-    OUT/runs, the report into OUT/report (``bnlab.grid_report`` for a grid). Returns the
-    outcomes (in plan order) and the report.
-
-    One process owns OUT at a time: a second one stops at once with a message naming the
-    first. The report is written even when some runs failed; it lists them with their
-    reasons. ``on_plan`` receives every planned spec before anything trains; ``on_stage``
-    hears what is happening between the epochs ("checking the data", "building the report").
-    ``extra_results(specs, outcomes)`` (grids only) runs under the lock after training and
-    returns more results for the grid report (the sharing study's repaired models).
-    """
-    from bnlab.engines import check_config
-    from bnlab.engines.common import load_data
-
-    stage = on_stage or (lambda text: None)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder; give a folder for the sweep.")
-    specs = plan_sweep(
-        presets, seeds, out, {**(overrides or {}), "threads": threads}, dataset=dataset, data_dir=data_dir, grid=grid
-    )
-    with RunLock(out, "sweep directory"):
-        pending = [s for s in specs if finished_outcome(s) is None]
-        for spec in pending[:1]:
-            check_config(spec.config)  # a missing framework or device is said once, before any worker
-        if executor is None:
-            executor = LocalProcessExecutor(workers, threads)
-        if pending:
-            stage(f"checking the {dataset} files")
-            load_data(dataset, data_dir)  # find, verify or download once, before any worker starts
-            cached = len(specs) - len(pending)
-            stage(f"training {len(pending)} run(s)" + (f"; {cached} finished earlier" if cached else ""))
-            workers_started = getattr(executor, "workers", None)  # local worker processes, if any
-            if isinstance(workers_started, int):
-                n = min(workers_started, len(pending))
-                stage(
-                    f"starting {n} worker process{'es' if n > 1 else ''} (each imports torch and reads the "
-                    "data before its first epoch)"
-                )
-        if on_plan is not None:
-            on_plan(specs)
-        outcomes = run_sweep(specs, executor, on_event)
-        extra = extra_results(specs, outcomes) if extra_results is not None and grid else []
-        started = time.perf_counter()
-        stage("building the report")
-        report: Report | GridReport
-        try:
-            if grid:
-                from bnlab.grid_report import build_grid_report
-
-                report = build_grid_report(specs, outcomes, grid, out / "report", extra=extra)
-            else:
-                from bnlab.report import build_report
-
-                report = build_report(
-                    [s.run_dir for s in specs],
-                    out / "report",
-                    outcomes=outcomes,
-                    on_step=lambda text: stage(f"report: {text}"),
-                )
-        except OutputError as err:
-            done = sum(o.status == RUN_COMPLETE for o in outcomes)
-            raise OutputError(
-                f"the report could not be written: {err} The runs are saved ({done} of "
-                f"{len(outcomes)} complete, in {out / 'runs'}); make room and rerun the same "
-                "command: finished runs are not trained again, only the report is built."
-            ) from None
-        stage(f"report built in {time.perf_counter() - started:.1f} s")
-    return outcomes, report

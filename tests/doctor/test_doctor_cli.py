@@ -248,3 +248,13 @@ def test_answer_chainer_forced_framework(mnist_args, capsys) -> None:
     pytest.importorskip("chainer")
     code = main(mnist_args(f"{EXAMPLES}/answer_chainer.py:MyModel", "--framework", "chainer"))
     assert code == 0, capsys.readouterr().out
+
+
+def test_a_chainer_model_without_chainer_names_the_chainer_environment(monkeypatch, capsys) -> None:
+    """The modern environment (numpy 2, JAX) has no Chainer: a Chainer model file is one
+    paragraph naming .venv-chainer and how to make it, exit 2, no traceback."""
+    monkeypatch.setitem(sys.modules, "chainer", None)  # as in .venv, where Chainer is not installed
+    code = main([f"{EXAMPLES}/question_chainer.py:MyModel", "--input-shape", "4,784"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "needs Chainer 7.8.1" in err and "make venv-chainer" in err and ".venv-chainer/bin/bnlab" in err

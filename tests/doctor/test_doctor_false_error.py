@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from bnlab.doctor import sources
+from bnlab.doctor.backends import load
 from bnlab.doctor.command import main
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -90,7 +91,7 @@ def test_random_training_batches_are_never_the_probe() -> None:
     from torch import nn
 
     model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
-    src = sources.random_source(model, "torch", (8, 6), seed=3, train_steps=4)
+    src = sources.random_source(model, load("torch"), (8, 6), seed=3, train_steps=4)
     assert src.train_batches is not None
     batches = list(itertools.islice(src.train_batches, 4))
     for x, y in batches:

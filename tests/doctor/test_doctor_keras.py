@@ -105,7 +105,7 @@ def test_training_a_copy_leaves_the_model_unchanged(probe_batch) -> None:
 
 
 def test_training_steps_move_the_clones_statistics(probe_batch) -> None:
-    from bnlab.doctor import keras_probe
+    from bnlab.doctor.backends.keras import probe as keras_probe
 
     x, y, batches = probe_batch
     result = keras_probe.probe(_mlp(shared=False), x, labels=y, train_steps=5, train_batches=batches)
@@ -153,6 +153,20 @@ def test_stats_reset_after_training(probe_batch) -> None:
     assert report.exit_code == 1
 
 
+def _on_tensorflow(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -c script *args`` with Keras on its TensorFlow backend (CPU)."""
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": "tensorflow",
+        "PYTHONPATH": str(REPO / "src"),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+
+
 def test_tensorflow_backend_in_a_subprocess(mnist_dir) -> None:
     """Keras on TensorFlow: shared BN -> 1, naming both sites; one BN per site -> 0."""
     pytest.importorskip("tensorflow")
@@ -166,30 +180,37 @@ def test_tensorflow_backend_in_a_subprocess(mnist_dir) -> None:
         "sys.argv[3], '--train-steps', '10'])]\n"
         "print('CODES', codes)\n"
     )
-    env = {
-        **os.environ,
-        "KERAS_BACKEND": "tensorflow",
-        "PYTHONPATH": str(REPO / "src"),
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "CUDA_VISIBLE_DEVICES": "",
-    }
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            script,
-            f"{EXAMPLES / 'question_keras.py'}:functional_model",
-            f"{EXAMPLES / 'answer_keras.py'}:functional_model",
-            mnist_dir,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
+    result = _on_tensorflow(
+        script,
+        f"{EXAMPLES / 'question_keras.py'}:functional_model",
+        f"{EXAMPLES / 'answer_keras.py'}:functional_model",
+        mnist_dir,
     )
     assert "CODES [1, 0]" in result.stdout, result.stdout + result.stderr
     assert "call 1 after l1; call 2 after l2" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_tensorflow_backend_input_shape_and_api_in_a_subprocess() -> None:
+    """Keras on TensorFlow without --data: the shape trial and the class count of
+    --input-shape run through the Keras backend (not torch's), and the API's check."""
+    pytest.importorskip("tensorflow")
+    script = (
+        "import sys\n"
+        "import keras, numpy as np\n"
+        "from bnlab.doctor import check\n"
+        "from bnlab.doctor.command import main\n"
+        "assert keras.backend.backend() == 'tensorflow'\n"
+        "code = main([sys.argv[1], '--input-shape', '64,784', '--train-steps', '3', '--json'])\n"
+        "sys.path.insert(0, sys.argv[2])\n"
+        "import question_keras\n"
+        "x = np.random.default_rng(0).standard_normal((64, 784), dtype=np.float32)\n"
+        "report = check(question_keras.functional_model(), x)\n"
+        "print('RESULT', code, report.framework, sorted({f.check for f in report.findings}))\n"
+    )
+    result = _on_tensorflow(script, f"{EXAMPLES / 'question_keras.py'}:functional_model", str(EXAMPLES))
+    assert "RESULT 1 keras" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "'shared-bn'" in result.stdout.rpartition("RESULT")[2]
     assert "Traceback" not in result.stderr
 
 
@@ -208,7 +229,7 @@ def test_detecting_a_torch_model_imports_no_keras() -> None:
 
 
 def test_repair_splits_the_shared_bn_and_reestimates(probe_batch) -> None:
-    from bnlab.doctor import keras_repair
+    from bnlab.doctor.backends.keras import repair as keras_repair
 
     x, y, batches = probe_batch
     model = _mlp(width=64)

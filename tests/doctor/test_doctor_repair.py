@@ -21,7 +21,9 @@ from torch import nn
 from trained_runs import train_preset
 
 import bnlab.doctor
-from bnlab.doctor import repair_torch, sources
+from bnlab.doctor import sources
+from bnlab.doctor.backends import load
+from bnlab.doctor.backends.torch import repair as repair_torch
 from bnlab.doctor.command import main
 from bnlab.doctor.repair import repair_report, split_shared
 from bnlab.models import MLP, ModelConfig, build_model
@@ -39,7 +41,7 @@ def question(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mnist_source(question):
     result, _ = question
-    return sources.builtin_source("mnist", result.model, "torch", None, 1000, 0)
+    return sources.builtin_source("mnist", result.model, load("torch"), None, 1000, 0)
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -103,7 +105,7 @@ def test_fix_writes_a_loadable_state_dict(question, tmp_path: Path, capsys) -> N
     cfg = dataclasses.replace(question[0].config.model, norm="per-layer")
     model = build_model(cfg)
     model.load_state_dict(state)  # the answer's layout
-    test = sources.builtin_source("mnist", model, "torch", None, 1000, 0).held_out
+    test = sources.builtin_source("mnist", model, load("torch"), None, 1000, 0).held_out
     assert repair_torch.evaluate(model, test)["val_acc"] == pytest.approx(repair["after"]["val_acc"], abs=1e-9)
     record = json.loads((out / "repair.json").read_text())
     assert record["repair"]["after"] == repair["after"] and record["weights"] == "model.pt"

@@ -16,7 +16,9 @@ from examples_import import EXAMPLES, import_example
 pytestmark = pytest.mark.chainer  # runs in .venv-chainer (make test-chainer)
 chainer = pytest.importorskip("chainer")
 
-from bnlab.doctor import repair_chainer, sources  # noqa: E402
+from bnlab.doctor import sources  # noqa: E402
+from bnlab.doctor.backends import load  # noqa: E402
+from bnlab.doctor.backends.chainer import repair as repair_chainer  # noqa: E402
 from bnlab.doctor.command import main  # noqa: E402
 from bnlab.doctor.repair import repair, repair_report, split_shared  # noqa: E402
 
@@ -24,7 +26,7 @@ from bnlab.doctor.repair import repair, repair_report, split_shared  # noqa: E40
 @pytest.fixture(scope="module")
 def mnist_source():
     model = import_example("question_chainer").MyModel()
-    return sources.builtin_source("mnist", model, "chainer", None, 1000, 0)
+    return sources.builtin_source("mnist", model, load("chainer"), None, 1000, 0)
 
 
 @pytest.fixture(scope="module")

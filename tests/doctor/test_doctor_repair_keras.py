@@ -23,7 +23,9 @@ from keras_import import import_keras
 
 keras = import_keras()
 
-from bnlab.doctor import check, keras_repair, sources
+from bnlab.doctor import check, sources
+from bnlab.doctor.backends import load
+from bnlab.doctor.backends.keras import repair as keras_repair
 from bnlab.doctor.command import main
 from bnlab.doctor.errors import UsageError
 from bnlab.doctor.repair import repair, repair_report, split_shared
@@ -52,7 +54,9 @@ def _accuracy(model, batches) -> float:
 
 @pytest.fixture(scope="module")
 def mnist_source():
-    return sources.builtin_source("mnist", import_example("question_keras").functional_model(), "keras", None, 1000, 0)
+    return sources.builtin_source(
+        "mnist", import_example("question_keras").functional_model(), load("keras"), None, 1000, 0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -240,12 +244,12 @@ def test_fix_on_the_tensorflow_backend_in_a_subprocess(checkpoint, mnist_source,
     script = (
         "import json, sys\n"
         "import keras\n"
-        "from bnlab.doctor import keras_repair, sources\n"
+        "from bnlab.doctor import sources\nfrom bnlab.doctor.backends import load\nfrom bnlab.doctor.backends.keras import repair as keras_repair\n"
         "from bnlab.doctor.command import main\n"
         "assert keras.backend.backend() == 'tensorflow'\n"
         "code = main([sys.argv[1], '--checkpoint', sys.argv[2], '--data', 'mnist', '--fix', sys.argv[3], '--json'])\n"
         "model = keras.models.load_model(sys.argv[3] + '/model.keras')\n"
-        "held = sources.builtin_source('mnist', model, 'keras', None, 1000, 0).held_out\n"
+        "held = sources.builtin_source('mnist', model, load('keras'), None, 1000, 0).held_out\n"
         "print('LOADED', json.dumps({'code': code, 'after': keras_repair.evaluate(model, held)}))\n"
     )
     env = {

@@ -61,8 +61,9 @@ def test_zoo_case(case: Case) -> None:
     assert report.exit_code == (1 if expected_errors else 0)
 
 
-# Checks planted by other tests: they need the user's own loop (watch).
-PLANTED_IN_WATCH_TESTS = {"eval-mode-training"}
+# Checks planted by other tests: they need the user's own loop (watch); the rank checks
+# need a real multi-process DDP job (tests/doctor/test_doctor_ddp.py), not one process.
+PLANTED_IN_WATCH_TESTS = {"eval-mode-training", "rank-divergent-stats", "small-batch-per-rank"}
 
 
 def test_zoo_plants_every_registered_check() -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from bnlab.doctor.backends import detect
+from bnlab.doctor.backend import Backend
+from bnlab.doctor.backends import chosen
 from bnlab.doctor.diagnose import run_checks
 from bnlab.doctor.errors import UsageError
 from bnlab.doctor.findings import Report
@@ -21,7 +22,7 @@ def check(
     optimizer_factory: Callable[..., Any] | None = None,
     train_batches: Iterable[tuple[Any, Any]] | None = None,
     lr: float = 0.01,
-    framework: str = "auto",
+    framework: str | Backend = "auto",
     source: str = "",
 ) -> Report:
     """Diagnose the batch normalization of ``model`` on the probe batch ``inputs``.
@@ -39,12 +40,13 @@ def check(
       ``functools.partial(torch.optim.SGD, lr=0.1)``; Chainer: ``factory() -> Optimizer``
       (set up on the copy by the doctor). Defaults to Adam with learning rate ``lr``.
       Its weight decay on norm parameters is checked.
-    - ``framework``: ``"auto"`` (detected) or a backend name (``"torch"``, ``"chainer"``).
+    - ``framework``: ``"auto"`` (detected), a backend name (``"torch"``, ``"chainer"``...),
+      or a ``Backend`` already detected (the command line detects once and passes it on).
     - ``source``: a few words on where ``inputs`` came from, shown in the report.
     """
     if train_steps < 0:
         raise UsageError("train_steps must be >= 0")
-    backend = detect(model, framework)
+    backend = chosen(model, framework)
     probe = backend.probe(
         model,
         inputs,
@@ -55,4 +57,4 @@ def check(
         train_batches=train_batches,
         lr=lr,
     )
-    return run_checks(probe, source=source)
+    return run_checks(probe, backend.fixes, source=source)

@@ -16,18 +16,21 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.doctor import checkpoints, sources
-from bnlab.doctor import inputs as probe_inputs
+from bnlab.doctor.backend import Backend
+from bnlab.doctor.backends import BACKENDS, detect, seed_all
 from bnlab.doctor.errors import InputError, ProbeError, UsageError
-from bnlab.doctor.findings import Report, clean
+from bnlab.doctor.findings import FAIL_ON, Report, clean
 from bnlab.doctor.loader import LoadError, load_model
 from bnlab.errors import BnlabError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
+FORMATS = ("text", "json", "sarif")
 
 DESCRIPTION = (
     "Find batch-normalization mistakes in your own model (a BN shared between layers, "
     "stale running statistics, train/eval divergence, momentum conventions...), each "
-    "with the numbers that prove it. Exit 0: no error; 1: errors found; 2: usage error."
+    "with the numbers that prove it. Exit 0: no error; 1: errors found (--fail-on picks "
+    "the severity); 2: usage error."
 )
 
 # One MNIST epoch at batch 1000. Measured on the question's MLP (Adam lr 0.01): after 60
@@ -101,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, data order and inputs (default 0)")
     parser.add_argument(
         "--framework",
-        choices=["auto", "keras", "torch", "chainer"],
+        choices=["auto", *BACKENDS],
         default="auto",
         help="framework of the model (default: auto, detected from the model)",
     )
@@ -117,7 +120,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="let --fix replace the files of an earlier repair in OUT"
     )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout (default: text)")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="how the report is printed on stdout: text, json (as --json) or sarif "
+        "(SARIF 2.1.0 for code-scanning pages; docs/ci.md); default: text",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout (= --format json)")
+    parser.add_argument(
+        "--fail-on",
+        choices=FAIL_ON,
+        default="error",
+        help="the least severe finding that makes the exit status 1: error, warning, "
+        "info, or never (exit 0 whatever is found; 2 still means the model could not be "
+        "checked); default: error",
+    )
 
 
 def _fail(message: str) -> int:
@@ -130,18 +148,15 @@ def _seed(seed: int) -> None:
     import random
 
     import numpy as np
-    import torch
 
     random.seed(seed)
     np.random.seed(seed)  # Chainer's initializers draw from numpy's global RNG
-    torch.manual_seed(seed)
+    seed_all(seed)
 
 
-def _framework(model: Any, wanted: str) -> str:
-    from bnlab.doctor.backends import detect
-
+def _backend(model: Any, wanted: str) -> Backend:
     try:
-        return detect(model, wanted).NAME
+        return detect(model, wanted)
     except UsageError as err:
         raise LoadError(str(err).replace("framework '", "--framework '")) from err
 
@@ -151,7 +166,7 @@ class Target:
     """The model to examine, and what the report calls it."""
 
     model: Any
-    framework: str
+    backend: Backend  # detected once, here
     name: str
     trained: bool  # weights from a checkpoint or a run directory
     dataset: str | None = None  # a run directory's data set
@@ -162,14 +177,14 @@ def _target(args: argparse.Namespace) -> Target:
         if args.checkpoint:
             raise InputError("--checkpoint is for FILE.py:NAME targets; a run directory brings its own checkpoint.pt.")
         model, cfg = checkpoints.load_run_dir(args.target)
-        framework = _framework(model, args.framework)
+        backend = _backend(model, args.framework)
         name = f"{args.target} (bnlab run: preset {cfg.preset}, seed {cfg.train.seed})"
-        return Target(model, framework, name, True, cfg.dataset)
+        return Target(model, backend, name, True, cfg.dataset)
     model = load_model(args.target)
-    framework = _framework(model, args.framework)
+    backend = _backend(model, args.framework)
     if args.checkpoint:
-        checkpoints.load_checkpoint_into(model, framework, args.checkpoint)
-    return Target(model, framework, "", bool(args.checkpoint))
+        backend.load_checkpoint(model, Path(args.checkpoint))
+    return Target(model, backend, "", bool(args.checkpoint))
 
 
 def _train_steps(args: argparse.Namespace, target: Target, real: bool) -> int:
@@ -186,18 +201,18 @@ def _source(args: argparse.Namespace, target: Target) -> tuple[sources.Source, i
         steps = _train_steps(args, target, True)
         if data in sources.BUILTIN:
             src = sources.builtin_source(
-                data, target.model, target.framework, args.data_dir, args.batch_size or 1000, args.seed
+                data, target.model, target.backend, args.data_dir, args.batch_size or 1000, args.seed
             )
         else:
             src = sources.file_source(data, args.batch_size, args.max_batches)
         return src, steps
     if args.input_shape is None:
         raise InputError("give the probe input: --data mnist, --data FILE.py:NAME or --input-shape N,D,...")
-    shape = probe_inputs.parse_shape(args.input_shape)
+    shape = sources.parse_shape(args.input_shape)
     if args.batch_size:
         shape = (args.batch_size,) + shape[1:]
     steps = _train_steps(args, target, False)
-    return sources.random_source(target.model, target.framework, shape, args.seed, steps), steps
+    return sources.random_source(target.model, target.backend, shape, args.seed, steps), steps
 
 
 def _data_note(src: sources.Source) -> str:
@@ -230,7 +245,7 @@ def _fix(args: argparse.Namespace, target: Target, src: sources.Source, report: 
         src.fit_batches(),
         src.held_out,
         split=split,
-        framework=target.framework,
+        framework=target.backend,
         evaluated_on=src.uses.get("evaluation (--fix)", ""),
     )
     result.changes += kept
@@ -240,6 +255,7 @@ def _fix(args: argparse.Namespace, target: Target, src: sources.Source, report: 
     )
     written = fix_output.write(
         result,
+        target.backend,
         Path(args.fix),
         target=args.target,
         report=report.to_dict(),
@@ -257,8 +273,8 @@ def _check(args: argparse.Namespace) -> tuple[Report, dict[str, Any], str]:
         from bnlab.doctor import fix_output
         from bnlab.doctor.repair import check_repairable
 
-        fix_output.check_writable(Path(args.fix), target.framework, args.overwrite)
-        check_repairable(target.model, target.framework)  # e.g. a subclassed Keras model
+        fix_output.check_writable(Path(args.fix), target.backend, args.overwrite)
+        check_repairable(target.model, target.backend)  # e.g. a subclassed Keras model
     src, steps = _source(args, target)
     if args.fix and not src.real:
         raise InputError(
@@ -272,7 +288,7 @@ def _check(args: argparse.Namespace) -> tuple[Report, dict[str, Any], str]:
         labels=src.probe_y,
         train_steps=steps,
         train_batches=src.train_batches,
-        framework=target.framework,
+        framework=target.backend,
         lr=args.lr,
         source=src.description,
     )
@@ -305,6 +321,9 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"--seed must lie in [0, 2**32 - 1]; got {args.seed}.")
     if not (math.isfinite(args.lr) and args.lr > 0):
         return _fail(f"--lr must be a positive number; got {args.lr}.")
+    if args.json and args.format not in (None, "json"):
+        return _fail(f"--json means --format json; drop one of --json and --format {args.format}.")
+    output = "json" if args.json else (args.format or "text")
     _seed(args.seed)
     try:
         report, extra, fix_text = _check(args)
@@ -314,11 +333,25 @@ def run(args: argparse.Namespace) -> int:
     except BnlabError as err:  # a target that does not load, bad flags, run directories, OUT
         _fail(str(err))
         return err.exit_code
-    if args.json:
+    report.fail_on = args.fail_on
+    if output == "json":
         print(json.dumps({**report.to_dict(), **clean(extra)}, indent=2, allow_nan=False))
+    elif output == "sarif":
+        print(json.dumps(_sarif(report, args), indent=2, allow_nan=False))
     else:
         print(report.to_text() + fix_text, end="")
     return report.exit_code
+
+
+def _sarif(report: Report, args: argparse.Namespace) -> dict[str, Any]:
+    from bnlab import __version__
+    from bnlab.doctor.sarif import to_sarif
+
+    target_file = None
+    if not checkpoints.is_run_dir(args.target):
+        path = Path(args.target.rpartition(":")[0])
+        target_file = path.as_posix() if not path.is_absolute() else str(path)
+    return to_sarif(report, target_file=target_file, tool_version=__version__)
 
 
 def main(argv: list[str] | None = None) -> int:

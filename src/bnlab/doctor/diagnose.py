@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from bnlab.doctor import registry
+from bnlab.doctor import registry, source_lines
+from bnlab.doctor.backend import Fixes
 from bnlab.doctor.facts import divergence, tracked, vs_running
 from bnlab.doctor.findings import Report
 from bnlab.doctor.records import ProbeResult
@@ -52,9 +53,11 @@ def summary(probe: ProbeResult) -> dict[str, Any]:
     return result
 
 
-def run_checks(probe: ProbeResult, source: str = "") -> Report:
-    """All registered checks on one probe, as a report."""
-    findings = registry.run_all(probe)
+def run_checks(probe: ProbeResult, fixes: Fixes, source: str = "") -> Report:
+    """All registered checks on one probe, as a report; ``fixes``: the code sketches of
+    the probed model's framework (``Backend.fixes``)."""
+    findings = registry.run_all(probe, fixes)
+    source_lines.annotate(findings, probe)
     log = probe.train_log
     probe_info: dict[str, Any] = {
         "input_shape": list(probe.input_shape),

@@ -8,7 +8,15 @@ so the doctor's modules import their errors from one place.
 
 from bnlab.errors import EXIT_USAGE, BnlabError, InputError, UsageError
 
-__all__ = ["InputError", "ProbeError", "UnsupportedModel", "UsageError", "forward_failed", "training_step_failed"]
+__all__ = [
+    "InputError",
+    "ProbeError",
+    "RepairError",
+    "UnsupportedModel",
+    "UsageError",
+    "forward_failed",
+    "training_step_failed",
+]
 
 
 class ProbeError(BnlabError, RuntimeError):
@@ -26,6 +34,10 @@ class ProbeError(BnlabError, RuntimeError):
 
 class UnsupportedModel(UsageError, TypeError):
     """Not a model the doctor can check (a TorchScript module, a Keras model, an object)."""
+
+
+class RepairError(UsageError):
+    """The model cannot be repaired as asked (message is for the user)."""
 
 
 SHAPE_HINT = "Check that the input matches the model (--input-shape, or --data)."

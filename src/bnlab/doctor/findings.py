@@ -13,10 +13,16 @@ import json
 import math
 import textwrap
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
+
+from bnlab.jsonsafe import json_safe as clean  # the one JSON sanitizer, shared with the reports
 
 SEVERITIES = ("error", "warning", "info")
 _RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
+
+# The least severe finding that makes the exit status 1 ("never": always 0).
+FailOn = Literal["error", "warning", "info", "never"]
+FAIL_ON: tuple[str, ...] = get_args(FailOn)
 
 
 def number(value: float | None) -> str:
@@ -37,26 +43,6 @@ def number(value: float | None) -> str:
     return str(int(rounded)) if rounded.is_integer() and abs(rounded) < 1e15 else repr(rounded)
 
 
-def clean(value: Any) -> Any:
-    """``value`` as plain JSON data: numpy scalars become Python numbers, tuples lists,
-    non-finite floats ``None`` (JSON has no NaN), dict keys strings."""
-    if isinstance(value, dict):
-        return {str(key): clean(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean(item) for item in value]
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalar
-        return clean(value.item())
-    if isinstance(value, float):
-        return float(value) if math.isfinite(value) else None
-    if hasattr(value, "tolist"):  # small numpy arrays
-        return clean(value.tolist())
-    return str(value)
-
-
 @dataclass
 class Finding:
     """One problem (or remark) about one place in the model.
@@ -64,6 +50,9 @@ class Finding:
     ``check`` is a stable id (``shared-bn``, ``stale-stats``...); ``where`` the dotted
     module path; ``sites`` the call sites (``"call 1 after l1"``) when they matter;
     ``evidence`` human-readable lines backed by the numbers in ``data``.
+    ``definitions`` (``{"layer", "file", "line"}``) and ``call_sites`` (``{"site", "file",
+    "line"}``) are the lines of code behind ``where`` and ``sites``, where known; a
+    ``"library"`` key marks a line in an installed package rather than the user's files.
     """
 
     check: str
@@ -76,11 +65,15 @@ class Finding:
     consequence: str = ""
     fix: str = ""
     fix_code: str = ""
+    definitions: list[dict[str, Any]] = field(default_factory=list)
+    call_sites: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.severity not in _RANK:
             raise ValueError(f"severity must be one of {SEVERITIES}, not {self.severity!r}")
         self.sites = [str(site) for site in self.sites]
+        self.definitions = clean(self.definitions)
+        self.call_sites = clean(self.call_sites)
         self.evidence = [str(line) for line in self.evidence]
         self.data = clean(self.data)
 
@@ -102,8 +95,11 @@ class Report:
     probe: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    fail_on: FailOn = "error"
 
     def __post_init__(self) -> None:
+        if self.fail_on not in FAIL_ON:
+            raise ValueError(f"fail_on must be one of {FAIL_ON}, not {self.fail_on!r}")
         # Stable order: severity, then place, so reports diff cleanly between runs.
         self.findings = sorted(self.findings, key=lambda f: (_RANK[f.severity], f.where, f.check))
         self.probe = clean(self.probe)
@@ -125,10 +121,17 @@ class Report:
     def warnings(self) -> list[Finding]:
         return self.by_severity("warning")
 
+    def exit_status(self, fail_on: FailOn = "error") -> int:
+        """1 when any finding is at least as severe as ``fail_on``, else 0 (``"never"``: 0)."""
+        if fail_on == "never":
+            return 0
+        return 1 if any(_RANK[f.severity] <= _RANK[fail_on] for f in self.findings) else 0
+
     @property
     def exit_code(self) -> int:
-        """1 when any finding is an error, else 0 (the CLI's exit status)."""
-        return 1 if self.errors else 0
+        """The CLI's exit status: :meth:`exit_status` at this report's ``fail_on``
+        (by default 1 when any finding is an error, else 0)."""
+        return self.exit_status(self.fail_on)
 
     # -- JSON ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -138,6 +141,7 @@ class Report:
             "probe": self.probe,
             "summary": self.summary,
             "notes": list(self.notes),
+            "fail_on": self.fail_on,
             "exit_code": self.exit_code,
             "findings": [finding.to_dict() for finding in self.findings],
         }
@@ -154,6 +158,7 @@ class Report:
             probe=data.get("probe", {}),
             summary=data.get("summary", {}),
             notes=data.get("notes", []),
+            fail_on=data.get("fail_on", "error"),
         )
 
     @classmethod
@@ -213,12 +218,44 @@ def _wrap(label: str, text: str, width: int) -> list[str]:
     return textwrap.wrap(text, width=width, initial_indent=f"  {label}: ", subsequent_indent="    ")
 
 
+def code_places(finding: Finding) -> list[tuple[str, str]]:
+    """(``file:line``, what is there) for each known line of a finding: the layers'
+    creation lines, then the call sites. Lines in an installed library say so."""
+    places = []
+    for item in finding.definitions:
+        places.append((item, f"{item['layer']} created"))
+    for item in finding.call_sites:
+        places.append((item, item["site"]))
+    shown = []
+    for item, what in places:
+        file = item["file"]
+        if item.get("library"):  # from the package's folder on: the site-packages path is noise
+            file = "/".join(_after_site_packages(file.replace("\\", "/").split("/")))
+            what += f" (in {item['library']}, not your files)"
+        shown.append((f"{file}:{item['line']}", what))
+    return shown
+
+
+def _after_site_packages(parts: list[str]) -> list[str]:
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts:
+            return parts[len(parts) - parts[::-1].index(marker) :]
+    return parts
+
+
+def _code_lines(finding: Finding) -> list[str]:
+    """``code: model.py:19: bn created`` lines: clickable in editors and terminals."""
+    places = code_places(finding)
+    return [f"  {'code:' if i == 0 else '     '} {place}: {what}" for i, (place, what) in enumerate(places)]
+
+
 def _render_finding(finding: Finding, width: int) -> list[str]:
     lines = [f"{finding.severity.upper()} [{finding.check}] {finding.title}"]
     where = finding.where
     if finding.sites:
         where += " -- " + "; ".join(finding.sites)
     lines += _wrap("where", where, width)
+    lines += _code_lines(finding)
     if finding.evidence:
         lines.append("  evidence:")
         for item in finding.evidence:
@@ -264,6 +301,8 @@ def _html_finding(finding: Finding) -> str:
     ]
     where = finding.where + (" -- " + "; ".join(finding.sites) if finding.sites else "")
     parts.append(f"<div><i>where</i>: <code>{esc(where)}</code></div>")
+    for place, what in code_places(finding):
+        parts.append(f"<div><i>code</i>: <code>{esc(place)}</code> {esc(what)}</div>")
     if finding.evidence:
         items = "".join(f"<li>{esc(item)}</li>" for item in finding.evidence)
         parts.append(f'<div><i>evidence</i>:<ul style="margin:2px 0">{items}</ul></div>')

@@ -1,11 +1,12 @@
-"""The doctor inside Keras 3's ``model.fit``: ``callbacks=[BNDoctorCallback()]``.
+"""The doctor inside Keras 3's ``model.fit`` (it lives with the Keras backend:
+:mod:`bnlab.doctor.backends.keras.callback`)::
 
-Keras is imported here (a Keras user has it); see :mod:`bnlab.doctor.keras_callback`.
+    from bnlab.doctor.keras import BNDoctorCallback
+
+    model.fit(x, y, callbacks=[BNDoctorCallback(fail_on="error")])
 """
 
-from __future__ import annotations
-
+from bnlab.doctor.backends.keras.callback import BNDoctorCallback
 from bnlab.doctor.fail_on import BNDoctorFailed
-from bnlab.doctor.keras_callback import BNDoctorCallback
 
 __all__ = ["BNDoctorCallback", "BNDoctorFailed"]

@@ -17,8 +17,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from bnlab.doctor.backends import recognised
-from bnlab.errors import EXIT_USAGE, BnlabError, MissingExtra, chainer_missing_text
+from bnlab.doctor.backends import missing_framework, recognised
+from bnlab.doctor.locations import recording
+from bnlab.errors import EXIT_USAGE, BnlabError
 
 
 class LoadError(BnlabError):
@@ -69,9 +70,9 @@ def import_file(path: Path, purpose: str = "the model") -> ModuleType:
         spec.loader.exec_module(module)
     except (Exception, SystemExit) as err:  # noqa: BLE001 - anything the user's file raises
         sys.modules.pop(name, None)
-        if isinstance(err, ImportError) and (err.name or "").split(".")[0] == "chainer":
-            # A Chainer model in an environment without Chainer (the modern one, numpy 2).
-            raise MissingExtra(chainer_missing_text(f"{path} imports Chainer: checking it", err)) from err
+        elsewhere = missing_framework(err, path)  # a Chainer model in the numpy-2 environment
+        if elsewhere is not None:
+            raise elsewhere from err
         hint = (
             'The file ran its script part on import: put it under `if __name__ == "__main__":`.'
             if isinstance(err, SystemExit)
@@ -144,4 +145,9 @@ def build(module: ModuleType, name: str, path: Path) -> Any:
 def load_model(target: str) -> Any:
     """``"file.py:NAME"`` -> the model instance."""
     path, name = split_target(target)
-    return build(import_file(path), name, path)
+    # Note where each norm layer is created (the frameworks imported by then are patched
+    # for the time of the build only): the report points at those lines.
+    with recording():
+        module = import_file(path)
+    with recording():  # again: importing the file may have imported a framework
+        return build(module, name, path)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bnlab.doctor.locations import SourceLocation
+
 
 @dataclass
 class LayerInfo:
@@ -33,6 +35,7 @@ class LayerInfo:
     weight: np.ndarray | None = None  # gamma, float64 (None without affine parameters)
     bias: np.ndarray | None = None  # beta
     aliases: list[str] = field(default_factory=list)  # other paths of the same layer object
+    defined: SourceLocation | None = None  # where the layer was created (bnlab.doctor.locations)
 
     @property
     def stats_finite(self) -> bool:
@@ -73,6 +76,7 @@ class CallRecord:
     mean: np.ndarray  # per channel, float64
     var: np.ndarray  # per channel, unbiased
     training: bool  # the layer's mode during this call
+    location: SourceLocation | None = None  # the line of the user's code that made this call
 
     @property
     def site(self) -> str:
@@ -152,6 +156,34 @@ class ParallelInfo:
 
 
 @dataclass
+class RankView:
+    """What one rank of a multi-process (DDP) job saw inside its ``with watch`` block."""
+
+    rank: int
+    steps: int  # training steps
+    passes: int  # forward passes
+    batch: int  # samples of its largest training batch (-1: none seen)
+    # Running mean/var per norm layer as its last synchronising training pass began
+    # (after DDP's buffer broadcast, if any): equal on every rank of a healthy job.
+    synced_stats: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    # Channel averages of running mean/var at the end of the block (what a checkpoint keeps).
+    final_stats: dict[str, tuple[float, float]] = field(default_factory=dict)
+    smallest: dict[str, SmallCall] = field(default_factory=dict)  # tiny train-mode batches
+    raised: str = ""  # the exception that ended its ``with`` block ("" if none)
+
+
+@dataclass
+class RanksInfo:
+    """The ranks of a multi-process job, compared at the end of ``watch``."""
+
+    rank: int  # this process
+    world_size: int  # ranks in the job's (DDP) process group
+    views: list[RankView]  # every rank that answered, by rank (only this one on failure)
+    plain_bn: list[str]  # BN layers computing batch statistics per rank (not SyncBatchNorm)
+    problem: str = ""  # why the ranks could not be compared ("" when they were)
+
+
+@dataclass
 class ProbeResult:
     framework: str
     model_name: str
@@ -165,6 +197,7 @@ class ProbeResult:
     output_diff: float | None = None  # relative output change when outputs aren't classes
     train_log: TrainLog | None = None
     parallel: ParallelInfo | None = None
+    ranks: RanksInfo | None = None  # watch inside a multi-process job: what every rank saw
     notes: list[str] = field(default_factory=list)
     output_finite: bool | None = None  # no NaN/inf in either mode's output (None: unknown)
     output_note: str = ""  # which part of a tuple/dict output was read ("output[0]")

@@ -22,6 +22,7 @@ import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from bnlab.doctor.backend import Fixes
 from bnlab.doctor.findings import SEVERITIES, Finding
 from bnlab.doctor.records import ProbeResult
 
@@ -30,9 +31,11 @@ _RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
 
 @dataclass
 class Context:
-    """What a check reads: the probe and, in phase 1, the findings so far."""
+    """What a check reads: the probe, the framework's code sketches for its fixes and,
+    in phase 1, the findings so far."""
 
     probe: ProbeResult
+    fixes: Fixes
     findings: list[Finding] = field(default_factory=list)
 
 
@@ -105,9 +108,9 @@ def _validated(spec: CheckSpec, findings: list[Finding]) -> list[Finding]:
     return findings
 
 
-def run_all(probe: ProbeResult) -> list[Finding]:
-    """The findings of every registered check on ``probe``."""
-    ctx = Context(probe)
+def run_all(probe: ProbeResult, fixes: Fixes) -> list[Finding]:
+    """The findings of every registered check on ``probe`` (fix sketches from ``fixes``)."""
+    ctx = Context(probe, fixes)
     for phase in sorted({spec.phase for spec in all_checks()}):
         found = [finding for spec in all_checks() if spec.phase == phase for finding in _validated(spec, spec.run(ctx))]
         ctx.findings.extend(found)

@@ -23,40 +23,16 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
-from bnlab.doctor.backends import detect
-from bnlab.doctor.errors import UsageError
+from bnlab.doctor.backend import Backend
+from bnlab.doctor.backends import chosen, detect
 
 
-def _framework(model: Any, framework: str) -> str:
-    return detect(model, framework).NAME
-
-
-def _backend(model: Any, framework: str) -> ModuleType:
-    kind = _framework(model, framework)
-    if kind == "torch":
-        from bnlab.doctor import repair_torch
-
-        return repair_torch
-    if kind == "chainer":
-        from bnlab.doctor import repair_chainer
-
-        return repair_chainer
-    if kind == "keras":
-        from bnlab.doctor import keras_repair
-
-        return keras_repair
-    raise UsageError(f"framework must be 'auto', 'keras', 'torch' or 'chainer', not {framework!r}")
-
-
-def check_repairable(model: Any, framework: str = "auto") -> None:
+def check_repairable(model: Any, backend: Backend) -> None:
     """A UsageError now, before any work, for a model the repair cannot take (Keras:
     a subclassed model); nothing for the others."""
-    refuse = getattr(_backend(model, framework), "check_repairable", None)
-    if refuse is not None:
-        refuse(model)
+    backend.check_repairable(model)
 
 
 def _batches(batches: Iterable[Any]) -> list[tuple[Any, Any]]:
@@ -105,7 +81,7 @@ def repair(
     batches: Iterable[Any],
     *,
     split: Iterable[str] | None = None,
-    framework: str = "auto",
+    framework: str | Backend = "auto",
 ) -> Any:
     """A NEW model: shared BNs split per call site, running statistics re-estimated.
 
@@ -123,15 +99,16 @@ def repair_report(
     held_out: Iterable[Any] | None,
     *,
     split: Iterable[str] | None = None,
-    framework: str = "auto",
+    framework: str | Backend = "auto",
     evaluated_on: str = "",
 ) -> RepairResult:
     """:func:`repair`, plus eval-mode accuracy, loss and train/eval agreement before and
-    after on the labelled ``held_out`` batches (when given)."""
-    backend = _backend(model, framework)
-    kind = _framework(model, framework)
+    after on the labelled ``held_out`` batches (when given).
+
+    ``framework``: "auto" (detected), a backend name, or the ``Backend`` already detected."""
+    backend = chosen(model, framework)
     new, changes = backend.repair(model, _batches(batches), split=split)
-    result = RepairResult(new, kind, changes, evaluated_on=evaluated_on)
+    result = RepairResult(new, backend.NAME, changes, evaluated_on=evaluated_on)
     if held_out is not None:
         held = _batches(held_out)
         result.before = backend.evaluate(model, held)
@@ -142,7 +119,7 @@ def repair_report(
 def split_shared(model: Any, calls: dict[str, int], *, framework: str = "auto") -> Any:
     """A copy of ``model`` with the repaired architecture (``calls``: path -> call sites,
     as in ``RepairResult.splits``), to load the repaired weights into."""
-    return _backend(model, framework).split_shared(model, calls)
+    return detect(model, framework).split_shared(model, calls)
 
 
 # -- text ---------------------------------------------------------------------------------

@@ -10,12 +10,11 @@ Three sources, each split so that the doctor never judges a model on a batch it 
   DataLoader) gives ``(inputs, labels)`` batches; the last sixth of them (at least one)
   is held out for the probe and the evaluation, the rest is for training and re-estimation.
 
-Arrays are numpy (float32 inputs, int64 labels); both backends accept them.
+Arrays are numpy (float32 inputs, int64 labels); every backend accepts them.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
 import itertools
 from collections.abc import Callable, Iterable, Iterator
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bnlab.doctor import inputs as probe_inputs
+from bnlab.doctor.backend import Backend
 from bnlab.doctor.errors import InputError, UsageError
 from bnlab.doctor.loader import LoadError, import_file
 
@@ -62,29 +61,28 @@ class Source:
 # -- --input-shape ------------------------------------------------------------------
 
 
-def _run_eval(model: Any, framework: str, x: np.ndarray) -> Any:
-    """The output of a throwaway copy of ``model`` in eval mode on ``x``."""
-    trial = copy.deepcopy(model)
-    if framework == "chainer":
-        import chainer
-
-        with chainer.using_config("train", False), chainer.no_backprop_mode():
-            out = trial(x)
-        return getattr(out, "array", out)
-    import torch
-
-    from bnlab.doctor.torch_common import first_tensor
-
-    trial.eval()
-    with torch.no_grad():
-        out = first_tensor(trial(torch.from_numpy(x)))
-    return None if out is None else out.numpy()
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1000,784"`` -> (1000, 784)."""
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        raise InputError(f"--input-shape must be integers separated by commas, like 1000,784; got {text!r}") from None
+    if len(shape) < 2 or any(d <= 0 for d in shape):
+        raise InputError(
+            f"--input-shape needs a batch size and at least one more positive dimension, like 1000,784; got {text!r}"
+        )
+    return shape
 
 
-def class_count(model: Any, framework: str, x: np.ndarray) -> int:
+def random_inputs(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """A standard-normal probe batch (training steps, if any, repeat it with random labels)."""
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def class_count(model: Any, backend: Backend, x: np.ndarray) -> int:
     """Number of classes in the model's output (N, C, ...); UsageError if it has none."""
     try:
-        out = _run_eval(model, framework, x[:2])
+        out = backend.eval_output(model, x[:2])
     except Exception as err:
         raise InputError(
             f"the model does not run on inputs of shape {tuple(x.shape)} "
@@ -100,18 +98,18 @@ def class_count(model: Any, framework: str, x: np.ndarray) -> int:
     return int(shape[1])
 
 
-def random_source(model: Any, framework: str, shape: tuple[int, ...], seed: int, train_steps: int) -> Source:
+def random_source(model: Any, backend: Backend, shape: tuple[int, ...], seed: int, train_steps: int) -> Source:
     """A standard-normal probe; training steps on fresh standard-normal batches.
 
     Training on the probe batch itself would let the copy memorize it, and a memorized
     batch looks unlike anything else to the checks (false errors on a legitimately
     shared encoder); fresh batches have the probe's distribution but not its samples.
     """
-    probe_x = probe_inputs.random_inputs(shape, seed)
+    probe_x = random_inputs(shape, seed)
     uses = {"probe": f"one standard-normal batch of {shape[0]} (seed {seed})"}
     train = None
     if train_steps > 0:
-        classes = class_count(model, framework, probe_x)
+        classes = class_count(model, backend, probe_x)
         train = _random_batches(shape, classes, seed)
         uses["training steps"] = (
             f"{train_steps} fresh standard-normal batches (seeds {seed + 1}..{seed + train_steps}) "
@@ -128,6 +126,22 @@ def _random_batches(shape: tuple[int, ...], classes: int, seed: int) -> Iterator
 
 
 # -- --data mnist | fashion-mnist ---------------------------------------------------------
+
+# Shapes an MNIST model may expect, tried in this order (per sample).
+MNIST_SHAPES: tuple[tuple[int, ...], ...] = ((784,), (1, 28, 28), (28, 28))
+
+
+def fit_shape(model: Any, backend: Backend, flat: np.ndarray) -> tuple[int, ...]:
+    """The per-sample MNIST shape that ``model`` accepts, tried on two samples (each on a
+    throwaway copy: a Lazy module takes its shapes from the first batch it sees)."""
+    for shape in MNIST_SHAPES:
+        if backend.runs_on(model, flat[:2].reshape((2,) + shape)):
+            return shape
+    tried = ", ".join("(N," + ",".join(map(str, s)) + ")" for s in MNIST_SHAPES)
+    raise InputError(
+        f"the model accepts none of the MNIST shapes {tried}; give the shape it expects with "
+        "--input-shape instead of --data."
+    )
 
 
 def _load_builtin(name: str, data_dir: str | None) -> Any:
@@ -146,7 +160,7 @@ def _in_batches(x: np.ndarray, y: np.ndarray, size: int, shape: tuple[int, ...])
     return [(x[i : i + size].reshape((-1,) + shape), y[i : i + size]) for i in range(0, len(x), size)]
 
 
-def builtin_source(name: str, model: Any, framework: str, data_dir: str | None, batch_size: int, seed: int) -> Source:
+def builtin_source(name: str, model: Any, backend: Backend, data_dir: str | None, batch_size: int, seed: int) -> Source:
     """Training split for steps and re-estimation, test split for the probe and evaluation."""
     from bnlab.data import to_float
 
@@ -157,7 +171,7 @@ def builtin_source(name: str, model: Any, framework: str, data_dir: str | None, 
     test_y = np.asarray(data.test_labels).astype(np.int64)
     if batch_size > len(test_x):
         raise InputError(f"--batch-size {batch_size} is larger than the {label} test set ({len(test_x)}).")
-    shape = probe_inputs.fit_shape(model, framework, test_x)
+    shape = fit_shape(model, backend, test_x)
     rng = np.random.default_rng(seed)
     pick = rng.permutation(len(test_x))[:batch_size]
     full = len(train_x) // batch_size

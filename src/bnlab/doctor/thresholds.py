@@ -32,3 +32,9 @@ SMALL_BATCH_WARN = 8
 
 # Check 7: per-device samples below which DataParallel + plain BN deserves SyncBatchNorm.
 PER_DEVICE_BATCH_INFO = 32
+
+# DDP: running statistics of one layer differ across ranks when, as the last synchronising
+# training pass began, some value differed by more than this share of the layer's largest
+# value (DDP's broadcast and SyncBatchNorm leave them bit-identical; the margin is for
+# float noise only).
+RANK_STATS_REL_TOL = 1e-5

@@ -25,11 +25,13 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from bnlab.doctor.backends import Backend, Watcher, detect
+from bnlab.doctor import ranks
+from bnlab.doctor.backend import Backend, Watcher
+from bnlab.doctor.backends import detect
 from bnlab.doctor.checks.small_batch import too_small
 from bnlab.doctor.diagnose import run_checks
 from bnlab.doctor.findings import Report
-from bnlab.doctor.records import CallRecord, SmallCall, TrainLog
+from bnlab.doctor.records import CallRecord, RanksInfo, RankView, SmallCall, TrainLog
 
 
 @dataclass
@@ -68,6 +70,8 @@ class Watch:
         self._smallest: dict[str, SmallCall] = {}
         self._report: Report | None = None
         self._failure: Exception | None = None
+        self._ranks = getattr(self._watcher, "ranks", None)  # a DDP job's ranks (torch_distributed)
+        self._rank_info: RanksInfo | None = None
 
     # -- context manager ---------------------------------------------------------
     def __enter__(self) -> Watch:
@@ -79,10 +83,16 @@ class Watch:
             self._settle()
         finally:
             self._watcher.detach()
+            if self._ranks is not None:  # on every rank, whatever happened: the others wait for it
+                self._rank_info = self._ranks.exchange(self._rank_view(exc))
         try:
             self._report = self._build_report()
         except Exception as err:  # noqa: BLE001 - never hide the user's own exception
             self._failure = err
+        if self._rank_info is not None and self._rank_info.rank == 0:  # one rank prints, all return it
+            print(
+                self._report if self._report is not None else f"bnlab doctor: no report ({self._failure})", flush=True
+            )
 
     def report(self) -> Report:
         """The findings; available after the ``with`` block."""
@@ -144,16 +154,26 @@ class Watch:
         later = getattr(self._watcher, "inputs_after_training", None)
         return None if later is None else later()
 
+    def _rank_view(self, exc: object) -> RankView:
+        raised = "" if exc is None else f"{type(exc).__name__}: {exc}"
+        batch = _batch(self._last_step_inputs)
+        return RankView(
+            rank=-1, steps=self.steps, passes=self.passes, batch=batch, smallest=dict(self._smallest), raised=raised
+        )
+
     def _build_report(self) -> Report:
         source = "(last training batch seen by watch)"
         inputs = self._last_step_inputs or self._last_inputs
         if inputs is None:
             inputs, source = self._inputs_after_training() or (None, "")
         notes = [f"watched {self.passes} forward passes, {self.steps} training steps"]
+        notes += ranks.notes(self._rank_info) if self._rank_info is not None else []
         if inputs is None:
             notes.append("no tensor input was seen, so the model could not be probed")
             return Report(model=type(self.model).__name__, framework=self.framework, notes=notes)
-        probe = self._backend.probe(self.model, inputs, modes=self._step_modes)
+        target = self._ranks.module if self._ranks is not None else self.model  # DDP: the module it wraps
+        probe = self._backend.probe(target, inputs, modes=self._step_modes)
+        probe.ranks = self._rank_info
         probe.train_log = TrainLog(
             steps=self.steps,
             where="in your training loop",
@@ -163,7 +183,7 @@ class Watch:
             smallest=self._smallest,
             optimizer=self._backend.describe_optimizer(self.model, self._watcher.optimizer()),
         )
-        report = run_checks(probe, source=source)
+        report = run_checks(probe, self._backend.fixes, source=source)
         report.probe.update({"watched_passes": self.passes, "watched_steps": self.steps})
         report.notes = notes + report.notes
         return report
@@ -174,5 +194,9 @@ def watch(model: Any, optimizer: Any = None) -> Watch:
 
     ``optimizer``: the loop's optimizer, to check its weight decay on BN parameters (a
     torch optimizer stepping the model is also found without it).
+
+    In a DistributedDataParallel job, give each rank's DDP model: at the end of the block
+    the ranks compare their statistics and batches (bounded in time, see
+    :mod:`bnlab.doctor.backends.torch.distributed`); rank 0 prints the report, every rank returns it.
     """
     return Watch(model, optimizer)

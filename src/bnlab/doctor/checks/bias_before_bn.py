@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from bnlab.doctor import fixes
 from bnlab.doctor.findings import Finding
 from bnlab.doctor.registry import Context, register
 
@@ -30,6 +29,6 @@ def check_bias_before_bn(ctx: Context) -> list[Finding]:
             data={"pairs": [{"producer": p, "kind": k, "bn": b} for p, k, b in pairs]},
             consequence="The bias is a wasted parameter: it never changes the BN's output.",
             fix="Create the layer without a bias.",
-            fix_code=fixes.no_bias(probe.framework, [str(p[1]) for p in pairs]),
+            fix_code=ctx.fixes.no_bias([str(p[1]) for p in pairs]),
         )
     ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from bnlab.doctor import fixes
 from bnlab.doctor.findings import Finding
 from bnlab.doctor.registry import Context, register
 
@@ -29,7 +28,7 @@ def check_dropout_before_bn(ctx: Context) -> list[Finding]:
                     "mode (variance shift), so eval-mode activations are scaled differently."
                 ),
                 fix="Move dropout after the BN layers (e.g. just before the final classifier).",
-                fix_code=fixes.dropout_after_bn(probe.framework),
+                fix_code=ctx.fixes.dropout_after_bn(),
             )
         )
     return findings

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from bnlab.doctor import fixes
 from bnlab.doctor.findings import Finding
 from bnlab.doctor.registry import Context, register
 
@@ -23,16 +22,7 @@ def check_eval_mode_training(ctx: Context) -> list[Finding]:
     }
     if not layers:
         return []
-    fix = (
-        "Call the model with training=True in the training step (fit() does), or freeze "
-        "the layers with layer.trainable = False if intended."
-        if probe.framework == "keras"
-        else "Train under chainer.using_config('train', True) (the default), or freeze the "
-        "layers completely (disable_update()) if intended."
-        if probe.framework == "chainer"
-        else "Call model.train() before each training step (after validation), or freeze "
-        "the layers completely (requires_grad=False) if intended."
-    )
+    fix = ctx.fixes.train_mode_advice()
     return [
         Finding(
             check="eval-mode-training",
@@ -49,6 +39,6 @@ def check_eval_mode_training(ctx: Context) -> list[Finding]:
                 "them change, so their statistics go stale."
             ),
             fix=fix,
-            fix_code=fixes.train_mode_during_training(probe.framework),
+            fix_code=ctx.fixes.train_mode_during_training(),
         )
     ]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnlab.doctor import fixes, thresholds
+from bnlab.doctor import thresholds
+from bnlab.doctor.backend import Fixes
 from bnlab.doctor.facts import (
     divergence,
     divergence_line,
@@ -30,7 +31,7 @@ def check_shared(ctx: Context) -> list[Finding]:
         if count < 2 or not tracked(layer):
             # Sharing a norm without running statistics (or a stateless module) is fine.
             continue
-        findings.append(_finding(probe, layer, calls, count))
+        findings.append(_finding(ctx.fixes, probe, layer, calls, count))
     return findings
 
 
@@ -52,7 +53,7 @@ def _updates_per_step(probe: ProbeResult, path: str) -> tuple[float, str] | None
     )
 
 
-def _finding(probe: ProbeResult, layer: LayerInfo, calls: list[CallRecord], count: int) -> Finding:
+def _finding(fixes: Fixes, probe: ProbeResult, layer: LayerInfo, calls: list[CallRecord], count: int) -> Finding:
     div = divergence(probe)
     evidence = [f"called {count} times in one forward pass, one set of running statistics ({settings(layer)})"]
     site_data = []

@@ -7,7 +7,8 @@ statistics of 2 samples. One value per channel is an error (variance 0).
 
 from __future__ import annotations
 
-from bnlab.doctor import fixes, thresholds
+from bnlab.doctor import thresholds
+from bnlab.doctor.backend import Fixes
 from bnlab.doctor.findings import Finding
 from bnlab.doctor.records import LayerInfo, SmallCall
 from bnlab.doctor.registry import Context, register
@@ -19,11 +20,16 @@ def check_small_batch(ctx: Context) -> list[Finding]:
     log = probe.train_log
     findings = []
     if log is not None and log.watched:  # the batches of the user's own loop
+        per_rank = set(probe.ranks.plain_bn) if probe.ranks is not None else set()  # small-batch-per-rank's
         for path, seen in log.smallest.items():
             layer = probe.layers.get(path)
+            if path in per_rank:
+                continue
             if layer is not None and layer.is_batchnorm and too_small(seen.samples, seen.values):
                 findings.append(
-                    _finding(layer, seen, f"in your loop ({seen.passes} train-mode pass(es) this small), smallest")
+                    _finding(
+                        ctx.fixes, layer, seen, f"in your loop ({seen.passes} train-mode pass(es) this small), smallest"
+                    )
                 )
         return findings
     for path, layer in probe.layers.items():
@@ -33,7 +39,7 @@ def check_small_batch(ctx: Context) -> list[Finding]:
         smallest = min(train_calls, key=lambda c: (c.batch_size, c.values_per_channel))
         if too_small(smallest.batch_size, smallest.values_per_channel):
             seen = SmallCall(smallest.batch_size, smallest.values_per_channel, smallest.site)
-            findings.append(_finding(layer, seen, "in the probe"))
+            findings.append(_finding(ctx.fixes, layer, seen, "in the probe"))
     return findings
 
 
@@ -41,7 +47,7 @@ def too_small(samples: int, values: int) -> bool:
     return samples < thresholds.SMALL_BATCH_WARN or values < thresholds.SMALL_BATCH_WARN
 
 
-def _finding(layer: LayerInfo, seen: SmallCall, where: str) -> Finding:
+def _finding(fixes: Fixes, layer: LayerInfo, seen: SmallCall, where: str) -> Finding:
     single = seen.values <= 1
     return Finding(
         check="small-batch",
@@ -69,5 +75,5 @@ def _finding(layer: LayerInfo, seen: SmallCall, where: str) -> Finding:
             "Train with larger batches (drop a final partial batch), or use GroupNorm / "
             "LayerNorm, which don't depend on the batch."
         ),
-        fix_code=fixes.bigger_batches(layer.framework),
+        fix_code=fixes.bigger_batches(),
     )

@@ -6,7 +6,8 @@ statistics lag by construction (5 updates at momentum 0.1 move them 41% of the w
 
 from __future__ import annotations
 
-from bnlab.doctor import fixes, thresholds
+from bnlab.doctor import thresholds
+from bnlab.doctor.backend import Fixes
 from bnlab.doctor.facts import share_moved, tracked, vs_running
 from bnlab.doctor.findings import Finding, number
 from bnlab.doctor.records import CallRecord, LayerInfo
@@ -34,11 +35,11 @@ def check_stale(ctx: Context) -> list[Finding]:
             continue
         dist = vs_running(calls[0], layer)
         if dist is not None and dist.is_off():
-            findings.append(_finding(layer, calls[0], dist, ctx.probe.trained))
+            findings.append(_finding(ctx.fixes, layer, calls[0], dist, ctx.probe.trained))
     return findings
 
 
-def _finding(layer: LayerInfo, call: CallRecord, dist: Distance, doctor_trained: bool) -> Finding:
+def _finding(fixes: Fixes, layer: LayerInfo, call: CallRecord, dist: Distance, doctor_trained: bool) -> Finding:
     evidence = [
         f"probe batch ({call.values_per_channel} values per channel) vs running statistics: {dist.describe()}",
         f"thresholds: mean shift > {thresholds.MEAN_SHIFT_WARN} SD or variance ratio "
@@ -77,5 +78,5 @@ def _finding(layer: LayerInfo, call: CallRecord, dist: Distance, doctor_trained:
             "statistics from another data set or a changed preprocessing all show up here), "
             "and check that the probe data is preprocessed like the training data."
         ),
-        fix_code=fixes.recompute_stats(layer.framework),
+        fix_code=fixes.recompute_stats(),
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnlab.doctor import fixes
+from bnlab.doctor.backend import Fixes
 from bnlab.doctor.facts import called, divergence, divergence_line, tracked
 from bnlab.doctor.findings import Finding
 from bnlab.doctor.records import LayerInfo, ProbeResult
@@ -28,7 +28,7 @@ def check_reset(ctx: Context) -> list[Finding]:
     ]
     if not layers:
         return []
-    return [_finding(given, layers)]
+    return [_finding(ctx.fixes, given, layers)]
 
 
 def _range(values: np.ndarray | None) -> str:
@@ -37,7 +37,7 @@ def _range(values: np.ndarray | None) -> str:
     return f"{values.min():.3g}..{values.max():.3g}"
 
 
-def _finding(given: ProbeResult, layers: list[LayerInfo]) -> Finding:
+def _finding(fixes: Fixes, given: ProbeResult, layers: list[LayerInfo]) -> Finding:
     evidence = []
     off = []
     for layer in layers:
@@ -73,7 +73,5 @@ def _finding(given: ProbeResult, layers: list[LayerInfo]) -> Finding:
             "Load the BN buffers with the weights, or re-estimate the statistics with one "
             "pass over training data in train mode (no gradient step needed)."
         ),
-        fix_code=fixes.reestimate_stats()
-        if layers[0].framework == "torch"
-        else fixes.recompute_stats(layers[0].framework),
+        fix_code=fixes.reset_stats(),
     )
