@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import keras
@@ -111,6 +110,7 @@ class KerasWatcher:
         self.forward_calls: Counter[str] = Counter()
         self._given_optimizer = optimizer
         self._pattern: list[CallRecord] = []  # the BN calls of the latest traced train-mode pass
+        self._pattern_updates: Counter[str] = Counter()  # its train-mode calls per layer
         self._pass_calls: list[CallRecord] | None = None  # the calls of the pass running now
         self._pass_symbolic = False
         self._pass_counts: Counter[str] = Counter()
@@ -179,6 +179,7 @@ class KerasWatcher:
                 done, self._pass_calls = self._pass_calls, None
                 if traced and any(c.training for c in done):
                     self._pattern, self._saw_trace = done, True
+                    self._pattern_updates = Counter(c.path for c in done if c.training)
                 self._saw_eager = self._saw_eager or not traced
 
         return watched_call
@@ -250,8 +251,8 @@ class KerasWatcher:
             if step or not self._saw_trace:  # the pass traced in this call is the first step's
                 if self.on_pass_start is not None:
                     self.on_pass_start(())
-                self.calls.extend(replace(call) for call in self._pattern)
-            self.forward_calls.update(call.path for call in self._pattern if call.training)
+                self.calls.extend(self._pattern)  # read-only records: shared, not copied
+            self.forward_calls.update(self._pattern_updates)
             self._fit_steps += 1
 
     # -- what was seen -----------------------------------------------------------------

@@ -32,6 +32,7 @@ from bnlab.doctor.watch import Watch, watch
 
 __all__ = ["BNDoctorCallback", "BNDoctorFailed"]
 
+
 class BNDoctorCallback(Callback):
     """Watch BN layers during ``fit`` and report what the doctor finds.
 
