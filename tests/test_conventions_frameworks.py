@@ -125,18 +125,28 @@ def test_keras_row():
 
 
 def test_flax_row():
-    pytest.importorskip("flax")
+    """Both of Flax's BatchNorms, nnx and linen (Flax is in the modern venv: no skip)."""
     import jax
     import jax.numpy as jnp
-    from flax import linen as nn
+    from flax import linen, nnx
 
     framework = "flax"
-    bn = nn.BatchNorm(use_running_average=False, momentum=RATE)
+    layer = nnx.BatchNorm(3, momentum=RATE, rngs=nnx.Rngs(0))
+    layer.train()
+    layer(jnp.asarray(BATCH))
+    check_row(
+        framework,
+        inspect.signature(nnx.BatchNorm.__init__),
+        "epsilon",
+        np.asarray(layer.mean[...]),
+        np.asarray(layer.var[...]),
+    )
+    bn = linen.BatchNorm(use_running_average=False, momentum=RATE)
     variables = bn.init(jax.random.PRNGKey(0), jnp.asarray(BATCH))
     _, updated = bn.apply(variables, jnp.asarray(BATCH), mutable=["batch_stats"])
     stats = updated["batch_stats"]
     check_row(
-        framework, inspect.signature(nn.BatchNorm), "epsilon", np.asarray(stats["mean"]), np.asarray(stats["var"])
+        framework, inspect.signature(linen.BatchNorm), "epsilon", np.asarray(stats["mean"]), np.asarray(stats["var"])
     )
 
 

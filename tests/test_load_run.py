@@ -59,7 +59,7 @@ class _RunsCode:
         return (os.system, ("touch PWNED",))
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated", "text", "code"])
+@pytest.mark.parametrize("damage", ["empty", "truncated", "text", "code", "foreign"])
 def test_a_damaged_checkpoint_is_one_paragraph_and_runs_nothing(run_dir, tmp_path, damage, monkeypatch):
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "run"
@@ -70,6 +70,7 @@ def test_a_damaged_checkpoint_is_one_paragraph_and_runs_nothing(run_dir, tmp_pat
         "truncated": good[: len(good) // 2],
         "text": b"not a checkpoint\nsecond line\n",
         "code": pickle.dumps({"model": _RunsCode()}),
+        "foreign": pickle.dumps({"model": 1}, protocol=4),  # a plain pickle, not torch.save's zip
     }[damage]
     if damage == "code":
         torch.save({"model": _RunsCode(), "config": {}}, bad / "checkpoint.pt")
@@ -82,13 +83,14 @@ def test_a_damaged_checkpoint_is_one_paragraph_and_runs_nothing(run_dir, tmp_pat
     expected = {"empty": "is empty (0 bytes)", "code": "refused: loading it would run code"}
     assert expected.get(damage, "is not a readable PyTorch file") in message
     assert not (tmp_path / "PWNED").exists()
+    assert "In PyTorch 2.6" not in message  # torch's preamble is not the reason
 
 
 @pytest.mark.parametrize(
     ("err", "quoted"),
     [
         (EOFError(), "EOFError"),
-        (ValueError("\n\n  first real line\nsecond"), "ValueError: first real line"),
+        (ValueError("\n\n  first real line\nsecond"), "ValueError: first real line; second"),
         (RuntimeError("word " * 100), "RuntimeError: " + ("word " * 40).strip() + " ..."),
     ],
 )

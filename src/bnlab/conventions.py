@@ -110,16 +110,19 @@ CONVENTIONS: dict[str, BNConvention] = {
         ),
         BNConvention(
             framework="flax",
-            name="Flax (linen)",
-            layer="flax.linen.BatchNorm",
+            name="Flax 0.12 (nnx, linen)",
+            layer="flax.nnx.BatchNorm / flax.linen.BatchNorm",
             parameter="momentum",
             weights=OLD,
             default=0.99,
             eps_default=1e-5,
             running_var=BIASED,
-            eval_switch="use_running_average=True (training: False, with mutable=['batch_stats'])",
-            update="ra_mean = momentum * ra_mean + (1 - momentum) * batch_mean",
-            checked_in="flax/linen/normalization.py (_compute_stats: E[x^2] - E[x]^2)",
+            eval_switch="nnx: model.eval() (use_running_average=True); linen: use_running_average=True "
+            "(training: False, with mutable=['batch_stats'])",
+            update="mean = momentum * mean + (1 - momentum) * batch_mean",
+            checked_in="flax/nnx/nn/normalization.py and flax/linen/normalization.py (_compute_stats: "
+            "E[x^2] - E[x]^2); one update step of the installed nnx.BatchNorm and linen.BatchNorm in "
+            "tests/test_conventions_frameworks.py",
         ),
     ]
 }

@@ -44,11 +44,11 @@ class MissingExtra(BnlabError, ImportError):
 
 
 def quote_error(err: BaseException, limit: int = 200) -> str:
-    """``Type: first line`` of a framework's error, for quoting inside one of bnlab's
-    paragraphs: an empty message gives the type alone, a multi-line one its first non-blank
-    line, a long one is cut at a word with an ellipsis (never mid-sentence without saying)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    text = lines[0] if lines else ""
+    """``Type: message`` of a framework's error, for quoting inside one of bnlab's
+    paragraphs: an empty message gives the type alone; a multi-line one its non-blank lines
+    joined with "; " (Chainer puts the useful "Expect: ..." on the third line); a long one is
+    cut at a word with an ellipsis (never mid-sentence without saying)."""
+    text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
     if len(text) > limit:
         text = text[:limit].rsplit(" ", 1)[0] + " ..."
     return f"{type(err).__name__}: {text}" if text else type(err).__name__

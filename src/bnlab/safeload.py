@@ -55,6 +55,16 @@ def read_torch_file(path: str | os.PathLike, *, fix: str) -> Any:
                 f"runs code from the file. {fix}"
             ) from None
         raise InputError(
-            f"{path} is not a readable PyTorch file ({quote_error(err)}): it is corrupt, truncated "
+            f"{path} is not a readable PyTorch file ({_reason(err)}): it is corrupt, truncated "
             f"or of another format. {fix}"
         ) from None
+
+
+def _reason(err: BaseException) -> str:
+    """What torch said, without the paragraph it puts before every weights-only refusal
+    ("Weights only load failed. In PyTorch 2.6 we changed the default..."): the specific
+    reason is the paragraph after it ("Unsupported operand 149")."""
+    paragraphs = [p.strip() for p in str(err).split("\n\n") if p.strip()]
+    if len(paragraphs) > 1 and paragraphs[0].startswith("Weights only load failed"):
+        return f"{type(err).__name__}: {quote_error(RuntimeError(paragraphs[1]))[len('RuntimeError: ') :]}"
+    return quote_error(err)

@@ -103,6 +103,18 @@ def test_chainer_question_names_creation_and_both_calls(monkeypatch, capsys, mni
     expect_question_lines(finding, "examples/question_chainer.py", created, calls)
 
 
+def test_flax_nnx_question_names_creation_and_both_calls(monkeypatch, capsys, mnist_dir) -> None:
+    """nnx: the calls are read from the stack while JAX traces the forward pass."""
+    pytest.importorskip("flax")
+    monkeypatch.chdir(REPO)
+    path = EXAMPLES / "question_flax.py"
+    created = line_of(path, "self.bn = nnx.BatchNorm")
+    calls = [line_of(path, "self.bn(self.l1(x))"), line_of(path, "self.bn(self.l2(h))")]
+    argv = ["examples/question_flax.py:MyModel", "--data", "mnist", "--data-dir", mnist_dir, "--train-steps", "2"]
+    finding = shared(doctor_json(argv, capsys))
+    expect_question_lines(finding, "examples/question_flax.py", created, calls)
+
+
 # -- how lines are found -------------------------------------------------------------
 
 

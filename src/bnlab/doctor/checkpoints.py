@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bnlab.doctor.errors import InputError
+from bnlab.doctor.errors import InputError, quote_error
 
 # -- bnlab run directories ------------------------------------------------------------
 
@@ -62,7 +62,7 @@ def load_run_dir(target: str) -> tuple[Any, Any]:
     try:
         saved = RunConfig.from_dict(payload["config"])
     except (KeyError, TypeError, ValueError) as err:
-        raise InputError(f"{path} holds an invalid configuration ({err}).") from err
+        raise InputError(f"{path} holds an invalid configuration ({quote_error(err)}).") from err
     if saved.model != cfg.model:
         raise InputError(
             f"{path} was saved from another model than {run_dir / 'config.json'} "

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bnlab.doctor import checkpoints, sources
+from bnlab.doctor import checkpoints, shield, sources
 from bnlab.doctor.backend import Backend
 from bnlab.doctor.backends import BACKENDS, detect, seed_all
 from bnlab.doctor.errors import InputError, ProbeError, UsageError
@@ -24,6 +24,11 @@ from bnlab.doctor.loader import LoadError, load_model
 from bnlab.errors import BnlabError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as the shell and `bnlab train` report it
+
+# The doctor's training steps use Adam, whose step is about lr per weight: 10 is already far
+# beyond any learning rate a model is trained with.
+MAX_LR = 10.0
 FORMATS = ("text", "json", "sarif")
 
 DESCRIPTION = (
@@ -90,7 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="load trained weights into the model first: a state_dict saved with "
         "torch.save (loaded with weights_only=True), for Chainer a save_npz file, for "
-        "Keras a .weights.h5 or .keras file (default: none, the model's own initial weights)",
+        "Keras a .weights.h5 or .keras file, for Flax nnx a msgpack state written by "
+        "flax.serialization.msgpack_serialize(nnx.state(model).to_pure_dict()) (msgpack: "
+        "arrays only, no code runs; a linen model brings its variables: NAME returns "
+        "(module, variables)) (default: none, the model's own initial weights)",
     )
     parser.add_argument(
         "--train-steps",
@@ -309,6 +317,23 @@ def _check(args: argparse.Namespace) -> tuple[Report, dict[str, Any], str]:
     return report, extra, text
 
 
+def _resolve_paths(args: argparse.Namespace) -> None:
+    """Every path of the command line made absolute now, before the user's code runs: a
+    model file that calls os.chdir at import must not move --fix OUT or a relative --data."""
+    is_dir = checkpoints.is_run_dir(args.target)
+    args.target = shield.absolute(args.target) if is_dir else shield.absolute_spec(args.target)
+    if args.data is not None and args.data not in sources.BUILTIN:
+        args.data = shield.absolute_spec(args.data)
+    args.fix, args.checkpoint, args.data_dir = (shield.absolute(p) for p in (args.fix, args.checkpoint, args.data_dir))
+
+
+def _interrupted(args: argparse.Namespace) -> int:
+    """Ctrl-C: the doctor's own words (nothing of a run to resume; OUT whole or as it was)."""
+    where = f" --fix {args.fix} is as it was: the repair's files appear together or not at all." if args.fix else ""
+    _fail(f"interrupted; no report was printed.{where} Run the same command again to check the model.")
+    return EXIT_INTERRUPTED
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``bnlab doctor``; returns the exit status."""
     if args.train_steps is not None and args.train_steps < 0:
@@ -319,14 +344,23 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--max-batches must be 1 or more.")
     if not 0 <= args.seed < 2**32:  # numpy's global seed (Chainer's initializers) takes 32 bits
         return _fail(f"--seed must lie in [0, 2**32 - 1]; got {args.seed}.")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        return _fail(f"--lr must be a positive number; got {args.lr}.")
+    if not (math.isfinite(args.lr) and 0 < args.lr <= MAX_LR):
+        return _fail(
+            f"--lr must be a positive number of at most {MAX_LR:g}; got {args.lr}. The doctor's "
+            "training steps use Adam, which moves every weight by about lr per step whatever "
+            "the gradient's scale: a larger lr wrecks the copy in one step, and its BN "
+            "statistics would say nothing about your model."
+        )
     if args.json and args.format not in (None, "json"):
         return _fail(f"--json means --format json; drop one of --json and --format {args.format}.")
     output = "json" if args.json else (args.format or "text")
-    _seed(args.seed)
+    _resolve_paths(args)
     try:
-        report, extra, fix_text = _check(args)
+        with shield.kept_cwd(), shield.prints_to_stderr(output != "text"):
+            _seed(args.seed)  # imports the frameworks: seconds in which a Ctrl-C may come
+            report, extra, fix_text = _check(args)
+    except KeyboardInterrupt:
+        return _interrupted(args)
     except ProbeError as err:
         _fail(f"{err}. {err.hint}".rstrip() if err.hint else str(err))
         return err.exit_code
@@ -345,12 +379,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _sarif(report: Report, args: argparse.Namespace) -> dict[str, Any]:
     from bnlab import __version__
+    from bnlab.doctor.locations import shown
     from bnlab.doctor.sarif import to_sarif
 
     target_file = None
     if not checkpoints.is_run_dir(args.target):
-        path = Path(args.target.rpartition(":")[0])
-        target_file = path.as_posix() if not path.is_absolute() else str(path)
+        # The target was made absolute before the user's code ran: shown relative to the
+        # working directory again, as the findings' own file:line are.
+        target_file = Path(shown(args.target.rpartition(":")[0])).as_posix()
     return to_sarif(report, target_file=target_file, tool_version=__version__)
 
 

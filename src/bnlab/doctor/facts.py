@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bnlab.conventions import CONVENTIONS, to_torch_momentum
 from bnlab.doctor.findings import number
 from bnlab.doctor.records import CallRecord, LayerInfo, ProbeResult
 from bnlab.doctor.stats import Distance, distance
@@ -68,14 +69,15 @@ def settings(layer: LayerInfo) -> str:
     return f"{layer.rate_name}={rate}, eps={number(layer.eps)}"
 
 
-def share_moved(rate: float | None, rate_name: str, updates: int) -> float | None:
-    """How far ``updates`` exponential-average updates move running statistics from
-    where they started towards the data's: ``1 - (1 - momentum) ** updates``.
+def share_moved(layer: LayerInfo, updates: int) -> float | None:
+    """How far ``updates`` exponential-average updates move ``layer``'s running statistics
+    from where they started towards the data's: ``1 - (1 - momentum) ** updates``, with
+    momentum the weight of the NEW batch (the layer's own rate read in its framework's
+    convention: Chainer's decay, Keras's and Flax's momentum weight the old value).
 
     None for PyTorch's cumulative average (momentum None), which is exact after any
-    number of updates. ``rate`` is in the layer's convention (Chainer's decay weights the
-    old value)."""
-    if rate is None:
+    number of updates."""
+    if layer.rate is None:
         return None
-    momentum = 1.0 - rate if rate_name == "decay" else rate
+    momentum = to_torch_momentum(layer.framework, layer.rate) if layer.framework in CONVENTIONS else layer.rate
     return 1.0 - (1.0 - momentum) ** max(updates, 0)

@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from bnlab.doctor.backends import missing_framework, recognised
+from bnlab.doctor.errors import quote_error
 from bnlab.doctor.locations import recording
 from bnlab.errors import EXIT_USAGE, BnlabError
 
@@ -47,8 +48,7 @@ def _exception_text(err: BaseException) -> str:
     if isinstance(err, SyntaxError):
         where = f" ({Path(err.filename or '').name}, line {err.lineno})" if err.lineno else ""
         return f"SyntaxError: {err.msg}{where}"
-    message = str(err)
-    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+    return quote_error(err)
 
 
 def import_file(path: Path, purpose: str = "the model") -> ModuleType:
@@ -137,7 +137,8 @@ def build(module: ModuleType, name: str, path: Path) -> Any:
     if not is_model(model):
         raise LoadError(
             f"{path}:{name}() returned a {type(model).__name__}, not a keras.Model, a "
-            "torch.nn.Module or a chainer.Link."
+            "torch.nn.Module, a chainer.Link or a Flax module (a flax.nnx.Module, a "
+            "flax.linen.Module, or a (linen module, variables) pair)."
         )
     return model
 

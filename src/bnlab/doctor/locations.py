@@ -217,6 +217,9 @@ def _norm_classes() -> list[type]:
     keras = sys.modules.get("keras")
     if keras is not None and hasattr(keras, "layers"):
         found.append(keras.layers.BatchNormalization)
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None:
+        found.append(nnx.BatchNorm)
     return found
 
 

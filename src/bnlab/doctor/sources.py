@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from bnlab.doctor.backend import Backend
-from bnlab.doctor.errors import InputError, UsageError
+from bnlab.doctor.errors import InputError, UsageError, quote_error
 from bnlab.doctor.loader import LoadError, import_file
 
 Batch = tuple[np.ndarray, np.ndarray]
@@ -74,6 +76,40 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+# Share of the machine's memory one batch (or all batches kept from --data FILE.py:NAME) may
+# take: the doctor holds the probe batch, a training batch of the same shape and the model's
+# activations on each (often several times the batch) at once.
+MEMORY_SHARE = 8
+FALLBACK_MEMORY = 16 << 30  # where the system does not say how much memory it has
+
+
+def memory_limit() -> int:
+    """Bytes the doctor's batches may take: 1/MEMORY_SHARE of the physical memory."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        total = FALLBACK_MEMORY
+    return max(total, 1 << 30) // MEMORY_SHARE
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.3g} GiB"
+
+
+def check_batch_size(shape: tuple[int, ...]) -> None:
+    """InputError before allocating a float32 batch of ``shape`` that cannot fit in memory."""
+    size = math.prod(shape) * np.dtype(np.float32).itemsize
+    limit = memory_limit()
+    if size > limit:
+        raise InputError(
+            f"a probe batch of shape {','.join(map(str, shape))} (--input-shape, --batch-size) "
+            f"would take {_gib(size)} as float32; bnlab doctor allows one batch {_gib(limit)}, "
+            f"1/{MEMORY_SHARE} of this machine's memory, because it holds the probe, a training "
+            "batch and the model's activations on them at once. Give a smaller batch (the first "
+            "dimension: a few hundred samples are enough, e.g. --input-shape 256,...)."
+        )
+
+
 def random_inputs(shape: tuple[int, ...], seed: int) -> np.ndarray:
     """A standard-normal probe batch (training steps, if any, repeat it with random labels)."""
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
@@ -86,7 +122,7 @@ def class_count(model: Any, backend: Backend, x: np.ndarray) -> int:
     except Exception as err:
         raise InputError(
             f"the model does not run on inputs of shape {tuple(x.shape)} "
-            f"({type(err).__name__}: {err}); give the shape it expects with --input-shape."
+            f"({quote_error(err)}); give the shape it expects with --input-shape."
         ) from err
     shape: tuple[int, ...] = np.shape(out) if out is not None else ()
     if len(shape) < 2 or shape[1] < 2:
@@ -105,6 +141,7 @@ def random_source(model: Any, backend: Backend, shape: tuple[int, ...], seed: in
     batch looks unlike anything else to the checks (false errors on a legitimately
     shared encoder); fresh batches have the probe's distribution but not its samples.
     """
+    check_batch_size(shape)
     probe_x = random_inputs(shape, seed)
     uses = {"probe": f"one standard-normal batch of {shape[0]} (seed {seed})"}
     train = None
@@ -127,8 +164,9 @@ def _random_batches(shape: tuple[int, ...], classes: int, seed: int) -> Iterator
 
 # -- --data mnist | fashion-mnist ---------------------------------------------------------
 
-# Shapes an MNIST model may expect, tried in this order (per sample).
-MNIST_SHAPES: tuple[tuple[int, ...], ...] = ((784,), (1, 28, 28), (28, 28))
+# Shapes an MNIST model may expect, tried in this order (per sample); the last one is
+# channels-last, as Flax's convolutions (and Keras's by default) take images.
+MNIST_SHAPES: tuple[tuple[int, ...], ...] = ((784,), (1, 28, 28), (28, 28), (28, 28, 1))
 
 
 def fit_shape(model: Any, backend: Backend, flat: np.ndarray) -> tuple[int, ...]:
@@ -151,7 +189,7 @@ def _load_builtin(name: str, data_dir: str | None) -> Any:
         return load_dataset(name, data_dir)
     except Exception as err:
         raise InputError(
-            f"could not load {BUILTIN[name]} ({type(err).__name__}: {err}); "
+            f"could not load {BUILTIN[name]} ({quote_error(err)}); "
             "point --data-dir at the folder with its four IDX .gz files."
         ) from err
 
@@ -282,7 +320,7 @@ def _iterable_of(spec: str) -> tuple[Iterable[Any], str]:
             obj = obj()
         except Exception as err:
             raise InputError(
-                f"calling {where} raised {type(err).__name__}: {err}. NAME must be callable with no arguments."
+                f"calling {where} raised {quote_error(err)}. NAME must be callable with no arguments."
             ) from err
     else:
         where = spec
@@ -299,17 +337,23 @@ def file_source(spec: str, batch_size: int | None, max_batches: int) -> Source:
     obj, where = _iterable_of(spec)
     batches: list[Batch] = []
     sample_shape = None
+    kept, limit = 0, memory_limit()
     try:
         for index, item in enumerate(itertools.islice(iter(obj), max_batches)):
             batch = _checked_batch(item, index, where, sample_shape)
             sample_shape = batch[0].shape[1:]
             batches.append(batch)
+            kept += batch[0].nbytes + batch[1].nbytes
+            if kept > limit:
+                raise InputError(
+                    f"the first {index + 1} batches of {where} already take {_gib(kept)}, more than "
+                    f"the {_gib(limit)} (1/{MEMORY_SHARE} of this machine's memory) the doctor keeps "
+                    "in memory; lower --max-batches or the batch size of your data."
+                )
     except InputError:
         raise
     except Exception as err:
-        raise InputError(
-            f"iterating over {where} raised {type(err).__name__}: {err} (after {len(batches)} batches)."
-        ) from err
+        raise InputError(f"iterating over {where} raised {quote_error(err)} (after {len(batches)} batches).") from err
     if len(batches) < 2:
         raise InputError(
             f"{where} gave {len(batches)} batch{'es' if len(batches) != 1 else ''}; "

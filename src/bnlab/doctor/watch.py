@@ -30,6 +30,7 @@ from bnlab.doctor.backend import Backend, Watcher
 from bnlab.doctor.backends import detect
 from bnlab.doctor.checks.small_batch import too_small
 from bnlab.doctor.diagnose import run_checks
+from bnlab.doctor.errors import quote_error
 from bnlab.doctor.findings import Report
 from bnlab.doctor.records import CallRecord, RanksInfo, RankView, SmallCall, TrainLog
 
@@ -155,7 +156,7 @@ class Watch:
         return None if later is None else later()
 
     def _rank_view(self, exc: object) -> RankView:
-        raised = "" if exc is None else f"{type(exc).__name__}: {exc}"
+        raised = quote_error(exc) if isinstance(exc, BaseException) else ("" if exc is None else str(exc))
         batch = _batch(self._last_step_inputs)
         return RankView(
             rank=-1, steps=self.steps, passes=self.passes, batch=batch, smallest=dict(self._smallest), raised=raised

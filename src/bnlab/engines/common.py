@@ -98,6 +98,8 @@ def split_batches(order: torch.Tensor, batch_size: int, batching: str) -> list[t
         parts = torch.split(order, batch_size)
     else:
         parts = torch.tensor_split(order, max(1, len(order) // batch_size))
+    if len({len(p) for p in parts}) == 1:  # equal parts: one sort of all rows, not one per batch
+        return list(torch.sort(order.view(len(parts), -1), dim=1).values.unbind(0))
     return [torch.sort(p).values for p in parts]
 
 

@@ -30,11 +30,16 @@ BACKENDS: dict[str, str] = {
     "keras": "bnlab.doctor.backends.keras",
     "torch": "bnlab.doctor.backends.torch",
     "chainer": "bnlab.doctor.backends.chainer",
+    "flax": "bnlab.doctor.backends.flax",
 }
 
 
 def _keras_2_model(obj: Any) -> bool:
     return any((getattr(c, "__module__", "") or "").startswith("tf_keras") for c in type(obj).__mro__)
+
+
+def _equinox_model(obj: Any) -> bool:
+    return any((getattr(c, "__module__", "") or "").split(".")[0] == "equinox" for c in type(obj).__mro__)
 
 
 # Recognised, not supported yet: (name, test, message). Skipped once a backend of
@@ -47,6 +52,16 @@ NOT_YET: list[tuple[str, Callable[[Any], bool], str]] = [
             "Keras 2 (tf_keras) models: not supported; bnlab doctor checks Keras 3 "
             "(keras.Model), PyTorch (torch.nn.Module) and Chainer (chainer.Link) models. "
             "Build the model with `import keras` (Keras 3) to check it."
+        ),
+    ),
+    (
+        "equinox",
+        _equinox_model,
+        (
+            "Equinox models (eqx.Module, with eqx.nn.BatchNorm keeping its statistics in an "
+            "eqx.nn.State): not supported yet; bnlab doctor checks JAX models written with "
+            "flax.nnx or flax.linen, and PyTorch, Keras 3 and Chainer models. Write the model "
+            "with flax.nnx (nnx.BatchNorm) to check it."
         ),
     ),
 ]
@@ -110,8 +125,9 @@ def detect(model: Any, wanted: str = "auto") -> Backend:
     if found is None:
         kind = f"{type(model).__module__}.{type(model).__qualname__}"
         raise UnsupportedModel(
-            f"expected a keras.Model, a torch.nn.Module or a chainer.Link, got {kind}. bnlab "
-            "doctor checks Keras 3, PyTorch and Chainer models."
+            f"expected a keras.Model, a torch.nn.Module, a chainer.Link or a Flax module "
+            f"(flax.nnx.Module, flax.linen.Module), got {kind}. bnlab doctor checks Keras 3, "
+            "PyTorch, Chainer and Flax models."
         )
     if wanted not in ("auto", found):
         load(wanted)  # an unknown name is its own error

@@ -42,7 +42,7 @@ def _finding(fixes: Fixes, layer: LayerInfo, upd: StatUpdates, log: TrainLog) ->
     ]
     if upd.counter_delta is not None:
         evidence.append(f"num_batches_tracked grew by {upd.counter_delta}")
-    effective = share_moved(layer.rate, layer.rate_name, round(per_call))
+    effective = share_moved(layer, round(per_call))
     if effective is not None and round(per_call) > 1:
         evidence.append(
             f"each batch is averaged in {round(per_call)} times: an effective momentum of "

@@ -49,7 +49,7 @@ def _finding(fixes: Fixes, layer: LayerInfo, call: CallRecord, dist: Distance, d
         evidence.append("judged on your model as handed over, before the doctor's training steps")
     moved = None
     if layer.num_batches_tracked is not None:
-        moved = share_moved(layer.rate, layer.rate_name, layer.num_batches_tracked)
+        moved = share_moved(layer, layer.num_batches_tracked)
     warming = moved is not None and moved < WARMED_UP
     if warming:
         evidence.append(

@@ -68,9 +68,7 @@ def _finding(probe: ProbeResult, judged: ProbeResult, div: dict, line: str) -> F
         fix = "Train the model (or pass train_steps / --train-steps) and check again."
     elif judged is probe and probe.train_log is not None and probe.given is not None:
         steps = probe.train_log.steps
-        moved = [
-            share_moved(layer.rate, layer.rate_name, steps) for layer in probe.layers.values() if layer.is_batchnorm
-        ]
+        moved = [share_moved(layer, steps) for layer in probe.layers.values() if layer.is_batchnorm]
         shares = [m for m in moved if m is not None]
         if shares:
             evidence.append(

@@ -12,7 +12,7 @@ import numpy as np
 
 from bnlab.doctor.backend import Change
 from bnlab.doctor.backends import sketch
-from bnlab.doctor.errors import InputError
+from bnlab.doctor.errors import InputError, quote_error
 
 
 def load_checkpoint(model: Any, path: Path) -> None:
@@ -24,8 +24,8 @@ def load_checkpoint(model: Any, path: Path) -> None:
             chainer.serializers.NpzDeserializer(npz, strict=True).load(model)
     except Exception as err:
         raise InputError(
-            f"{path} does not load into {type(model).__name__} ({type(err).__name__}: "
-            f"{str(err)[:200]}). Give a file written by chainer.serializers.save_npz from this "
+            f"{path} does not load into {type(model).__name__} ("
+            f"{quote_error(err)}). Give a file written by chainer.serializers.save_npz from this "
             "model."
         ) from err
 

@@ -9,8 +9,8 @@ import chainer
 import chainer.functions as F
 import numpy as np
 
-from bnlab.doctor.batching import cycle
-from bnlab.doctor.errors import UsageError, training_step_failed
+from bnlab.doctor.batching import cycle, staged_step
+from bnlab.doctor.errors import UsageError
 from bnlab.doctor.records import TrainLog
 
 
@@ -64,12 +64,24 @@ def train(
     log = TrainLog(steps=steps)
     with chainer.using_config("train", True):
         for step, (bx, by) in zip(range(steps), cycle(batches)):
-            try:
-                loss = loss_fn(model(_inputs(bx)), _labels(by))
-                model.cleargrads()
-                loss.backward()
-                optimizer.update()
-            except Exception as err:  # noqa: BLE001 - reported as a probe failure
-                raise training_step_failed(step, err) from err
+            loss = staged_step(
+                step,
+                lambda: model(_inputs(bx)),  # noqa: B023 - called at once
+                lambda output: loss_fn(output, _labels(by)),  # noqa: B023 - called at once
+                lambda loss: _update(model, optimizer, loss),
+                _scalar,
+            )
             log.add_loss(step, float(loss.array))
     return log
+
+
+def _update(model: chainer.Link, optimizer: Any, loss: Any) -> None:
+    model.cleargrads()
+    loss.backward()
+    optimizer.update()
+
+
+def _scalar(loss: Any) -> float | None:
+    """The loss as a number, when it is one (a user's loss_fn may return anything)."""
+    array = np.asarray(getattr(loss, "array", loss))
+    return float(array) if array.size == 1 and np.issubdtype(array.dtype, np.number) else None

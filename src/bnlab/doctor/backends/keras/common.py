@@ -12,6 +12,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from bnlab.doctor.outputs import first_output
+
 BN = keras.layers.BatchNormalization
 
 
@@ -55,18 +57,6 @@ def as_array(inputs: Any) -> np.ndarray:
         inputs = inputs.detach().cpu().numpy()
     array = np.asarray(keras.ops.convert_to_numpy(inputs))
     return array.astype(np.float32) if array.dtype == np.float64 else array
-
-
-def first_output(output: Any) -> tuple[Any, str]:
-    """The tensor the probe reads from a model's output, and how it was reached."""
-    note = ""
-    while isinstance(output, (tuple, list, dict)) and output:
-        if isinstance(output, dict):
-            key = "logits" if "logits" in output else next(iter(output))
-            output, note = output[key], f"{note}[{key!r}]"
-        else:
-            output, note = output[0], f"{note}[0]"
-    return output, f"output{note}" if note else ""
 
 
 def trial(model: Any) -> Any:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.doctor.backend import Change
-from bnlab.doctor.errors import InputError
+from bnlab.doctor.errors import InputError, quote_error
 
 KERAS_SUFFIXES = (".weights.h5", ".keras")
 
@@ -29,7 +29,7 @@ def load_checkpoint(model: Any, path: Path) -> None:
     except Exception as err:
         raise InputError(
             f"{path} does not load into the Keras model {getattr(model, 'name', type(model).__name__)!r} "
-            f"({type(err).__name__}: {str(err)[:200]}). Give a file saved from this model, built "
+            f"({quote_error(err)}). Give a file saved from this model, built "
             "the same way (a subclassed model must be built before its weights can load)."
         ) from err
 

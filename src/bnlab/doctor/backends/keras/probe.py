@@ -22,9 +22,10 @@ import numpy as np
 from bnlab.doctor import source_lines
 from bnlab.doctor.backends.keras import train as keras_train
 from bnlab.doctor.backends.keras.common import BN as _BN
-from bnlab.doctor.backends.keras.common import as_array, bn_layers, children, first_output, named_layers, numpy
-from bnlab.doctor.errors import UsageError, forward_failed
+from bnlab.doctor.backends.keras.common import as_array, bn_layers, children, named_layers, numpy
+from bnlab.doctor.errors import UsageError, forward_failed, quote_error
 from bnlab.doctor.locations import call_site
+from bnlab.doctor.outputs import classes, first_output, relative_change
 from bnlab.doctor.records import CallRecord, LayerInfo, ProbeResult, TrainLog
 from bnlab.doctor.stats import channel_stats
 
@@ -108,7 +109,7 @@ def borrowed(model: Any, x: np.ndarray, need_copy: bool) -> Iterator[Any]:
         if need_copy:
             raise UsageError(
                 f"training steps run on a copy, and this Keras model cannot be cloned "
-                f"({type(err).__name__}: {err}). Give the model class a get_config() "
+                f"({quote_error(err)}). Give the model class a get_config() "
                 "(keras.models.clone_model needs it for subclassed models), or probe "
                 "without training (--train-steps 0)."
             ) from err
@@ -254,12 +255,6 @@ class Recorder:
 # -- the probe -------------------------------------------------------------------------
 
 
-def classes(array: np.ndarray | None) -> np.ndarray | None:
-    if array is None or array.ndim < 2 or array.shape[1] < 2 or not np.all(np.isfinite(array)):
-        return None
-    return array.argmax(axis=1).reshape(-1)
-
-
 def forward(model: Any, x: Any, training: bool) -> Any:
     try:
         return model(x, training=training)
@@ -289,9 +284,7 @@ def observe(
         with counter:
             eval_array = numpy(first_output(forward(work, x, False))[0])
     train_pred, eval_pred = classes(train_array), classes(eval_array)
-    diff = None
-    if train_pred is None and train_array.shape == eval_array.shape:
-        diff = float(np.linalg.norm(train_array - eval_array) / (np.linalg.norm(eval_array) + 1e-12))
+    diff = relative_change(train_array, eval_array) if train_pred is None else None
     return ProbeResult(
         framework="keras",
         model_name="",

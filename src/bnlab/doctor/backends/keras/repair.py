@@ -30,7 +30,8 @@ import numpy as np
 
 from bnlab.doctor.backends.keras import common
 from bnlab.doctor.backends.keras import probe as keras_probe
-from bnlab.doctor.errors import RepairError
+from bnlab.doctor.errors import RepairError, quote_error
+from bnlab.doctor.outputs import first_output
 
 _BN = keras.layers.BatchNormalization
 METHOD = "Keras's own update, momentum (k-1)/k at batch k"
@@ -115,7 +116,7 @@ def _as_functional(model: Any) -> Any:
     except Exception as err:  # a Sequential model without a known input
         raise RepairError(
             f"the Sequential model {model.name!r} cannot be rebuilt with one BatchNormalization "
-            f"per call site ({type(err).__name__}: {err}); start it with keras.Input(shape)."
+            f"per call site ({quote_error(err)}); start it with keras.Input(shape)."
         ) from err
 
 
@@ -155,7 +156,7 @@ class _Splitter:
 def _clone_error(model: Any, err: Exception) -> RepairError:
     return RepairError(
         f"the repair works on a clone, and keras.models.clone_model could not clone "
-        f"{model.name!r} ({type(err).__name__}: {err}). Give every custom layer a get_config() "
+        f"{model.name!r} ({quote_error(err)}). Give every custom layer a get_config() "
         "that rebuilds it (Keras rebuilds each layer with from_config(get_config()))."
     )
 
@@ -347,7 +348,7 @@ def _bn_in_training(model: Any) -> Iterator[None]:
 
 
 def _scores(out: Any) -> np.ndarray:
-    return common.numpy(common.first_output(out)[0])
+    return common.numpy(first_output(out)[0])
 
 
 def _cross_entropy(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -14,9 +14,10 @@ from typing import Any
 import keras
 import numpy as np
 
-from bnlab.doctor.backends.keras.common import bn_layers, first_output
+from bnlab.doctor.backends.keras.common import bn_layers
 from bnlab.doctor.batching import cycle
 from bnlab.doctor.errors import UsageError, training_step_failed
+from bnlab.doctor.outputs import first_output
 from bnlab.doctor.records import OptimizerInfo, StatUpdates, TrainLog
 
 

@@ -40,16 +40,25 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def as_args(inputs: Any, device: torch.device) -> tuple:
-    """The probe input as positional arguments on the model's device."""
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating parameter (or buffer): what its inputs must be
+    (a ``model.double()`` computes in float64 and refuses float32 inputs); float32 if none."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point() and not is_lazy(tensor):
+            return tensor.dtype
+    return torch.float32
+
+
+def as_args(inputs: Any, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple:
+    """The probe input as positional arguments on the model's device; floating inputs in the
+    model's floating ``dtype`` (the doctor's batches are float32 numpy arrays)."""
     items = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
     out = []
     for item in items:
         if isinstance(item, np.ndarray):
-            # numpy defaults to float64, models to float32
-            item = torch.from_numpy(item.astype(np.float32) if item.dtype == np.float64 else item)
+            item = torch.from_numpy(item)
         if isinstance(item, torch.Tensor):
-            item = item.to(device)
+            item = item.to(device, dtype) if item.is_floating_point() else item.to(device)
         out.append(item)
     return tuple(out)
 
@@ -160,7 +169,7 @@ def runs_on(model: nn.Module, x: np.ndarray) -> bool:
     trial.eval()
     try:
         with torch.no_grad():
-            trial(torch.from_numpy(x))
+            trial(*as_args(x, model_device(trial), float_dtype(trial)))
     except Exception:  # noqa: BLE001 - any failure means: not this shape
         return False
     return True
@@ -171,5 +180,5 @@ def eval_output(model: nn.Module, x: np.ndarray) -> np.ndarray | None:
     trial = copy.deepcopy(model)
     trial.eval()
     with torch.no_grad():
-        out = first_tensor(trial(torch.from_numpy(x)))
+        out = first_tensor(trial(*as_args(x, model_device(trial), float_dtype(trial))))
     return None if out is None else out.numpy()

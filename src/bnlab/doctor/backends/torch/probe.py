@@ -25,13 +25,14 @@ from bnlab.doctor.backends.torch.common import (
     check_supported,
     classes,
     first_tensor,
+    float_dtype,
     is_norm,
     lazy_memo,
     model_device,
     norm_paths,
     output_tensor,
 )
-from bnlab.doctor.errors import ProbeError, UnsupportedModel, forward_failed
+from bnlab.doctor.errors import ProbeError, UnsupportedModel, forward_failed, quote_error
 from bnlab.doctor.locations import call_site
 from bnlab.doctor.records import (
     CallRecord,
@@ -377,8 +378,8 @@ def materialize_lazy(model: nn.Module, args: tuple) -> bool:
     except (Exception, SystemExit) as err:  # noqa: BLE001 - a probe failure, for the user
         raise ProbeError(
             "the model has Lazy modules (LazyLinear, LazyBatchNorm...), and the forward pass "
-            f"that gives them their shapes failed on the probe input: {type(err).__name__}: "
-            f"{err}",
+            f"that gives them their shapes failed on the probe input: "
+            f"{quote_error(err)}",
             "Check that the input matches the model (--input-shape, or --data).",
         ) from err
     finally:
@@ -481,7 +482,7 @@ def probe(
     notes: list[str] = []
     with torch.random.fork_rng(devices=_rng_devices(model)), borrowed(model) as work:
         device = model_device(work)
-        args = as_args(inputs, device)
+        args = as_args(inputs, device, float_dtype(work))
         batch = first_tensor(args)
         if batch is None:
             raise ProbeError(

@@ -25,6 +25,7 @@ from bnlab.doctor.backends.torch.common import (
     as_args,
     classes,
     first_tensor,
+    float_dtype,
     is_stateful_norm,
     model_device,
 )
@@ -75,7 +76,7 @@ def call_sites(model: nn.Module, x: Any) -> dict[str, list[str]]:
     work.eval()
     stateful = {name for name, m in work.named_modules() if name and is_stateful_norm(m)}
     with torch.no_grad(), Recorder(work, stats=False) as recorder:
-        work(*as_args(x, model_device(work)))
+        work(*as_args(x, model_device(work), float_dtype(work)))
     sites: dict[str, list[str]] = {}
     for call in recorder.calls:
         if call.path in stateful:
@@ -173,7 +174,7 @@ def reestimate(model: nn.Module, batches: Iterable[Any]) -> dict[str, Any]:
     ``batches`` in train mode. Norms the model's own ``train()`` keeps in eval mode
     (deliberately frozen) are left as they are."""
     device = model_device(model)
-    inputs = [as_args(x, device) for x, _ in batches]
+    inputs = [as_args(x, device, float_dtype(model)) for x, _ in batches]
     if not inputs:
         raise RepairError("re-estimating running statistics needs at least one batch.")
     was_training = model.training
@@ -299,7 +300,7 @@ def evaluate(model: nn.Module, batches: list[Any]) -> dict[str, Any]:
     scored = True
     with torch.no_grad():
         for x, y in batches:
-            args = as_args(x, device)
+            args = as_args(x, device, float_dtype(work))
             target = torch.as_tensor(y).to(device)
             work.eval()
             out = first_tensor(work(*args))

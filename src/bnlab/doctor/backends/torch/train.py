@@ -17,13 +17,14 @@ from torch import nn
 from bnlab.doctor.backends.torch.common import (
     as_args,
     classes,
+    float_dtype,
     model_device,
     optimizer_info,
     output_tensor,
 )
 from bnlab.doctor.backends.torch.watch import TorchWatcher
-from bnlab.doctor.batching import cycle
-from bnlab.doctor.errors import UsageError, training_step_failed
+from bnlab.doctor.batching import cycle, staged_step
+from bnlab.doctor.errors import UsageError
 from bnlab.doctor.records import TrainLog
 
 
@@ -72,7 +73,7 @@ def train(
     (:func:`~bnlab.doctor.backends.torch.common.output_tensor`). The log records, per norm layer,
     the steps it spent in eval mode and how its running statistics moved.
     """
-    device = model_device(model)
+    device, dtype = model_device(model), float_dtype(model)
     if batches is None:
         if labels is None:
             labels = pseudo_labels(model, args)
@@ -88,18 +89,15 @@ def train(
     try:
         for step, (x, y) in zip(range(steps), cycle(batches)):
             model.train()
-            xs = as_args(x, device)
+            xs = as_args(x, device, dtype)
             target = torch.as_tensor(y).to(device)
-            try:
-                output, _ = output_tensor(model(*xs))
-                if output is None:
-                    raise TypeError("the model's output holds no tensor")
-                loss = loss_fn(output, target)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            except Exception as err:  # noqa: BLE001 - reported as a probe failure
-                raise training_step_failed(step, err) from err
+            loss = staged_step(
+                step,
+                lambda: _output(model, xs),  # noqa: B023 - called at once
+                lambda output: loss_fn(output, target),  # noqa: B023 - called at once
+                lambda loss: _update(optimizer, loss),
+                _number,
+            )
             eval_steps.update({c.path for c in watcher.calls if not c.training})
             watcher.calls.clear()
             log.add_loss(step, float(loss.detach()))
@@ -108,3 +106,20 @@ def train(
     log.eval_mode_steps = dict(eval_steps)
     log.updates = watcher.updates()
     return log
+
+
+def _output(model: nn.Module, xs: tuple) -> torch.Tensor:
+    output, _ = output_tensor(model(*xs))
+    if output is None:
+        raise TypeError("the model's output holds no tensor")
+    return output
+
+
+def _update(optimizer: Any, loss: Any) -> None:
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def _number(loss: Any) -> float | None:
+    return float(loss.detach()) if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
