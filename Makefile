@@ -29,7 +29,7 @@ demo: $(STAMP)
 test: lint test-modern test-chainer
 
 # The Keras doctor tests run on Keras's torch backend with the rest, then again on TensorFlow.
-KERAS_TESTS := tests/doctor/test_doctor_keras.py tests/doctor/test_doctor_repair_keras.py
+KERAS_TESTS := tests/doctor/test_doctor_keras.py tests/doctor/test_doctor_repair_keras.py tests/doctor/test_doctor_keras_fit.py
 
 test-modern: $(STAMP)
 	BNLAB_REQUIRE_FRAMEWORKS=$(MODERN_FRAMEWORKS) $(BIN)/python -m pytest tests -m "not chainer"

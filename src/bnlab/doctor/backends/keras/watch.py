@@ -177,7 +177,9 @@ class KerasWatcher:
                 return call(*args, **kwargs)
             finally:
                 done, self._pass_calls = self._pass_calls, None
-                if traced and any(c.training for c in done):
+                # a training pass (fit's step), even when every BN in it is frozen
+                trains = _training(kwargs["training"]) if "training" in kwargs else any(c.training for c in done)
+                if traced and trains:
                     self._pattern, self._saw_trace = done, True
                     self._pattern_updates = Counter(c.path for c in done if c.training)
                 self._saw_eager = self._saw_eager or not traced
