@@ -28,8 +28,12 @@ demo: $(STAMP)
 
 test: lint test-modern test-chainer
 
+# The Keras doctor tests run on Keras's torch backend with the rest, then again on TensorFlow.
+KERAS_TESTS := tests/doctor/test_doctor_keras.py tests/doctor/test_doctor_repair_keras.py tests/doctor/test_doctor_keras_fit.py
+
 test-modern: $(STAMP)
 	BNLAB_REQUIRE_FRAMEWORKS=$(MODERN_FRAMEWORKS) $(BIN)/python -m pytest tests -m "not chainer"
+	BNLAB_REQUIRE_FRAMEWORKS=$(MODERN_FRAMEWORKS) BNLAB_TEST_KERAS_BACKEND=tensorflow $(BIN)/python -m pytest $(KERAS_TESTS)
 
 test-chainer: $(CSTAMP)
 	BNLAB_REQUIRE_FRAMEWORKS=$(CHAINER_FRAMEWORKS) $(CBIN)/python -m pytest tests -m chainer

@@ -25,6 +25,13 @@ EXAMPLES = REPO / "examples"
 
 
 keras = import_keras()
+
+
+def test_keras_runs_on_the_backend_asked_for() -> None:
+    """`make test` runs this file on torch and again on TensorFlow (BNLAB_TEST_KERAS_BACKEND)."""
+    assert keras.backend.backend() == os.environ.get("BNLAB_TEST_KERAS_BACKEND", "torch")
+
+
 layers = keras.layers
 
 

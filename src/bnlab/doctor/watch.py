@@ -135,7 +135,8 @@ class Watch:
     def _note_calls(self, calls: list[CallRecord]) -> None:
         small: dict[str, CallRecord] = {}  # smallest train-mode call per layer, this pass
         for call in calls:
-            if call.training and too_small(call.batch_size, call.values_per_channel):
+            # batch_size -1: a compiled step traced for any batch size (Keras fit)
+            if call.training and call.batch_size >= 0 and too_small(call.batch_size, call.values_per_channel):
                 best = small.get(call.path)
                 if best is None or call.values_per_channel < best.values_per_channel:
                     small[call.path] = call
@@ -148,6 +149,12 @@ class Watch:
                 seen.samples, seen.values, seen.site = (call.batch_size, call.values_per_channel, call.site)
 
     # -- the report -------------------------------------------------------------------
+    def _inputs_after_training(self) -> tuple[tuple, str] | None:
+        # Compiled steps (Keras fit on TensorFlow or JAX) show Python only symbolic
+        # inputs; such a watcher finds a training batch (and says which) once training is over.
+        later = getattr(self._watcher, "inputs_after_training", None)
+        return None if later is None else later()
+
     def _rank_view(self, exc: object) -> RankView:
         raised = quote_error(exc) if isinstance(exc, BaseException) else ("" if exc is None else str(exc))
         batch = _batch(self._last_step_inputs)
@@ -156,7 +163,10 @@ class Watch:
         )
 
     def _build_report(self) -> Report:
+        source = "(last training batch seen by watch)"
         inputs = self._last_step_inputs or self._last_inputs
+        if inputs is None:
+            inputs, source = self._inputs_after_training() or (None, "")
         notes = [f"watched {self.passes} forward passes, {self.steps} training steps"]
         notes += ranks.notes(self._rank_info) if self._rank_info is not None else []
         if inputs is None:
@@ -174,7 +184,7 @@ class Watch:
             smallest=self._smallest,
             optimizer=self._backend.describe_optimizer(self.model, self._watcher.optimizer()),
         )
-        report = run_checks(probe, self._backend.fixes, source="(last training batch seen by watch)")
+        report = run_checks(probe, self._backend.fixes, source=source)
         report.probe.update({"watched_passes": self.passes, "watched_steps": self.steps})
         report.notes = notes + report.notes
         return report

@@ -34,7 +34,10 @@ def check_weight_decay(ctx: Context) -> list[Finding]:
                 "the output scale the network must then restore; the usual recipe "
                 "(torchvision's norm_weight_decay=0) leaves norm parameters undecayed."
             ),
-            fix="Put the normalization parameters in a parameter group with weight_decay=0.",
+            fix=(
+                "Exclude the normalization parameters from weight decay (a parameter group with "
+                "weight_decay=0; Keras: exclude_from_weight_decay; Chainer: per-parameter hooks)."
+            ),
             fix_code=ctx.fixes.no_decay_on_norms(),
         )
     ]

@@ -40,6 +40,19 @@ def _self_fed(layer: LayerInfo, calls: list[CallRecord]) -> list[CallRecord]:
     return [c for c in calls if c.producer == layer.path and c.via in ("direct", "view")]
 
 
+def _updates_per_step(probe: ProbeResult, path: str) -> tuple[float, str] | None:
+    """How often the user's own training (watch) updated the statistics per step."""
+    log = probe.train_log
+    upd = log.updates.get(path) if log is not None and log.watched else None
+    if log is None or upd is None or not upd.forward_calls or not log.steps:
+        return None
+    rate = upd.forward_calls / log.steps
+    return rate, (
+        f"{log.where}: {upd.forward_calls} train-mode calls in {log.steps} training steps, so its "
+        f"running statistics were updated {rate:.3g} times per step"
+    )
+
+
 def _finding(fixes: Fixes, probe: ProbeResult, layer: LayerInfo, calls: list[CallRecord], count: int) -> Finding:
     div = divergence(probe)
     evidence = [f"called {count} times in one forward pass, one set of running statistics ({settings(layer)})"]
@@ -73,6 +86,9 @@ def _finding(fixes: Fixes, probe: ProbeResult, layer: LayerInfo, calls: list[Cal
             f"{layer.path}({layer.path}(x)); its running statistics average a raw and a "
             "normalized activation, whatever the weights"
         )
+    per_step = _updates_per_step(probe, layer.path)
+    if per_step is not None:
+        evidence.append(per_step[1])
     if layer.at_init:
         evidence.append("the running statistics are still at their initial values (0, 1)")
     if div is not None:
@@ -102,6 +118,7 @@ def _finding(fixes: Fixes, probe: ProbeResult, layer: LayerInfo, calls: list[Cal
             "self_fed": bool(self_fed),
             "aliases": layer.aliases,
             "train_eval": div,
+            "updates_per_step": None if per_step is None else per_step[0],
         },
         consequence=consequence,
         fix="Give each call site its own BatchNorm layer.",

@@ -57,8 +57,9 @@ class ChainerBackend(FolderBackend):
         return ChainerWatcher(model, on_pass_start, optimizer)
 
     def describe_optimizer(self, model: Any, optimizer: Any) -> OptimizerInfo | None:
-        # Chainer's weight decay is an optimizer hook over every parameter; not checked yet.
-        return None
+        from bnlab.doctor.backends.chainer.watch import optimizer_info
+
+        return optimizer_info(model, optimizer)
 
     def check_repairable(self, model: Any) -> None:
         return None  # every Chainer model can be split and re-estimated

@@ -51,7 +51,16 @@ class ChainerFixes:
         return f"L.BatchNormalization({layer.num_channels}, decay={number(value)}, eps={number(layer.eps)})"
 
     def no_decay_on_norms(self) -> str:
-        return sketch.no_decay_on_norms()
+        return "\n".join(
+            [
+                "# instead of optimizer.add_hook(WeightDecay(1e-4)), which decays every parameter:",
+                "norm = {id(p) for link in model.links() if isinstance(link, L.BatchNormalization)",
+                "        for p in link.params()}",
+                "for param in model.params():",
+                "    if id(param) not in norm:",
+                "        param.update_rule.add_hook(chainer.optimizer_hooks.WeightDecay(1e-4))",
+            ]
+        )
 
     def checkpoint_without_bn_updates(self) -> str:
         return sketch.checkpoint_without_bn_updates()

@@ -55,7 +55,7 @@ class KerasBackend(FolderBackend):
     def watcher(self, model: Any, on_pass_start: Callable[[tuple], None], optimizer: Any = None) -> Watcher:
         from bnlab.doctor.backends.keras import watch
 
-        return watch.watcher(model)
+        return watch.watcher(model, on_pass_start, optimizer)
 
     def describe_optimizer(self, model: Any, optimizer: Any) -> OptimizerInfo | None:
         from bnlab.doctor.backends.keras.train import optimizer_info

@@ -66,7 +66,13 @@ class KerasFixes:
         )
 
     def no_decay_on_norms(self) -> str:
-        return sketch.no_decay_on_norms()
+        return "\n".join(
+            [
+                "optimizer = keras.optimizers.AdamW(learning_rate=1e-3, weight_decay=1e-4)",
+                'optimizer.exclude_from_weight_decay(var_names=["gamma", "beta"])  # before fit',
+                "model.compile(optimizer=optimizer, loss=...)",
+            ]
+        )
 
     def checkpoint_without_bn_updates(self) -> str:
         return sketch.checkpoint_without_bn_updates()

@@ -26,23 +26,11 @@ try:
 except ImportError as err:
     raise ImportError("bnlab.doctor.lightning needs PyTorch Lightning: pip install 'bnlab[lightning]'") from err
 
+from bnlab.doctor.fail_on import BNDoctorFailed, checked, raise_if_failed
 from bnlab.doctor.findings import Report
 from bnlab.doctor.watch import Watch, watch
 
-_FAIL_ON = {None: (), "error": ("error",), "warning": ("error", "warning")}
-
-
-class BNDoctorFailed(RuntimeError):
-    """Raised after fit when the report has findings at or above ``fail_on``."""
-
-    def __init__(self, report: Report) -> None:
-        worst = report.findings[0]
-        super().__init__(
-            f"bnlab doctor found {len(report.errors)} error(s) and {len(report.warnings)} "
-            f"warning(s) in the batch normalization of {report.model}; the first: "
-            f"[{worst.check}] {worst.title}. The full report is in callback.report."
-        )
-        self.report = report
+__all__ = ["BNDoctorCallback", "BNDoctorFailed"]
 
 
 class BNDoctorCallback(Callback):
@@ -65,11 +53,9 @@ class BNDoctorCallback(Callback):
         module: str | None = None,
         echo: Callable[[str], Any] | None = print,
     ) -> None:
-        if fail_on not in _FAIL_ON:
-            raise ValueError(f"fail_on must be None, 'error' or 'warning', not {fail_on!r}")
         if every_n_epochs is not None and every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be 1 or more, not {every_n_epochs!r}")
-        self.fail_on = fail_on
+        self.fail_on = checked(fail_on)
         self.every_n_epochs = every_n_epochs
         self.module = module
         self.echo = echo
@@ -128,9 +114,7 @@ class BNDoctorCallback(Callback):
         self._open(trainer, pl_module)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        report = self._close(trainer)
-        if report is not None and any(f.severity in _FAIL_ON[self.fail_on] for f in report.findings):
-            raise BNDoctorFailed(report)
+        raise_if_failed(self._close(trainer), self.fail_on)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._close(trainer, failed=True)
