@@ -466,8 +466,8 @@ def test_bad_values_name_the_flag_and_write_nothing(argv, named, tmp_path, capsy
     [
         (["--seed", "-1"], "--seed must lie in [0, 2**32 - 1]; got -1"),
         (["--seed", str(2**70)], "--seed must lie in [0, 2**32 - 1]"),
-        (["--lr", "nan", "--train-steps", "2"], "--lr must be a positive number; got nan"),
-        (["--lr", "-1", "--train-steps", "2"], "--lr must be a positive number; got -1.0"),
+        (["--lr", "nan", "--train-steps", "2"], "--lr must be a positive number of at most 10; got nan"),
+        (["--lr", "-1", "--train-steps", "2"], "--lr must be a positive number of at most 10; got -1.0"),
     ],
 )
 def test_doctor_seed_and_lr_name_the_flag(flags, named, capsys):
