@@ -101,3 +101,14 @@ def test_html_escapes_what_came_from_the_model() -> None:
     finding = Finding(check="x", severity="warning", title="<b>bad</b> & co", where="a<b")
     page = Report([finding], model="<script>alert(1)</script>")._repr_html_()
     assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;b&gt;bad" in page
+
+
+def test_code_lines_name_layers_that_share_a_line_once_and_cap_the_list() -> None:
+    from bnlab.doctor.listing import LONGEST, grouped_places
+
+    built_by_a_library = [("app.py:7", f"bn{i} created") for i in range(52)]
+    assert grouped_places(built_by_a_library) == [("app.py:7", "bn0, bn1, bn2, bn3 and 48 more created")]
+    own_lines = [(f"net.py:{i}", f"bn{i} created") for i in range(LONGEST + 3)]
+    shown = grouped_places(own_lines)
+    assert shown[:-1] == own_lines[:4] and shown[-1] == ("...", f"and {LONGEST - 1} more lines (the JSON lists each)")
+    assert grouped_places(own_lines[:LONGEST]) == own_lines[:LONGEST]

@@ -175,7 +175,7 @@ def test_sequential_children_and_library_layers(user_and_library: Path, capsys) 
     main(["net.py:Net", "--input-shape", "16,6"])
     text = capsys.readouterr().out
     assert f"madebylib.py:{lib['line']}: lib_bn created (in madebylib, not your files)" in text
-    assert f"net.py:{in_list}: blocks.0 created" in text
+    assert f"net.py:{in_list}: blocks.0, blocks.1 created" in text  # one line of code, named once
 
 
 def test_loader_puts_the_classes_back(user_and_library: Path) -> None:

@@ -15,7 +15,7 @@ import textwrap
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
-from bnlab.doctor.listing import layer_calls, name_list
+from bnlab.doctor.listing import grouped_places, layer_calls, name_list
 from bnlab.jsonsafe import json_safe as clean  # the one JSON sanitizer, shared with the reports
 
 SEVERITIES = ("error", "warning", "info")
@@ -242,7 +242,7 @@ def _after_site_packages(parts: list[str]) -> list[str]:
 
 def _code_lines(finding: Finding) -> list[str]:
     """``code: model.py:19: bn created`` lines: clickable in editors and terminals."""
-    places = code_places(finding)
+    places = grouped_places(code_places(finding))
     return [f"  {'code:' if i == 0 else '     '} {place}: {what}" for i, (place, what) in enumerate(places)]
 
 

@@ -39,3 +39,27 @@ def layer_calls(layers: Sequence[dict[str, Any]]) -> str:
     if once:
         parts.append(f"{len(once)} more called once: {name_list(once)}")
     return f"{len(layers)}: " + "; ".join(parts)
+
+
+def grouped_places(places: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``(file:line, what)`` pairs for the text report, one per line of code: the layers a
+    library builds from one line of the user's (``keras.applications.ResNet50()``) share
+    it, and are named once there (``"bn1, bn2 and 51 more created"``); past ``LONGEST``
+    lines, the first few and a count."""
+    merged: dict[str, list[str]] = {}
+    for place, what in places:
+        merged.setdefault(place, []).append(what)
+    lines = [(place, _joined(whats)) for place, whats in merged.items()]
+    if len(lines) <= LONGEST:
+        return lines
+    return [*lines[:SHOWN], ("...", f"and {len(lines) - SHOWN} more lines (the JSON lists each)")]
+
+
+def _joined(whats: list[str]) -> str:
+    """``["bn1 created", "bn2 created"]`` -> ``"bn1, bn2 created"``."""
+    if len(whats) == 1:
+        return whats[0]
+    suffix = " created"
+    if all(what.endswith(suffix) for what in whats):
+        return name_list([what[: -len(suffix)] for what in whats]) + suffix
+    return name_list(whats)
