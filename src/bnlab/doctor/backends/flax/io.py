@@ -19,8 +19,8 @@ from bnlab.doctor.backend import Change
 from bnlab.doctor.backends import sketch
 from bnlab.doctor.backends.flax import common
 from bnlab.doctor.errors import InputError
+from bnlab.doctor.state_fit import misfits
 
-KEYS_NAMED = 4
 SAVE_LINE = "flax.serialization.msgpack_serialize(nnx.state(model).to_pure_dict())"
 
 
@@ -32,11 +32,6 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in tree.items():
         found.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
     return found
-
-
-def _named(keys: list[str]) -> str:
-    more = f" and {len(keys) - KEYS_NAMED} more" if len(keys) > KEYS_NAMED else ""
-    return ", ".join(keys[:KEYS_NAMED]) + more
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -58,20 +53,7 @@ def read_state(path: Path) -> dict[str, Any]:
 
 
 def _check_fits(own: dict[str, Any], given: dict[str, Any], path: Path, model_name: str) -> None:
-    missing = [k for k in own if k not in given]
-    unexpected = [k for k in given if k not in own]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_named(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_named(unexpected)}")
-    shapes = [
-        f"{k} {np.shape(given[k])} vs {np.shape(own[k])}"
-        for k in own
-        if k in given and np.shape(given[k]) != np.shape(own[k])
-    ]
-    if shapes:
-        problems.append(f"shapes differ (checkpoint vs model): {_named(shapes)}")
+    problems = misfits({k: np.shape(v) for k, v in own.items()}, {k: np.shape(v) for k, v in given.items()})
     if problems:
         raise InputError(
             f"{path} does not fit {model_name}: {'; '.join(problems)}. Give the state saved "

@@ -17,10 +17,9 @@ import torch
 from bnlab.doctor.backend import Change
 from bnlab.doctor.backends import sketch
 from bnlab.doctor.errors import InputError
+from bnlab.doctor.state_fit import KEYS_NAMED, misfits
 from bnlab.safeload import read_torch_file
 
-# How many missing / unexpected keys a message names.
-KEYS_NAMED = 4
 # Containers other tools wrap a state dict in (bnlab's own checkpoint.pt, Lightning...).
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict")
 
@@ -51,28 +50,10 @@ def state_dict_of(payload: Any, path: Path) -> dict[str, Any]:
     return payload
 
 
-def _named(keys: list[str]) -> str:
-    more = f" and {len(keys) - KEYS_NAMED} more" if len(keys) > KEYS_NAMED else ""
-    return ", ".join(keys[:KEYS_NAMED]) + more
-
-
 def check_keys(model: Any, state: dict[str, Any], path: Path) -> None:
     """InputError unless ``state`` has exactly the model's keys, with the model's shapes."""
-    own = model.state_dict()
-    missing = [key for key in own if key not in state]
-    unexpected = [key for key in state if key not in own]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_named(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_named(unexpected)}")
-    shapes = [
-        f"{key} {tuple(state[key].shape)} vs {tuple(own[key].shape)}"
-        for key in own
-        if key in state and tuple(state[key].shape) != tuple(own[key].shape)
-    ]
-    if shapes:
-        problems.append(f"shapes differ (checkpoint vs model): {_named(shapes)}")
+    own = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    problems = misfits(own, {key: tuple(value.shape) for key, value in state.items()})
     if problems:
         raise InputError(
             f"{path} does not fit {type(model).__name__}: {'; '.join(problems)}. Give the "
