@@ -223,6 +223,51 @@ def run_limit(epochs: int) -> dict:
     return {**result["torch"], "numpy_seconds": result["numpy"]["seconds"]}
 
 
+def epoch_flop(widths=WIDTHS, batch: int = 1000, n_train: int = 60000, n_val: int = 10000, eval_after_step=False):
+    """Matrix-product FLOPs of one epoch: every training step's products, the evaluation
+    forward over the validation set, and with ``eval_after_step`` (the TensorFlow presets,
+    which re-evaluate each batch in inference mode after its step) one more forward a step."""
+
+    def flop(calls):
+        return sum(2 * m * k * n for m, k, n, _, _ in calls)
+
+    steps = n_train // batch
+    per_step = flop(gemm_calls(batch, widths)) + (flop(gemm_calls(batch, widths, eval_batch=batch)) if eval_after_step else 0)
+    return steps * per_step + flop(gemm_calls(batch, widths, eval_batch=n_val))
+
+
+def repro_flop(seeds: int = 5) -> float:
+    """Matrix-product FLOPs of `bnlab repro --seeds 0-4`: every preset, its own widths, batch
+    size, epochs and train metrics, over ``seeds`` seeds."""
+    from bnlab.presets import PRESETS
+
+    total = 0.0
+    for preset in PRESETS.values():
+        model, train = preset.config.model, preset.config.train
+        per_epoch = epoch_flop(model.widths, train.batch_size, eval_after_step=train.train_metrics == "eval-after-step")
+        total += seeds * train.epochs * per_epoch
+    return total
+
+
+def concurrent_sgemm_gflops(processes: int) -> float:
+    """Summed sgemm throughput (GFLOP/s, the limit's shapes) of ``processes`` single-thread
+    processes running at once: what the cores deliver together when a sweep keeps all of
+    them busy (they share the L3 cache, the memory and the power budget)."""
+    env = {**os.environ, **SINGLE_THREAD_ENV}
+    procs = [
+        subprocess.Popen([sys.executable, __file__, "--child", "limit"], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(processes)
+    ]
+    total = 0.0
+    for p in procs:
+        out, _ = p.communicate()
+        if p.returncode:
+            raise RuntimeError("an sgemm process failed")
+        r = json.loads(out.strip().splitlines()[-1])
+        total += r["flop_per_epoch"] / r["seconds"] / 1e9
+    return total
+
+
 CONTENDERS = {"bnlab": run_bnlab, "bnlab-baseline": run_bnlab, "usual-torch": run_usual_torch, "chainer": run_chainer}
 
 
@@ -291,6 +336,35 @@ def measure(name: str, epochs: int, baseline: str | None = None) -> dict:
     if out.returncode:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def what_the_arithmetic_allows(limit: dict, results: dict, workers: int) -> dict:
+    """The floors the targets have to clear, measured in this run: the repro's matrix
+    products at the summed sgemm speed of ``workers`` processes at once, and the epoch time
+    that the ratio targets against the other programs ask of bnlab, as a multiple of the
+    arithmetic limit. A target below its floor cannot be met by removing overhead."""
+    together = concurrent_sgemm_gflops(workers)
+    flop = repro_flop()
+    floors = {
+        "repro_tflop": flop / 1e12,
+        "sgemm_gflops_all_workers": together,
+        "repro_minutes_at_limit": flop / (together * 1e9) / 60,
+    }
+    print(
+        f"repro --seeds 0-4 at the arithmetic limit: {flop / 1e12:.1f} TFLOP of matrix products at "
+        f"{together:.1f} GFLOP/s ({workers} sgemm processes at once) = {floors['repro_minutes_at_limit']:.1f} min "
+        f"(target {TARGETS['repro_minutes']})"
+    )
+    asks = [("usual-torch", TARGETS["usual"]), ("chainer", TARGETS["chainer"])]
+    for name, ratio in asks:
+        if name in results:
+            needed = results[name]["per_epoch"] / ratio
+            floors[f"bnlab_needed_for_{name}"] = needed
+            print(
+                f"  {ratio}x faster than {name} asks bnlab for {needed:.3f} s/epoch = "
+                f"{needed / limit['seconds']:.2f}x the arithmetic limit"
+            )
+    return floors
 
 
 def main() -> int:
@@ -387,6 +461,8 @@ def main() -> int:
     repro_minutes = REPRO_EPOCHS / repro_rate / 60
     results["repro_estimate_minutes"] = repro_minutes
     checks.append(("repro --seeds 0-4, estimate (min)", repro_minutes, "<=", TARGETS["repro_minutes"]))
+    floors = what_the_arithmetic_allows(limit, results, workers)
+    results["floors"] = floors
     print(f"load average at end: {load_average()}")
     print("\nratio                               value   target")
     failed = 0
