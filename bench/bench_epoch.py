@@ -232,7 +232,9 @@ def epoch_flop(widths=WIDTHS, batch: int = 1000, n_train: int = 60000, n_val: in
         return sum(2 * m * k * n for m, k, n, _, _ in calls)
 
     steps = n_train // batch
-    per_step = flop(gemm_calls(batch, widths)) + (flop(gemm_calls(batch, widths, eval_batch=batch)) if eval_after_step else 0)
+    per_step = flop(gemm_calls(batch, widths)) + (
+        flop(gemm_calls(batch, widths, eval_batch=batch)) if eval_after_step else 0
+    )
     return steps * per_step + flop(gemm_calls(batch, widths, eval_batch=n_val))
 
 
