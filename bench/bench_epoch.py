@@ -251,23 +251,26 @@ def repro_flop(seeds: int = 5) -> float:
     return total
 
 
+def children_at_once(name: str, processes: int, epochs: int) -> list[dict]:
+    """What ``processes`` single-thread children measuring ``name`` report when they all
+    run at the same time (as a sweep's workers do)."""
+    env = {**os.environ, **SINGLE_THREAD_ENV}
+    command = [sys.executable, __file__, "--child", name, "--epochs", str(epochs)]
+    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+    results = []
+    for p in procs:
+        out, _ = p.communicate()
+        if p.returncode:
+            raise RuntimeError(f"a {name} process failed")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
 def concurrent_sgemm_gflops(processes: int) -> float:
     """Summed sgemm throughput (GFLOP/s, the limit's shapes) of ``processes`` single-thread
     processes running at once: what the cores deliver together when a sweep keeps all of
     them busy (they share the L3 cache, the memory and the power budget)."""
-    env = {**os.environ, **SINGLE_THREAD_ENV}
-    procs = [
-        subprocess.Popen([sys.executable, __file__, "--child", "limit"], env=env, stdout=subprocess.PIPE, text=True)
-        for _ in range(processes)
-    ]
-    total = 0.0
-    for p in procs:
-        out, _ = p.communicate()
-        if p.returncode:
-            raise RuntimeError("an sgemm process failed")
-        r = json.loads(out.strip().splitlines()[-1])
-        total += r["flop_per_epoch"] / r["seconds"] / 1e9
-    return total
+    return sum(r["flop_per_epoch"] / r["seconds"] / 1e9 for r in children_at_once("limit", processes, 1))
 
 
 CONTENDERS = {"bnlab": run_bnlab, "bnlab-baseline": run_bnlab, "usual-torch": run_usual_torch, "chainer": run_chainer}
@@ -297,23 +300,8 @@ def worker_throughput(workers: int, epochs: int) -> float:
     processes: the sum over processes of 1 / their median epoch time (the first epoch of
     each left out). Process start-up, which a sweep pays once per worker, not per epoch,
     is left out too; on runs of a few epochs it would otherwise dominate."""
-    env = {**os.environ, **SINGLE_THREAD_ENV}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--child", "bnlab", "--epochs", str(epochs)],
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(workers)
-    ]
-    rate = 0.0
-    for p in procs:
-        out, _ = p.communicate()
-        if p.returncode:
-            raise RuntimeError("a worker failed")
-        rate += 1.0 / statistics.median(json.loads(out.strip().splitlines()[-1])["seconds"][1:])
-    return rate
+    results = children_at_once("bnlab", workers, epochs)
+    return sum(1.0 / statistics.median(r["seconds"][1:]) for r in results)
 
 
 def child(name: str, epochs: int) -> None:
