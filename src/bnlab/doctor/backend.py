@@ -208,9 +208,11 @@ class Backend(Protocol):
 
     # -- weights on disk ------------------------------------------------------------------
 
-    def load_checkpoint(self, model: Any, path: Path) -> None:
+    def load_checkpoint(self, model: Any, path: Path) -> Any:
         """Load trained weights from ``path`` into ``model`` (freshly built by the doctor),
-        reading no pickles; an InputError naming the file and the fix otherwise."""
+        reading no pickles; an InputError naming the file and the fix otherwise. Returns
+        the loaded model: ``model`` itself, or a new one where the framework keeps weights
+        outside the model (flax.linen: a ``(module, variables)`` pair)."""
         ...
 
     def save_weights(self, model: Any) -> bytes:

@@ -191,7 +191,7 @@ def _target(args: argparse.Namespace) -> Target:
     model = load_model(args.target)
     backend = _backend(model, args.framework)
     if args.checkpoint:
-        backend.load_checkpoint(model, Path(args.checkpoint))
+        model = backend.load_checkpoint(model, Path(args.checkpoint))
     return Target(model, backend, "", bool(args.checkpoint))
 
 

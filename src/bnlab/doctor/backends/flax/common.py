@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen, nnx
 
+from bnlab.doctor.backends.flax.sites import mode_call
 from bnlab.doctor.errors import forward_failed
 from bnlab.doctor.locations import call_site
 from bnlab.doctor.outputs import first_output
@@ -50,15 +51,20 @@ WITH_BIAS = {"Linear", "LinearGeneral", "Einsum", "Conv", "ConvTranspose", "Dens
 
 @dataclass
 class Linen:
-    """A linen model: the module and its variables (None until initialised)."""
+    """A linen model: the module and its variables (None until initialised).
+
+    ``restore``: for an unbound module given with ``--checkpoint``, what makes its
+    variables out of the module's own template (shapes from ``module.init`` at the probe's
+    input): the checkpoint checked against the template and read into it (``io``)."""
 
     module: linen.Module
     variables: dict[str, Any] | None = None
+    restore: Callable[[Any], dict[str, Any]] | None = None
 
     def copy(self) -> Linen:
         # jax arrays are immutable: a new mapping tree is a copy the doctor may replace into.
         variables = None if self.variables is None else jax.tree.map(lambda a: a, dict(self.variables))
-        return Linen(self.module.clone(), variables)
+        return Linen(self.module.clone(), variables, self.restore)
 
 
 def is_linen_pair(model: Any) -> bool:
@@ -134,21 +140,25 @@ def producer_facts(module: Any) -> tuple[str, bool, bool]:
 
 
 def init_linen(model: Linen, x: np.ndarray, seed: int = 0) -> Linen:
-    """``model`` with variables: initialised from two samples of ``x`` when it has none."""
+    """``model`` with variables: initialised from two samples of ``x`` when it has none,
+    or, with a checkpoint to restore, read into the template of that shape."""
     if model.variables is not None:
         return model
-    kwargs = mode_kwargs(model.module.__call__, False)
-    try:
-        variables = model.module.init(jax.random.key(seed), jnp.asarray(x[:2]), **kwargs)
-    except Exception as err:  # the user's module on the probe's shape
+    kwargs = mode_kwargs(mode_call(model.module), False)
+    init = functools.partial(model.module.init, jax.random.key(seed), jnp.asarray(x[:2]), **kwargs)
+    try:  # the user's module on the probe's shape; shapes only when the values come from a file
+        variables = jax.eval_shape(init) if model.restore is not None else init()
+    except Exception as err:
         raise forward_failed(err) from err
+    if model.restore is not None:
+        return Linen(model.module, model.restore(variables))
     return Linen(model.module, dict(variables))
 
 
 def linen_apply(model: Linen, x: Any, train: bool, *, mutable: Any = False, rng: Any = None) -> Any:
     """``module.apply(variables, x, <mode>)``; with ``mutable``, (output, updates)."""
     assert model.variables is not None
-    kwargs: dict[str, Any] = dict(mode_kwargs(model.module.__call__, train))
+    kwargs: dict[str, Any] = dict(mode_kwargs(mode_call(model.module), train))
     rngs = {"dropout": rng if rng is not None else jax.random.key(0)}
     return model.module.apply(model.variables, x, rngs=rngs, mutable=mutable, **kwargs)
 

@@ -1,9 +1,16 @@
 """Flax weights on disk: msgpack state files for ``--checkpoint`` and ``--fix``.
 
 The format is Flax's own serialization: ``flax.serialization.msgpack_serialize`` of the
-model's state as plain nested dicts (nnx: ``nnx.state(model).to_pure_dict()``), read back
-with ``flax.serialization.msgpack_restore``. msgpack holds arrays and containers only:
-reading it runs no code from the file (unlike a pickle).
+model's state as plain nested dicts (nnx: ``nnx.state(model).to_pure_dict()``; linen: the
+variables, ``flax.serialization.to_bytes(variables)``), read back with
+``flax.serialization.msgpack_restore``. msgpack holds arrays and containers only: reading
+it runs no code from the file (unlike a pickle).
+
+linen keeps its variables outside the module, so a linen checkpoint gives a new model: a
+``(module, variables)`` pair read into the pair's variables, or, for an unbound module,
+a :class:`~bnlab.doctor.backends.flax.common.Linen` that reads them into the template
+``module.init`` makes at the probe's input (the shapes of a Dense layer's kernel depend
+on its input).
 """
 
 from __future__ import annotations
@@ -11,9 +18,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import functools
+
 import jax
 import numpy as np
 from flax import nnx, serialization
+from flax.core import unfreeze
 
 from bnlab.doctor.backend import Change
 from bnlab.doctor.backends import sketch
@@ -22,6 +32,16 @@ from bnlab.doctor.errors import InputError
 from bnlab.doctor.state_fit import misfits
 
 SAVE_LINE = "flax.serialization.msgpack_serialize(nnx.state(model).to_pure_dict())"
+LINEN_SAVE_LINE = "flax.serialization.to_bytes(variables)"
+
+
+class CheckpointMisfit(InputError):
+    """A checkpoint whose entries do not fit the model. ``keys_differ``: entries are
+    missing or unexpected (not only shapes, which for linen may follow the input's)."""
+
+    def __init__(self, message: str, keys_differ: bool) -> None:
+        super().__init__(message)
+        self.keys_differ = keys_differ
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -43,11 +63,12 @@ def read_state(path: Path) -> dict[str, Any]:
     except Exception as err:
         raise InputError(
             f"{path} is not a Flax msgpack state ({type(err).__name__}: {str(err)[:160]}). bnlab reads "
-            f"states written by {SAVE_LINE} (nnx); save the model that way."
+            f"states written by {SAVE_LINE} (nnx) or {LINEN_SAVE_LINE} (linen); save the model that way."
         ) from err
     if not isinstance(state, dict) or not state:
         raise InputError(
-            f"{path} holds a {type(state).__name__}, not a state (nested dicts of arrays); save {SAVE_LINE}."
+            f"{path} holds a {type(state).__name__}, not a state (nested dicts of arrays); save "
+            f"{SAVE_LINE} (nnx) or {LINEN_SAVE_LINE} (linen)."
         )
     return state
 
@@ -55,26 +76,43 @@ def read_state(path: Path) -> dict[str, Any]:
 def _check_fits(own: dict[str, Any], given: dict[str, Any], path: Path, model_name: str) -> None:
     problems = misfits({k: np.shape(v) for k, v in own.items()}, {k: np.shape(v) for k, v in given.items()})
     if problems:
-        raise InputError(
+        raise CheckpointMisfit(
             f"{path} does not fit {model_name}: {'; '.join(problems)}. Give the state saved "
-            "from this model class (with the same constructor arguments)."
+            "from this model class (with the same constructor arguments).",
+            keys_differ=set(own) != set(given),
         )
 
 
-def load_checkpoint(model: Any, path: Path) -> None:
-    """Load a msgpack state into the nnx ``model`` (freshly built by the doctor)."""
+def load_checkpoint(model: Any, path: Path) -> Any:
+    """The model with the weights of the msgpack state at ``path``: the nnx ``model``
+    itself (freshly built by the doctor, loaded in place), a new linen model otherwise."""
     if not common.is_nnx(model):
-        raise InputError(
-            f"--checkpoint {path}: a flax.linen module keeps no weights of its own. Give a "
-            "function with no arguments returning (module, variables) instead, reading the "
-            "variables with flax.serialization.msgpack_restore (or from orbax)."
-        )
+        return _linen_checkpoint(common.as_linen(model), read_state(path), path)
     state = nnx.state(model)
     given = read_state(path)
     own_flat = {k: v for k, v in _flat(state.to_pure_dict()).items()}
     _check_fits(own_flat, _flat(given), path, type(model).__name__)
     nnx.replace_by_pure_dict(state, _keys_like(state.to_pure_dict(), given))
     nnx.update(model, state)
+    return model
+
+
+def _linen_checkpoint(model: common.Linen, given: dict[str, Any], path: Path) -> Any:
+    """A ``(module, variables)`` pair for a pair, an unbound model that restores ``given``
+    once its template is known otherwise (see the module docs)."""
+    restore = functools.partial(_restore_linen, given=given, path=path, name=type(model.module).__name__)
+    if model.variables is not None:
+        return model.module, restore(model.variables)
+    return common.Linen(model.module, None, restore)
+
+
+def _restore_linen(template: Any, *, given: dict[str, Any], path: Path, name: str) -> dict[str, Any]:
+    """``given`` (msgpack's nested dicts) read into ``template`` (variables or their
+    shapes), in the template's dtypes, once keys and shapes are seen to fit."""
+    template = unfreeze(template)
+    _check_fits(_flat(template), _flat(given), path, name)
+    restored = serialization.from_state_dict(template, given)
+    return dict(jax.tree.map(lambda own, value: jax.numpy.asarray(value, dtype=own.dtype), template, restored))
 
 
 def _keys_like(own: Any, given: Any) -> Any:
@@ -89,11 +127,18 @@ def _keys_like(own: Any, given: Any) -> Any:
 
 
 def save_weights(model: Any) -> bytes:
-    """The msgpack state of the nnx ``model`` (``nnx.state(model).to_pure_dict()``)."""
-    return serialization.msgpack_serialize(jax.tree.map(np.asarray, nnx.state(model).to_pure_dict()))
+    """The msgpack state of the nnx ``model`` (``nnx.state(model).to_pure_dict()``), or
+    of a linen model's variables."""
+    if common.is_nnx(model):
+        return serialization.msgpack_serialize(jax.tree.map(np.asarray, nnx.state(model).to_pure_dict()))
+    variables = common.as_linen(model).variables
+    assert variables is not None, "a repaired linen model has its variables"
+    return serialization.msgpack_serialize(jax.tree.map(np.asarray, unfreeze(variables)))
 
 
 def how_to_load(changes: list[Change], weights: Path, target: str, mlp_config: Any) -> str:
+    if any(str(change.get("method", "")).startswith("linen") for change in changes):
+        return _how_to_load_linen(changes, weights, target)
     load = (
         "state = nnx.state(model)\n"
         f"    nnx.replace_by_pure_dict(state, flax.serialization.msgpack_restore(open({str(weights)!r}, 'rb').read()))\n"
@@ -102,3 +147,11 @@ def how_to_load(changes: list[Change], weights: Path, target: str, mlp_config: A
     )
     text = sketch.rebuild_and_load(changes, target, "flax", load)
     return text.replace("    import flax\n", "    import flax\n    from flax import nnx\n", 1)
+
+
+def _how_to_load_linen(changes: list[Change], weights: Path, target: str) -> str:
+    load = (
+        f"variables = flax.serialization.msgpack_restore(open({str(weights)!r}, 'rb').read())\n"
+        "    scores = model.apply(variables, x, train=False)  # your module's eval-mode argument: running statistics"
+    )
+    return sketch.rebuild_and_load(changes, target, "flax", load)
