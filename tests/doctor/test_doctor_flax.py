@@ -383,15 +383,6 @@ def test_equinox_models_are_refused_with_a_message():
         detect(model)
 
 
-def test_linen_checkpoint_and_fix_are_refused_with_what_to_do_instead(tmp_path, capsys):
-    state = tmp_path / "state.msgpack"
-    state.write_bytes(serialization.msgpack_serialize({"params": {}}))
-    assert main([f"{EXAMPLES}/question_flax.py:LinenModel", "--checkpoint", str(state), "--input-shape", "8,784"]) == 2
-    assert "returning (module, variables)" in capsys.readouterr().err
-    with pytest.raises(Exception, match="take flax.nnx models"):
-        repair(QUESTION.LinenModel(), [(np.zeros((4, 784), np.float32), None)])
-
-
 def test_linen_pair_of_a_trained_model_is_recognised():
     module = linen.Dense(3)
     variables = module.init(jax.random.key(0), jnp.ones((1, 4)))

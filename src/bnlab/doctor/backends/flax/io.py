@@ -15,10 +15,9 @@ on its input).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
-
-import functools
 
 import jax
 import numpy as np
@@ -58,6 +57,10 @@ def read_state(path: Path) -> dict[str, Any]:
     """The nested dict in a msgpack state file, or an InputError naming the fix."""
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file.")
+    if path.stat().st_size == 0:
+        raise InputError(
+            f"{path} is empty (0 bytes): was it written completely? Save {SAVE_LINE} (nnx) or {LINEN_SAVE_LINE} (linen) again."
+        )
     try:
         state = serialization.msgpack_restore(path.read_bytes())
     except Exception as err:

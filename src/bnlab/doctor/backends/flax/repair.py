@@ -181,7 +181,10 @@ def _split_changes(recorder: Recorder, wanted: dict[str, int], into: Any, layout
     ]
 
 
-def _reestimated(path: str, source: str, batches: int, method: str, old: Any, new: Any, eps: float) -> Change:
+Stats = tuple[np.ndarray, np.ndarray]  # (mean, var)
+
+
+def _reestimated(path: str, source: str, batches: int, method: str, old: Stats, new: Stats, eps: float) -> Change:
     """The "re-estimated" change of one BatchNorm (``old``, ``new``: (mean, var))."""
     return {
         "change": "re-estimated",
@@ -189,7 +192,7 @@ def _reestimated(path: str, source: str, batches: int, method: str, old: Any, ne
         "from": source,
         "batches": batches,
         "method": method,
-        "old_vs_new": distance(*old, *new, eps).as_dict(),
+        "old_vs_new": distance(old[0], old[1], new[0], new[1], eps).as_dict(),
     }
 
 

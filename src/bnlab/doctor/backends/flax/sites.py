@@ -40,11 +40,7 @@ class SiteSplit(linen.Module):
 
         def route(next_fun: Any, call_args: tuple, call_kwargs: dict, context: Any) -> Any:
             path = ".".join(str(part) for part in context.module.path[1:])
-            if (
-                context.method_name != "__call__"
-                or context.module.path[:1] != (INNER,)
-                or path not in wanted
-            ):
+            if context.method_name != "__call__" or context.module.path[:1] != (INNER,) or path not in wanted:
                 return next_fun(*call_args, **call_kwargs)
             turn = turns.get(path, 0)
             turns[path] = turn + 1
