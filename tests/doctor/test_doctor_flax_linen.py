@@ -203,6 +203,15 @@ def test_repair_splits_the_shared_bn_and_each_site_gets_the_cumulative_average(t
     assert _same(new["params"]["inner"], {k: v for k, v in variables["params"].items() if k != "bn"})
 
 
+def test_the_repaired_model_checked_again_has_no_error_and_only_the_sites(trained, mnist_arrays):
+    train_x, _, test_x, test_y = mnist_arrays
+    repaired = repair(trained, [train_x[i : i + 500].reshape(-1, 784) for i in range(0, 3000, 500)])
+    report = check(repaired, test_x[:500].reshape(-1, 784), labels=test_y[:500])
+    assert report.exit_code == 0 and not [f for f in report.findings if f.check == "shared-bn"]
+    # the wrapped layer's own call never runs: only the sites are BatchNorm layers
+    assert [(layer["path"], layer["calls"]) for layer in report.summary["layers"]] == [("bn_site0", 1), ("bn_site1", 1)]
+
+
 def test_the_doctor_never_changes_the_users_linen_module_or_variables(trained, mnist_arrays):
     module, variables = trained
     before, fields = _snapshot(variables), (module.name, module.parent)

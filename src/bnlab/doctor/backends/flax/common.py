@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen, nnx
 
-from bnlab.doctor.backends.flax.sites import mode_call
+from bnlab.doctor.backends.flax.sites import mode_call, routed
 from bnlab.doctor.errors import forward_failed
 from bnlab.doctor.locations import call_site
 from bnlab.doctor.outputs import first_output
@@ -324,7 +324,7 @@ class Recorder:
 
     def intercept(self, next_fun: Callable[..., Any], args: tuple, kwargs: dict, context: Any) -> Any:
         """A ``flax.linen.intercept_methods`` interceptor: every module's ``__call__``."""
-        if context.method_name != "__call__":
+        if context.method_name != "__call__" or routed(context.module):
             return next_fun(*args, **kwargs)
         path = dotted(context.module.path)
         return self.layer_call(path, context.module, args, kwargs, lambda a, k: next_fun(*a, **k))

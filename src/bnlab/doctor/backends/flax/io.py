@@ -140,7 +140,9 @@ def save_weights(model: Any) -> bytes:
 
 
 def how_to_load(changes: list[Change], weights: Path, target: str, mlp_config: Any) -> str:
-    if any(str(change.get("method", "")).startswith("linen") for change in changes):
+    from bnlab.doctor.backends.flax.repair import LINEN_METHOD
+
+    if any(change.get("method") == LINEN_METHOD for change in changes):  # a linen repair
         return _how_to_load_linen(changes, weights, target)
     load = (
         "state = nnx.state(model)\n"

@@ -287,7 +287,7 @@ def _repair_linen(model: Linen, batches: list[Batch], split: Iterable[str] | Non
     if wanted:
         module = SiteSplit(given.module.clone(), tuple(wanted.items()))
         work = Linen(module, site_variables(given.variables, module.splits))
-    old = _stat_layers(work.variables.get("batch_stats", {}) if work.variables else {})
+    old = _stat_layers((work.variables or {}).get("batch_stats", {}))
     variables, seen, eps = _reestimate_linen(work, batches)
     changes = _split_changes(recorder, wanted, site_name, LINEN_LAYOUT)
     sources = {site_name(path, k): path for path, calls in wanted.items() for k in range(calls)}

@@ -51,6 +51,18 @@ class SiteSplit(linen.Module):
             return self.inner(*args, **kwargs)
 
 
+def routed(module: linen.Module) -> bool:
+    """Whether a :class:`SiteSplit` above the bound ``module`` sends its calls to a site
+    (the shared layer's own call never runs: recorders of calls skip it)."""
+    node = module.parent
+    while isinstance(node, linen.Module):
+        if isinstance(node, SiteSplit):
+            below = module.path[len(node.path) :]
+            return below[:1] == (INNER,) and ".".join(map(str, below[1:])) in dict(node.splits)
+        node = node.parent
+    return False
+
+
 def mode_call(module: linen.Module) -> Any:
     """The method whose signature names the module's mode argument (``train=...``): the
     wrapped module's for a :class:`SiteSplit`, which passes its arguments through."""
