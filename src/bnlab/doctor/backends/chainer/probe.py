@@ -20,7 +20,7 @@ from chainer.backends import cuda
 
 from bnlab.doctor import source_lines
 from bnlab.doctor.backends.chainer import train as chainer_train
-from bnlab.doctor.backends.chainer.common import output_array
+from bnlab.doctor.backends.chainer.common import as_input, from_torch, output_array
 from bnlab.doctor.errors import forward_failed
 from bnlab.doctor.locations import call_site
 from bnlab.doctor.records import CallRecord, LayerInfo, ProbeResult, TrainLog
@@ -293,15 +293,6 @@ class Recorder(chainer.LinkHook):
 # -- the probe -------------------------------------------------------------------------
 
 
-def as_array(inputs: Any) -> Any:
-    """Probe input as float32 numpy (torch tensors and float64 arrays converted)."""
-    if hasattr(inputs, "detach") and hasattr(inputs, "numpy"):  # a torch tensor
-        inputs = inputs.detach().cpu().numpy()
-    if isinstance(inputs, np.ndarray) and inputs.dtype == np.float64:
-        inputs = inputs.astype(np.float32)
-    return inputs
-
-
 def _read(output: Any) -> np.ndarray | None:
     """The part of the output the probe reads (:func:`output_array`), as float64 numpy."""
     return _numpy(output_array(output)[0])
@@ -369,7 +360,7 @@ def observe(
         eval_calls=dict(counter.counts),
         train_pred=train_pred,
         eval_pred=eval_pred,
-        labels=None if labels is None else np.asarray(as_array(labels)).reshape(-1),
+        labels=None if labels is None else np.asarray(from_torch(labels)).reshape(-1),
         output_diff=diff,
         output_finite=finite,
         notes=notes,
@@ -395,7 +386,7 @@ def probe(
     trained and observed again. ``modes`` overrides the train/eval mode reported per
     layer (see torch_probe.probe).
     """
-    x = as_array(inputs)
+    x = as_input(model, inputs)
     user_layers = {path: layer_info(path, link) for path, link in bn_links(model).items()}
     with numpy_rng_kept(), borrowed(model) as work:
         result = observe(work, x, labels, user_layers, modes or {})

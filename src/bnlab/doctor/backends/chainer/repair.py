@@ -16,7 +16,7 @@ import chainer.functions as F
 import numpy as np
 from chainer.backends import cuda
 
-from bnlab.doctor.backends.chainer.common import output_array
+from bnlab.doctor.backends.chainer.common import as_input, output_array
 from bnlab.doctor.backends.chainer.probe import Recorder, bn_links, frozen_statistics
 from bnlab.doctor.errors import RepairError
 
@@ -57,7 +57,7 @@ def call_sites(model: chainer.Link, x: Any) -> dict[str, list[str]]:
     named as the doctor names them ("after l1")."""
     work = copy.deepcopy(model)
     with chainer.using_config("train", False), chainer.no_backprop_mode(), Recorder(work, stats=False) as recorder:
-        work(x)
+        work(as_input(work, x))
     sites: dict[str, list[str]] = {}
     for call in recorder.calls:
         sites.setdefault(call.path, []).append(f"call {call.index} {call.site}")
@@ -102,7 +102,7 @@ def reestimate(model: chainer.Link, batches: Iterable[Any]) -> int:
     try:
         with chainer.using_config("train", True), chainer.no_backprop_mode():
             for x, _ in batches:
-                model(x)
+                model(as_input(model, x))
                 count += 1
     finally:
         for link, decay in saved.items():
@@ -179,7 +179,8 @@ def evaluate(model: chainer.Link, batches: list[Any]) -> dict[str, Any]:
     correct = agree = total = 0
     loss_sum = 0.0
     with chainer.no_backprop_mode():
-        for x, y in batches:
+        for batch, y in batches:
+            x = as_input(work, batch)
             labels = np.asarray(y).astype(np.int32)
             with chainer.using_config("train", False):
                 out = work(x)

@@ -9,24 +9,14 @@ import chainer
 import chainer.functions as F
 import numpy as np
 
-from bnlab.doctor.backends.chainer.common import output_array
+from bnlab.doctor.backends.chainer.common import as_input, from_torch, output_array
 from bnlab.doctor.batching import cycle, staged_step
 from bnlab.doctor.errors import UsageError
 from bnlab.doctor.records import TrainLog
 
 
 def _labels(labels: Any) -> np.ndarray:
-    if hasattr(labels, "detach"):  # a torch tensor
-        labels = labels.detach().cpu().numpy()
-    return np.asarray(labels).astype(np.int32)
-
-
-def _inputs(x: Any) -> Any:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    if isinstance(x, np.ndarray) and x.dtype == np.float64:
-        x = x.astype(np.float32)
-    return x
+    return np.asarray(from_torch(labels)).astype(np.int32)
 
 
 def _read(output: Any) -> Any:
@@ -40,7 +30,7 @@ def _read(output: Any) -> Any:
 def pseudo_labels(model: chainer.Link, x: Any, seed: int = 0) -> np.ndarray:
     """Random class labels shaped like the model's output (see torch_train.pseudo_labels)."""
     with chainer.using_config("train", False), chainer.no_backprop_mode():
-        out, _ = output_array(model(x))
+        out, _ = output_array(model(as_input(model, x)))
     if out is None:
         raise UsageError("train_steps needs labels when the model's output is not class scores")
     array: Any = out.array if isinstance(out, chainer.Variable) else np.asarray(out)
@@ -64,12 +54,13 @@ def train(
 ) -> TrainLog:
     """``steps`` updates of ``model`` (already a copy) in train mode.
 
-    ``optimizer_factory()`` returns a Chainer optimizer (default Adam(alpha=lr)) that is
+    ``optimizer_factory()`` returns a Chainer optimizer (default Adam(alpha=lr), float16 parameters updated in float32) that is
     set up on the copy here; ``loss_fn(output, labels)`` defaults to softmax cross-entropy.
+    Inputs are cast to the model's floating dtype (:func:`common.as_input`).
     """
     if batches is None:
         batches = [(x, pseudo_labels(model, x) if labels is None else labels)]
-    optimizer = optimizer_factory() if optimizer_factory else chainer.optimizers.Adam(alpha=lr)
+    optimizer = optimizer_factory() if optimizer_factory else _default_optimizer(lr)
     optimizer.setup(model)
     loss_fn = loss_fn or F.softmax_cross_entropy
     log = TrainLog(steps=steps)
@@ -77,13 +68,22 @@ def train(
         for step, (bx, by) in zip(range(steps), cycle(batches)):
             loss = staged_step(
                 step,
-                lambda: _read(model(_inputs(bx))),  # noqa: B023 - called at once
+                lambda: _read(model(as_input(model, bx))),  # noqa: B023 - called at once
                 lambda output: loss_fn(output, _labels(by)),  # noqa: B023 - called at once
                 lambda loss: _update(model, optimizer, loss),
                 _scalar,
             )
             log.add_loss(step, float(loss.array))
     return log
+
+
+def _default_optimizer(lr: float) -> Any:
+    """Adam, updating float16 parameters through a float32 copy (Chainer's mixed-precision
+    mode; float32/float64 parameters are updated as they are): in float16 its eps 1e-8 is 0,
+    and the zero gradient of a bias before BN gives 0/0 = NaN at the first update."""
+    optimizer = chainer.optimizers.Adam(alpha=lr)
+    optimizer.use_fp32_update()
+    return optimizer
 
 
 def _update(model: chainer.Link, optimizer: Any, loss: Any) -> None:
