@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision_compat import import_torchvision  # noqa: E402
@@ -17,30 +18,11 @@ except ImportError:
     pass  # no torchvision: lightning does not need it
 lightning = pytest.importorskip("lightning")
 
+from lightning_ddp_worker import MNISTClassifier  # noqa: E402
+
 from bnlab.doctor.lightning import BNDoctorCallback, BNDoctorFailed  # noqa: E402
 
-
-class MNISTClassifier(lightning.LightningModule):
-    """The question's MLP (784-100-100-10): one BN per layer, or one BN after both layers."""
-
-    def __init__(self, shared: bool) -> None:
-        super().__init__()
-        self.l1 = nn.Linear(784, 100, bias=False)
-        self.l2 = nn.Linear(100, 100, bias=False)
-        self.bn1 = nn.BatchNorm1d(100)
-        self.bn2 = self.bn1 if shared else nn.BatchNorm1d(100)
-        self.out = nn.Linear(100, 10)
-
-    def forward(self, x):
-        h = F.relu(self.bn1(self.l1(x)))
-        return self.out(F.relu(self.bn2(self.l2(h))))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=0.01)
+HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +113,63 @@ def test_the_trainers_optimizer_is_handed_to_the_watch(loader) -> None:
     fit(Decayed(shared=False), loader, callback)
     (finding,) = callback.report.by_check("bn-weight-decay")
     assert finding.where == "bn1, bn2"
+
+
+# -- under Lightning's DDP strategy: a real 2-process job (gloo, 127.0.0.1) ------------------
+# tests/doctor/lightning_ddp_worker.py is one rank; it fits three times (see its docs).
+
+DDP_LIMIT_S = 180  # the whole job, two Lightning processes starting on a busy machine included
+
+
+@pytest.fixture(scope="module")
+def ddp_job(tmp_path_factory) -> dict[int, dict]:
+    from ddp_jobs import run_job
+
+    results = run_job(HERE / "lightning_ddp_worker.py", "fits", tmp_path_factory.mktemp("ddp"), DDP_LIMIT_S)
+    assert set(results) == {0, 1}, results
+    return results
+
+
+def severe(report: dict) -> list[tuple[str, str]]:
+    return [(f["check"], f["where"]) for f in report["findings"] if f["severity"] in ("error", "warning")]
+
+
+def test_ddp_fit_compares_the_ranks_and_a_healthy_one_finds_nothing(ddp_job) -> None:
+    for rank in (0, 1):
+        report = ddp_job[rank]["watched"]
+        assert any("compared the 2 ranks" in note for note in report["notes"]), report["notes"]
+        assert severe(report) == [], report
+    assert ddp_job[0]["output"].count("bnlab doctor: Decayed") == 1  # rank 0 prints (once) ...
+    assert "bnlab doctor:" not in ddp_job[1]["output"]  # ... rank 1 keeps callback.report
+
+
+def test_ddp_fit_weights_are_the_same_with_and_without_the_callback(ddp_job) -> None:
+    assert ddp_job[0]["same_weights"] and ddp_job[1]["same_weights"]
+
+
+def test_ddp_fit_names_layers_as_the_lightning_module_does(ddp_job) -> None:
+    # the watch runs on Lightning's DDP model, whose own names start with "module."
+    for rank in (0, 1):
+        (decay,) = [f for f in ddp_job[rank]["watched"]["findings"] if f["check"] == "bn-weight-decay"]
+        assert decay["where"] == "bn1, bn2"
+
+
+def test_ddp_fit_without_buffer_broadcast_is_rank_divergent_stats(ddp_job) -> None:
+    # the same finding as watch(ddp_model) in test_doctor_ddp.py's no-broadcast job
+    for rank in (0, 1):
+        found = [f for f in ddp_job[rank]["apart"]["findings"] if f["check"] == "rank-divergent-stats"]
+        assert {f["where"] for f in found} == {"bn1", "bn2"}
+        for finding in found:
+            assert finding["data"]["ranks"] == [0, 1]
+            assert finding["data"]["running_mean_max_abs_diff"] > 1e-3
+            assert [r["rank"] for r in finding["data"]["per_rank"]] == [0, 1]
+            assert "rank 0's statistics only" in finding["consequence"]
+    assert "[rank-divergent-stats]" in ddp_job[0]["output"]
+
+
+def test_ddp_fail_on_stops_every_rank_alike(ddp_job) -> None:
+    # rank 0 has fail_on="error" (its report: warnings only), rank 1 fail_on="warning":
+    # rank 1's report alone fails, and rank 0 raises with it instead of being left behind
+    assert "[rank-divergent-stats]" in ddp_job[1]["apart_raised"]
+    assert "rank(s) 1 of this job found" in ddp_job[0]["apart_raised"]
+    assert ddp_job[0]["rc"] == ddp_job[1]["rc"] == 0  # both ranks went on to write their results
