@@ -57,3 +57,15 @@ def run_job(worker: Path, scenario: str, tmp_path: Path, limit_s: float) -> dict
         if path.exists():
             results[rank] = json.loads(path.read_text()) | {"output": outputs[rank], "rc": procs[rank].returncode}
     return results
+
+
+def assert_rank_divergent_stats(report: dict) -> None:
+    """A 2-rank job whose ranks kept their own statistics (broadcast_buffers=False): the
+    finding on both BN layers of the question's MLP, with each rank's values."""
+    found = [f for f in report["findings"] if f["check"] == "rank-divergent-stats"]
+    assert {f["where"] for f in found} == {"bn1", "bn2"}, report
+    for finding in found:
+        assert finding["data"]["ranks"] == [0, 1]
+        assert finding["data"]["running_mean_max_abs_diff"] > 1e-3
+        assert [r["rank"] for r in finding["data"]["per_rank"]] == [0, 1]
+        assert "rank 0's statistics only" in finding["consequence"]

@@ -40,6 +40,9 @@ except ImportError:
 import lightning  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+from watch_training_loop import MLP  # noqa: E402
+
 from bnlab.data import load_mnist, to_float  # noqa: E402
 from bnlab.doctor.lightning import BNDoctorCallback, BNDoctorFailed  # noqa: E402
 
@@ -47,19 +50,14 @@ SAMPLES = 2000  # 1000 per rank: 10 steps of 100
 
 
 class MNISTClassifier(lightning.LightningModule):
-    """The question's MLP (784-100-100-10): one BN per layer, or one BN after both layers."""
+    """The question's MLP (784-100-100-10, examples/watch_training_loop.py): one BN per
+    layer, or one BN after both layers."""
 
     def __init__(self, shared: bool) -> None:
         super().__init__()
-        self.l1 = nn.Linear(784, 100, bias=False)
-        self.l2 = nn.Linear(100, 100, bias=False)
-        self.bn1 = nn.BatchNorm1d(100)
-        self.bn2 = self.bn1 if shared else nn.BatchNorm1d(100)
-        self.out = nn.Linear(100, 10)
+        self._modules.update(MLP(shared)._modules)  # its layers, under its names (bn2 may be bn1)
 
-    def forward(self, x):
-        h = F.relu(self.bn1(self.l1(x)))
-        return self.out(F.relu(self.bn2(self.l2(h))))
+    forward = MLP.forward
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -81,23 +79,27 @@ def loader() -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=100)  # Lightning adds the distributed sampler
 
 
-def fit(strategy: Any, callback: BNDoctorCallback | None, kind: type = MNISTClassifier) -> tuple[nn.Module, str]:
-    """The model after one epoch, and what fit raised ("" if nothing)."""
-    torch.manual_seed(0)
-    model = kind(shared=False)
-    trainer = lightning.Trainer(
-        max_epochs=1,
+def trainer(callbacks: list, devices: int = 2, strategy: Any = "auto", epochs: int = 1) -> lightning.Trainer:
+    """A CPU trainer with nothing but ``callbacks`` (no logger, checkpoints, progress bar)."""
+    return lightning.Trainer(
+        max_epochs=epochs,
         accelerator="cpu",
-        devices=2,
+        devices=devices,
         strategy=strategy,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[callback] if callback is not None else [],
+        callbacks=callbacks,
     )
+
+
+def fit(strategy: Any, callback: BNDoctorCallback | None, kind: type = MNISTClassifier) -> tuple[nn.Module, str]:
+    """The model after one epoch, and what fit raised ("" if nothing)."""
+    torch.manual_seed(0)
+    model = kind(shared=False)
     try:
-        trainer.fit(model, loader())
+        trainer([callback] if callback is not None else [], strategy=strategy).fit(model, loader())
     except BNDoctorFailed as err:
         return model, str(err)
     return model, ""
