@@ -13,7 +13,10 @@ same seed, on its shard of real MNIST (Lightning's distributed sampler):
   decay must be reported on bn1 and bn2, the LightningModule's names);
 - no-broadcast: ``DDPStrategy(broadcast_buffers=False)``: the ranks' BN statistics drift
   apart; ``fail_on="error"`` on rank 0, ``"warning"`` on rank 1, so only rank 1's own
-  report fails, and both ranks must raise.
+  report fails, and both ranks must raise;
+- submodule: ``BNDoctorCallback(module="net")`` on a LightningModule whose training_step
+  calls ``self.net``: each rank watches it alone, and the report says the ranks were not
+  compared.
 
 It writes ``OUT_DIR/rank<RANK>.json``: the reports, what each fit raised, whether the
 weights matched.
@@ -72,6 +75,19 @@ class Decayed(MNISTClassifier):
         return torch.optim.SGD(self.parameters(), lr=0.05, weight_decay=5e-4)
 
 
+class Nested(lightning.LightningModule):
+    def __init__(self, shared: bool) -> None:
+        super().__init__()
+        self.net = MLP(shared)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
 def loader() -> DataLoader:
     data = load_mnist()
     x = torch.as_tensor(to_float(data.train_images[:SAMPLES]))
@@ -120,12 +136,15 @@ def main() -> None:
     watched, _ = fit("ddp", watched_cb, Decayed)
     apart_cb = BNDoctorCallback(fail_on="error" if rank == 0 else "warning")
     _, raised = fit(DDPStrategy(broadcast_buffers=False), apart_cb)
+    nested_cb = BNDoctorCallback(module="net", echo=None)
+    fit("ddp", nested_cb, Nested)
     result = {
         "rank": rank,
         "same_weights": same_weights(plain, watched),
         "watched": watched_cb.report.to_dict(),
         "apart": apart_cb.report.to_dict(),
         "apart_raised": raised,
+        "nested": nested_cb.report.to_dict(),
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     torch.distributed.destroy_process_group()

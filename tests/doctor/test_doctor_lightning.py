@@ -160,3 +160,10 @@ def test_ddp_fail_on_stops_every_rank_alike(ddp_job) -> None:
     assert "[rank-divergent-stats]" in ddp_job[1]["apart_raised"]
     assert "rank(s) 1 of this job found" in ddp_job[0]["apart_raised"]
     assert ddp_job[0]["rc"] == ddp_job[1]["rc"] == 0  # both ranks went on to write their results
+
+
+def test_ddp_fit_watching_a_submodule_says_the_ranks_were_not_compared(ddp_job) -> None:
+    for rank in (0, 1):
+        notes = ddp_job[rank]["nested"]["notes"]
+        assert any("ranks of this DDP job were not compared: with module=" in note for note in notes), notes
+        assert not any("compared the 2 ranks" in note for note in notes)
