@@ -13,11 +13,10 @@ the global-zero process, kept as ``callback.report`` (and every report in
 ``every_n_epochs=N`` also reports every N training epochs (each report covers the
 epochs since the previous one; the probe runs on a copy of the model).
 
-Under a multi-process strategy (DDP and its spawn/fork variants) the callback watches the
-DistributedDataParallel model Lightning wraps around the LightningModule
-(``trainer.strategy.model``), as ``watch(ddp_model)`` in a plain loop: at the end of fit
-the ranks compare their BN statistics and batches
-(:mod:`bnlab.doctor.backends.torch.distributed`), and then gather one flag each, whether
+Under the DDP strategy the callback watches the DistributedDataParallel model Lightning
+wraps around the LightningModule (``trainer.strategy.model``), as ``watch(ddp_model)`` in
+a plain loop: at the end of fit the ranks compare their BN statistics and batches
+(:mod:`bnlab.doctor.backends.torch.distributed`), then gather one flag each, whether
 their report fails ``fail_on``, so that all ranks raise or none does: a rank left alone
 would wait for the others at the job's next collective.
 
