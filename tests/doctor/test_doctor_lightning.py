@@ -106,6 +106,24 @@ def test_the_trainers_optimizer_is_handed_to_the_watch(loader) -> None:
     assert finding.where == "bn1, bn2"
 
 
+def test_a_ddp_strategy_of_one_process_is_watched_as_one_process(loader, monkeypatch) -> None:
+    # DDP wraps the module, but there is no other rank: the report keeps the module's names
+    from ddp_jobs import free_port
+    from lightning_ddp_worker import Decayed
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    torch.manual_seed(0)
+    callback = BNDoctorCallback(echo=None)
+    try:
+        trainer([callback], devices=1, strategy="ddp").fit(Decayed(shared=False), loader)
+    finally:
+        torch.distributed.destroy_process_group()
+    (decay,) = callback.report.by_check("bn-weight-decay")
+    assert decay.where == "bn1, bn2"
+    assert not any("ranks" in note for note in callback.report.notes)
+
+
 # -- under Lightning's DDP strategy: a real 2-process job (gloo, 127.0.0.1) ------------------
 # tests/doctor/lightning_ddp_worker.py is one rank; it fits three times (see its docs).
 

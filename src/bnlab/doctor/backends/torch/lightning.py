@@ -101,8 +101,8 @@ class BNDoctorCallback(Callback):
         (Lightning >= 2.1: the report then names layers by the LightningModule's own paths);
         else the LightningModule (or its ``module`` attribute), on each rank alone."""
         wrapped = getattr(trainer.strategy, "model", None)
-        if not isinstance(wrapped, DistributedDataParallel):
-            return self._target(pl_module), ""
+        if not isinstance(wrapped, DistributedDataParallel) or trainer.world_size < 2:
+            return self._target(pl_module), ""  # one process (DDP of one rank included): nothing to compare
         if self.module is None and wrapped.module is pl_module:
             return wrapped, ""
         return self._target(pl_module), _NOT_COMPARED
