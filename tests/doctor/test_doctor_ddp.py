@@ -4,59 +4,19 @@ user's script). Every subprocess runs under a timeout: a hang fails the test, ne
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import pytest
+from ddp_jobs import assert_rank_divergent_stats, job_env, run_job
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 LIMIT_S = 240  # per job, start-up of two torch processes on a busy machine included
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONWARNINGS": "ignore::FutureWarning"}
-
-
-def run_job(scenario: str, tmp_path: Path) -> dict[int, dict]:
-    """Both ranks of one scenario; each rank's JSON (a killed rank writes none)."""
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(HERE / "ddp_worker.py"), scenario, str(rank), str(port), str(tmp_path)],
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    deadline = time.monotonic() + LIMIT_S
-    outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-        except subprocess.TimeoutExpired:
-            for other in procs:
-                other.kill()
-            pytest.fail(f"{scenario}: the DDP job hung past {LIMIT_S} s")
-    results = {}
-    for rank in range(2):
-        path = tmp_path / f"rank{rank}.json"
-        if path.exists():
-            results[rank] = json.loads(path.read_text()) | {"output": outputs[rank], "rc": procs[rank].returncode}
-    return results
+def job(scenario: str, tmp_path: Path) -> dict[int, dict]:
+    return run_job(HERE / "ddp_worker.py", scenario, tmp_path, LIMIT_S)
 
 
 def checks(result: dict) -> set[str]:
@@ -64,7 +24,7 @@ def checks(result: dict) -> set[str]:
 
 
 def test_healthy_job_compares_the_ranks_and_finds_nothing(tmp_path: Path) -> None:
-    results = run_job("healthy", tmp_path)
+    results = job("healthy", tmp_path)
     for rank in (0, 1):
         report = results[rank]["report"]
         assert any("compared the 2 ranks" in note for note in report["notes"]), report["notes"]
@@ -76,21 +36,15 @@ def test_healthy_job_compares_the_ranks_and_finds_nothing(tmp_path: Path) -> Non
 
 
 def test_no_broadcast_buffers_is_rank_divergent_stats(tmp_path: Path) -> None:
-    results = run_job("no-broadcast", tmp_path)
+    results = job("no-broadcast", tmp_path)
     for rank in (0, 1):
-        found = [f for f in results[rank]["report"]["findings"] if f["check"] == "rank-divergent-stats"]
-        assert {f["where"] for f in found} == {"bn1", "bn2"}
-        for finding in found:
-            assert finding["data"]["ranks"] == [0, 1]
-            assert finding["data"]["running_mean_max_abs_diff"] > 1e-3
-            assert [r["rank"] for r in finding["data"]["per_rank"]] == [0, 1]
-            assert "rank 0's statistics only" in finding["consequence"]
+        assert_rank_divergent_stats(results[rank]["report"])
     assert "[rank-divergent-stats]" in results[0]["output"]
 
 
 def test_small_batch_per_rank_without_syncbn(tmp_path: Path) -> None:
     # (SyncBatchNorm itself runs on GPUs only: its absence of a finding is tested in-process below)
-    results = run_job("small-batch", tmp_path)
+    results = job("small-batch", tmp_path)
     found = [f for f in results[0]["report"]["findings"] if f["check"] == "small-batch-per-rank"]
     assert {f["where"] for f in found} == {"bn1", "bn2"}
     for finding in found:
@@ -101,7 +55,7 @@ def test_small_batch_per_rank_without_syncbn(tmp_path: Path) -> None:
 
 
 def test_a_killed_rank_ends_the_other_in_bounded_time_with_a_message(tmp_path: Path) -> None:
-    results = run_job("killed", tmp_path)
+    results = job("killed", tmp_path)
     assert 1 not in results  # rank 1 died inside its with block (os._exit)
     survivor = results[0]
     assert survivor["rc"] == 0
@@ -111,7 +65,7 @@ def test_a_killed_rank_ends_the_other_in_bounded_time_with_a_message(tmp_path: P
 
 
 def test_a_late_rank_does_not_hold_the_others_past_the_timeout(tmp_path: Path) -> None:
-    results = run_job("late", tmp_path)
+    results = job("late", tmp_path)
     assert results[0]["exit_s"] < 5.0 + 20.0  # rank 1 arrives 15 s late: rank 0 is gone by then
     for rank in (0, 1):  # and rank 1, arriving alone, fails as fast
         assert results[rank]["rc"] == 0
@@ -119,14 +73,14 @@ def test_a_late_rank_does_not_hold_the_others_past_the_timeout(tmp_path: Path) -
 
 
 def test_a_rank_that_raised_is_named_and_its_exception_kept(tmp_path: Path) -> None:
-    results = run_job("raised", tmp_path)
+    results = job("raised", tmp_path)
     assert results[1]["raised"] == "planted failure on rank 1"  # the user's exception propagates
     notes = results[0]["report"]["notes"]
     assert any("rank 1 left its `with watch` block with an exception (ValueError" in n for n in notes), notes
 
 
 def test_uneven_step_counts_are_a_note(tmp_path: Path) -> None:
-    results = run_job("uneven", tmp_path)
+    results = job("uneven", tmp_path)
     notes = results[0]["report"]["notes"]
     assert any("different numbers of training steps (rank 0: 20, rank 1: 18)" in n for n in notes), notes
     assert results[1]["report"]["probe"]["watched_steps"] == 18
@@ -135,7 +89,7 @@ def test_uneven_step_counts_are_a_note(tmp_path: Path) -> None:
 def test_example_script_runs_two_processes(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "ddp_watch.py"), "--steps", "10", "--batch", "4"],
-        env=_env(),
+        env=job_env(),
         capture_output=True,
         text=True,
         timeout=LIMIT_S,

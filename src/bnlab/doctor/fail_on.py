@@ -14,13 +14,22 @@ _SEVERITIES: dict[FailOn, tuple[str, ...]] = {None: (), "error": ("error",), "wa
 class BNDoctorFailed(RuntimeError):
     """Raised after fit when the report has findings at or above ``fail_on``."""
 
-    def __init__(self, report: Report) -> None:
-        worst = report.findings[0]
-        super().__init__(
-            f"bnlab doctor found {len(report.errors)} error(s) and {len(report.warnings)} "
-            f"warning(s) in the batch normalization of {report.model}; the first: "
-            f"[{worst.check}] {worst.title}. The full report is in callback.report."
-        )
+    def __init__(self, report: Report, *, other_ranks: list[int] | None = None) -> None:
+        if other_ranks:  # a multi-process job: this rank stops with the ranks that found something
+            message = (
+                f"bnlab doctor: rank(s) {', '.join(map(str, other_ranks))} of this job found batch "
+                f"normalization problems at the fail_on level in {report.model}, so every rank stops "
+                "(none is left waiting for the others). This rank's report is in callback.report; "
+                "rank 0 printed its own."
+            )
+        else:
+            worst = report.findings[0]
+            message = (
+                f"bnlab doctor found {len(report.errors)} error(s) and {len(report.warnings)} "
+                f"warning(s) in the batch normalization of {report.model}; the first: "
+                f"[{worst.check}] {worst.title}. The full report is in callback.report."
+            )
+        super().__init__(message)
         self.report = report
 
 
@@ -31,7 +40,12 @@ def checked(fail_on: object) -> FailOn:
     return fail_on
 
 
+def fails(report: Report | None, fail_on: FailOn) -> bool:
+    """Whether ``report`` has a finding at or above ``fail_on``."""
+    return report is not None and any(f.severity in _SEVERITIES[fail_on] for f in report.findings)
+
+
 def raise_if_failed(report: Report | None, fail_on: FailOn) -> None:
     """BNDoctorFailed when ``report`` has a finding at or above ``fail_on``."""
-    if report is not None and any(f.severity in _SEVERITIES[fail_on] for f in report.findings):
+    if report is not None and fails(report, fail_on):
         raise BNDoctorFailed(report)

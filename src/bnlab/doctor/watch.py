@@ -22,7 +22,9 @@ the torch optimizer seen stepping the model).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from bnlab.doctor import ranks
@@ -41,6 +43,9 @@ class _Pass:
     inputs: tuple | None
 
 
+_print_now = partial(print, flush=True)
+
+
 def _is_array(value: Any) -> bool:
     shape = getattr(value, "shape", None)
     return isinstance(shape, tuple) or type(shape).__name__ == "Size"
@@ -54,9 +59,12 @@ def _batch(inputs: tuple | None) -> int:
 
 
 class Watch:
-    """Context manager returned by :func:`watch`."""
+    """Context manager returned by :func:`watch`.
 
-    def __init__(self, model: Any, optimizer: Any = None) -> None:
+    ``echo``: where rank 0 of a multi-process job sends the text report (``None``: nowhere;
+    a caller such as the Lightning callback then prints it itself)."""
+
+    def __init__(self, model: Any, optimizer: Any = None, *, echo: Callable[[str], Any] | None = _print_now) -> None:
         self._backend: Backend = detect(model)  # UnsupportedModel (a TypeError) otherwise
         self.framework = self._backend.NAME
         self.model = model
@@ -73,6 +81,7 @@ class Watch:
         self._failure: Exception | None = None
         self._ranks = getattr(self._watcher, "ranks", None)  # a DDP job's ranks (torch_distributed)
         self._rank_info: RanksInfo | None = None
+        self._echo = echo
 
     # -- context manager ---------------------------------------------------------
     def __enter__(self) -> Watch:
@@ -90,9 +99,10 @@ class Watch:
             self._report = self._build_report()
         except Exception as err:  # noqa: BLE001 - never hide the user's own exception
             self._failure = err
-        if self._rank_info is not None and self._rank_info.rank == 0:  # one rank prints, all return it
-            print(
-                self._report if self._report is not None else f"bnlab doctor: no report ({self._failure})", flush=True
+        if self._echo is not None and self._rank_info is not None and self._rank_info.rank == 0:
+            # one rank prints, all return it
+            self._echo(
+                self._report.to_text() if self._report is not None else f"bnlab doctor: no report ({self._failure})"
             )
 
     def report(self) -> Report:
@@ -102,6 +112,11 @@ class Watch:
         if self._report is None:
             raise RuntimeError("the report is available once the `with watch(model)` block has ended")
         return self._report
+
+    @property
+    def ranks(self) -> RanksInfo | None:
+        """What the ranks of a DDP job exchanged at the end of the block (None elsewhere)."""
+        return self._rank_info
 
     # -- hooks ---------------------------------------------------------------------
     def _pass_start(self, args: tuple) -> None:
@@ -182,7 +197,8 @@ class Watch:
             watched=True,
             updates=self._watcher.updates(),
             smallest=self._smallest,
-            optimizer=self._backend.describe_optimizer(self.model, self._watcher.optimizer()),
+            # named on the probed module: a DDP model's own names carry its "module." prefix
+            optimizer=self._backend.describe_optimizer(target, self._watcher.optimizer()),
         )
         report = run_checks(probe, self._backend.fixes, source=source)
         report.probe.update({"watched_passes": self.passes, "watched_steps": self.steps})

@@ -114,6 +114,21 @@ class RankExchange:
         }
 
 
+def flagged_ranks(info: RanksInfo, flag: bool) -> list[int] | None:
+    """The ranks, among those compared in ``info``, whose ``flag`` is true: one more gather,
+    as the exchange's (a gloo group of its own, bounded by the same timeout), so that every
+    rank can act on the same decision (the Lightning callback's ``fail_on``). ``None`` when
+    the ranks were not compared or one does not answer now: each rank is then on its own."""
+    if info.problem or len(info.views) < 2:
+        return None
+    members = [view.rank for view in info.views]
+    try:
+        flags = _all_gather_bytes(bytes([flag]), members)
+    except Exception:  # noqa: BLE001 - a peer gone since the exchange: decide alone, never hang
+        return None
+    return [rank for rank, answer in zip(members, flags, strict=True) if answer == b"\x01"]
+
+
 def _all_gather_bytes(data: bytes, members: list[int]) -> list[bytes]:
     """``data`` of every member, in rank order, over a gloo group made for this call."""
     # new_group is called by every rank that enters watch; with a timeout, so a missing

@@ -13,6 +13,13 @@ the global-zero process, kept as ``callback.report`` (and every report in
 ``every_n_epochs=N`` also reports every N training epochs (each report covers the
 epochs since the previous one; the probe runs on a copy of the model).
 
+Under the DDP strategy the callback watches the DistributedDataParallel model Lightning
+wraps around the LightningModule (``trainer.strategy.model``), as ``watch(ddp_model)`` in
+a plain loop: at the end of fit the ranks compare their BN statistics and batches
+(:mod:`bnlab.doctor.backends.torch.distributed`), then gather one flag each, whether
+their report fails ``fail_on``, so that all ranks raise or none does: a rank left alone
+would wait for the others at the job's next collective.
+
 Install with ``pip install "bnlab[lightning]"``; Lightning is imported only here.
 """
 
@@ -26,11 +33,19 @@ try:
 except ImportError as err:
     raise ImportError("bnlab.doctor.lightning needs PyTorch Lightning: pip install 'bnlab[lightning]'") from err
 
-from bnlab.doctor.fail_on import BNDoctorFailed, checked, raise_if_failed
+from torch.nn.parallel import DistributedDataParallel
+
+from bnlab.doctor.backends.torch import distributed as torch_distributed
+from bnlab.doctor.fail_on import BNDoctorFailed, checked, fails
 from bnlab.doctor.findings import Report
-from bnlab.doctor.watch import Watch, watch
+from bnlab.doctor.watch import Watch
 
 __all__ = ["BNDoctorCallback", "BNDoctorFailed"]
+
+_NOT_COMPARED = (
+    "the ranks of this DDP job were not compared: with module=, each rank watches that "
+    "submodule alone; leave module out (training_step calling self(x)) to compare them"
+)
 
 
 class BNDoctorCallback(Callback):
@@ -61,6 +76,7 @@ class BNDoctorCallback(Callback):
         self.echo = echo
         self.reports: list[Report] = []
         self._watch: Watch | None = None
+        self._note = ""
 
     @property
     def report(self) -> Report | None:
@@ -79,25 +95,52 @@ class BNDoctorCallback(Callback):
             )
         return target
 
+    def _watched(self, trainer: Any, pl_module: Any) -> tuple[Any, str]:
+        """What to watch, and a note for the report: the DDP model of a multi-process
+        strategy, whose ranks ``watch`` compares, when it wraps the LightningModule itself
+        (Lightning >= 2.1: the report then names layers by the LightningModule's own paths);
+        else the LightningModule (or its ``module`` attribute), on each rank alone."""
+        wrapped = getattr(trainer.strategy, "model", None)
+        if not isinstance(wrapped, DistributedDataParallel) or trainer.world_size < 2:
+            return self._target(pl_module), ""  # one process (DDP of one rank included): nothing to compare
+        if self.module is None and wrapped.module is pl_module:
+            return wrapped, ""
+        return self._target(pl_module), _NOT_COMPARED
+
     def _open(self, trainer: Any, pl_module: Any) -> None:
         optimizers = list(getattr(trainer, "optimizers", []) or [])
         # One optimizer: hand it over (weight decay on BN parameters is then checked);
         # with several, the watch finds the one it sees stepping the model.
-        self._watch = watch(self._target(pl_module), optimizer=optimizers[0] if len(optimizers) == 1 else None)
+        optimizer = optimizers[0] if len(optimizers) == 1 else None
+        model, self._note = self._watched(trainer, pl_module)
+        self._watch = Watch(model, optimizer=optimizer, echo=None)  # the report is echoed in _close
         self._watch.__enter__()
 
     def _close(self, trainer: Any, *, failed: bool = False) -> Report | None:
         current, self._watch = self._watch, None
         if current is None:
             return None
-        current.__exit__(None, None, None)  # removes every hook, then builds the report
+        current.__exit__(None, None, None)  # removes every hook, then (DDP) compares the ranks, builds the report
         if failed:
             return None  # the user's exception matters; a half-run report would mislead
         report = current.report()
+        report.notes += [self._note] if self._note else []
         self.reports.append(report)
         if self.echo is not None and getattr(trainer, "is_global_zero", True):
             self.echo(report.to_text())
         return report
+
+    def _finish(self, trainer: Any, *, failed: bool = False) -> None:
+        """Close the fit's watch; raise BNDoctorFailed where ``fail_on`` says, on every rank alike."""
+        current = self._watch
+        report = self._close(trainer, failed=failed)
+        stop = not failed and fails(report, self.fail_on)
+        # DDP: every rank that closed its watch gathers the flags, the failed one included
+        info = current.ranks if current is not None else None
+        flagged = torch_distributed.flagged_ranks(info, stop) if info is not None else None
+        if failed or report is None or not (stop or flagged):
+            return
+        raise BNDoctorFailed(report, other_ranks=None if stop else flagged)
 
     # -- Lightning hooks ------------------------------------------------------------------
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -114,7 +157,7 @@ class BNDoctorCallback(Callback):
         self._open(trainer, pl_module)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        raise_if_failed(self._close(trainer), self.fail_on)
+        self._finish(trainer)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._close(trainer, failed=True)
+        self._finish(trainer, failed=True)
