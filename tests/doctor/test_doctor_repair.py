@@ -131,6 +131,42 @@ def test_fix_needs_real_data(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "o").exists()
 
 
+
+def test_fix_without_checkpoint_says_it_repaired_the_factory_weights(tmp_path: Path, capsys) -> None:
+    """The checks train a copy; --fix repairs the model NAME built, untrained unless NAME
+    loads weights itself: the text and repair.json say so, and point at --checkpoint."""
+    target = f"{EXAMPLES / 'question_torch.py'}:MyModel"
+    out = tmp_path / "fixed"
+    main([target, "--data", "mnist", "--train-steps", "2", "--fix", str(out)])
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    note = "the repair was applied to the weights MyModel returned, not to the copy the checks trained for 2 steps"
+    assert note in text and "give --checkpoint PATH" in text
+    assert text.index(note) < text.index("val acc (eval mode)")  # read before the numbers
+    (recorded,) = json.loads((out / "repair.json").read_text())["repair"]["notes"]
+    assert recorded.startswith(note) and "--checkpoint" in recorded
+
+
+def test_fix_with_checkpoint_has_no_factory_note_and_records_the_real_exit(tmp_path: Path, capsys) -> None:
+    """With --checkpoint the weights repaired are the trained ones: no note. --fail-on never:
+    the report in repair.json states exit 0, as the process and the summary line do."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import question_torch
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    checkpoint = tmp_path / "weights.pt"
+    torch.save(question_torch.MyModel().state_dict(), checkpoint)
+    out = tmp_path / "fixed"
+    target = f"{EXAMPLES / 'question_torch.py'}:MyModel"
+    args = [target, "--checkpoint", str(checkpoint), "--data", "mnist", "--fix", str(out), "--fail-on", "never"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "1 error, " in text and "-> exit 0" in text and "note:" not in text
+    record = json.loads((out / "repair.json").read_text())
+    assert (record["doctor"]["fail_on"], record["doctor"]["exit_code"]) == ("never", 0)
+    assert record["repair"]["notes"] == []
+
+
 # -- an arbitrary model: one module that dispatches by call order -----------------------------
 
 

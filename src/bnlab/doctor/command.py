@@ -242,6 +242,19 @@ def _split_and_kept(report: Report) -> tuple[list[str], list[dict[str, Any]]]:
     return split, kept
 
 
+def _factory_weights_note(target: str, steps: int) -> str:
+    """--fix on FILE.py:NAME without --checkpoint: the repair took the weights NAME built
+    (the doctor's training steps were on a copy, and are not kept)."""
+    name = target.rpartition(":")[2]
+    copy = f", not to the copy the checks trained for {steps} steps (that copy is not kept)" if steps else ""
+    return (
+        f"the repair was applied to the weights {name} returned{copy}. No --checkpoint was "
+        f"given: unless {name} loads trained weights itself, these are its initial weights, "
+        "and the numbers below say nothing about your trained model. To repair a trained "
+        f"model, give --checkpoint PATH (or let {name} load its weights)."
+    )
+
+
 def _fix(args: argparse.Namespace, target: Target, src: sources.Source, report: Report) -> tuple[Any, list[Any]]:
     from bnlab.doctor import fix_output
     from bnlab.doctor.repair import repair_report
@@ -257,6 +270,8 @@ def _fix(args: argparse.Namespace, target: Target, src: sources.Source, report: 
         evaluated_on=src.uses.get("evaluation (--fix)", ""),
     )
     result.changes += kept
+    if not target.trained:
+        result.notes.append(_factory_weights_note(args.target, int(report.probe.get("train_steps", 0))))
     config = getattr(result.model, "cfg", None)
     mlp_config = (
         dataclasses.asdict(config) if dataclasses.is_dataclass(config) and not isinstance(config, type) else None
@@ -300,6 +315,7 @@ def _check(args: argparse.Namespace) -> tuple[Report, dict[str, Any], str]:
         lr=args.lr,
         source=src.description,
     )
+    report.fail_on = args.fail_on  # now: the report --fix writes to repair.json states the real exit
     if target.name:
         report.model = target.name
     if steps == 0:  # no training steps were taken: don't list their batches
@@ -367,7 +383,6 @@ def run(args: argparse.Namespace) -> int:
     except BnlabError as err:  # a target that does not load, bad flags, run directories, OUT
         _fail(str(err))
         return err.exit_code
-    report.fail_on = args.fail_on
     if output == "json":
         print(json.dumps({**report.to_dict(), **clean(extra)}, indent=2, allow_nan=False))
     elif output == "sarif":

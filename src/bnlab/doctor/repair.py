@@ -53,6 +53,7 @@ class RepairResult:
     before: dict[str, Any] = field(default_factory=dict)
     after: dict[str, Any] = field(default_factory=dict)
     evaluated_on: str = ""
+    notes: list[str] = field(default_factory=list)  # what the caller knows about the weights repaired
 
     @property
     def splits(self) -> dict[str, int]:
@@ -69,6 +70,7 @@ class RepairResult:
                 "before": self.before,
                 "after": self.after,
                 "evaluated_on": self.evaluated_on,
+                "notes": self.notes,
             }
         )
 
@@ -149,6 +151,8 @@ def _change_line(change: dict[str, Any]) -> str:
 
 def render_text(result: RepairResult, width: int = 88) -> str:
     lines = ["repair: a new model (the one given is unchanged); no weight was trained"]
+    for note in result.notes:  # first: they say what the numbers below are worth
+        lines += textwrap.wrap(note, width=width, initial_indent="  note: ", subsequent_indent="    ")
     methods = sorted({c["method"] for c in result.changes if c["change"] == "re-estimated"})
     for change in result.changes:
         lines += textwrap.wrap(_change_line(change), width=width, initial_indent="  - ", subsequent_indent="    ")
