@@ -112,3 +112,28 @@ def test_code_lines_name_layers_that_share_a_line_once_and_cap_the_list() -> Non
     shown = grouped_places(own_lines)
     assert shown[:-1] == own_lines[:4] and shown[-1] == ("...", f"and {LONGEST - 1} more lines (the JSON lists each)")
     assert grouped_places(own_lines[:LONGEST]) == own_lines[:LONGEST]
+
+
+def test_code_line_of_a_library_says_so_once_and_counts_past_four_names() -> None:
+    """torchvision's ResNet builds 8 BNs on one line: its name once, not 8 times, and the
+    unwrapped code line stops at four names."""
+    from bnlab.doctor.findings import code_places
+    from bnlab.doctor.listing import grouped_places
+
+    where = [f"layer{i}.{j}.bn1" for i in range(1, 5) for j in range(2)]
+    file = "/venv/lib/python3.11/site-packages/torchvision/models/resnet.py"
+    finding = Finding(
+        check="untrained-stats",
+        severity="info",
+        title="t",
+        where=", ".join(where),
+        definitions=[{"layer": w, "file": file, "line": 82, "library": "torchvision"} for w in where],
+    )
+    assert grouped_places(code_places(finding)) == [
+        (
+            "torchvision/models/resnet.py:82",
+            "layer1.0.bn1, layer1.1.bn1, layer2.0.bn1, layer2.1.bn1 and 4 more created "
+            "(in torchvision, not your files)",
+        )
+    ]
+    assert Report([finding]).to_text().count("not your files") == 1

@@ -79,7 +79,7 @@ def test_per_site_subclassed_cli_exit_0(mnist_dir, capsys) -> None:
     out = capsys.readouterr().out
     assert status == 0, out
     assert "MyModel (keras)" in out and "shared-bn" not in out
-    assert "normalization layers: bn1 x1, bn2 x1" in out
+    assert "normalization layers: bn1, bn2 (each called once)" in out
 
 
 def test_shared_subclassed_named_by_producer(probe_batch) -> None:

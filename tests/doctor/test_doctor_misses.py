@@ -226,10 +226,20 @@ def test_name_lists_shorten_past_eight_names() -> None:
     assert name_list(names[:8]) == ", ".join(names[:8])
     assert name_list(names) == "bn0, bn1, bn2, bn3 and 16 more"
     layers = [{"path": n, "calls": 1} for n in names]
-    assert layer_calls(layers[:3]) == "bn0 x1, bn1 x1, bn2 x1"  # small models: as before
+    assert layer_calls(layers[:3]) == "bn0, bn1, bn2 (each called once)"  # small models: every name
     assert layer_calls(layers) == "20, each called once: bn0, bn1, bn2, bn3 and 16 more"
     layers[5]["calls"], layers[6]["calls"] = 2, 0
-    assert layer_calls(layers) == "20: bn5 x2; bn6 x0; 18 more called once: bn0, bn1, bn2, bn3 and 14 more"
+    assert layer_calls(layers) == (
+        "20: bn5 (called 2 times); bn6 (never called); 18 more called once: bn0, bn1, bn2, bn3 and 14 more"
+    )
+
+
+def test_a_layer_called_several_times_reads_as_one_layer() -> None:
+    """The header said "bn x4", which reads as four layers: one layer, called 4 times."""
+    assert layer_calls([{"path": "bn", "calls": 4}]) == "bn (called 4 times)"
+    assert layer_calls([{"path": "bn", "calls": 1}]) == "bn (called once)"
+    mixed = [{"path": "bn1", "calls": 1}, {"path": "bn2", "calls": 2}, {"path": "bn3", "calls": None}]
+    assert layer_calls(mixed) == "bn1 (called once), bn2 (called 2 times), bn3"
 
 
 def _resnet18() -> nn.Module:
@@ -250,7 +260,7 @@ def test_many_bn_layers_read_at_a_glance_text_only() -> None:
     report = doctor.check(model, x)
     text = report.to_text(width=1000)  # one line per header entry
     header = next(line for line in text.splitlines() if line.startswith("normalization layers:"))
-    assert header.startswith("normalization layers: 19: layer1.0.bn1 x2; 18 more called once: bn1, ")
+    assert header.startswith("normalization layers: 19: layer1.0.bn1 (called 2 times); 18 more called once: bn1, ")
     assert "and 14 more" in header
     (untrained,) = report.by_check("untrained-stats")
     assert len(untrained.data["layers"]) == 19
@@ -272,7 +282,7 @@ def test_few_bn_layers_are_listed_in_full() -> None:
 
     torch.manual_seed(0)
     text = doctor.check(MLP(), vec()).to_text()
-    assert "normalization layers: bn1 x1, bn2 x1\n" in text
+    assert "normalization layers: bn1, bn2 (each called once)\n" in text
     assert "  where: bn1, bn2\n" in text
 
 

@@ -13,28 +13,37 @@ LONGEST = 8  # names listed in full up to this many
 SHOWN = 4  # names shown before "and N more" in a longer list
 
 
-def name_list(names: Sequence[str]) -> str:
-    """``"a, b, c"``; past ``LONGEST`` names the first few and ``"and N more"``."""
-    if len(names) <= LONGEST:
+def name_list(names: Sequence[str], longest: int = LONGEST) -> str:
+    """``"a, b, c"``; past ``longest`` names the first few and ``"and N more"``."""
+    if len(names) <= longest:
         return ", ".join(names)
     return f"{', '.join(names[:SHOWN])} and {len(names) - SHOWN} more"
 
 
+def _called(layer: dict[str, Any]) -> str:
+    """``"bn (called 4 times)"``: one layer and its calls per forward pass (a count after
+    the name would read as that many layers)."""
+    calls = layer.get("calls")
+    if calls is None:
+        return str(layer["path"])
+    times = {0: "never called", 1: "called once"}.get(calls, f"called {calls} times")
+    return f"{layer['path']} ({times})"
+
+
 def layer_calls(layers: Sequence[dict[str, Any]]) -> str:
-    """The report header's layers: ``"bn1 x1, bn2 x2"``; for many layers the count,
-    every layer not called exactly once by name, and the ones called once summarised
-    (``"53, each called once: conv1_bn, ... and 49 more"``)."""
-    named = [
-        f"{layer['path']} x{layer['calls']}" if layer.get("calls") is not None else layer["path"] for layer in layers
-    ]
-    if len(layers) <= LONGEST:
-        return ", ".join(named)
+    """The report header's layers: ``"bn1 (called once), bn2 (called 2 times)"``; for many
+    layers the count, every layer not called exactly once by name, and the ones called
+    once summarised (``"53, each called once: conv1_bn, ... and 49 more"``)."""
     once = [layer["path"] for layer in layers if layer.get("calls") == 1]
+    if len(layers) <= LONGEST:
+        if len(once) == len(layers) > 1:
+            return f"{', '.join(once)} (each called once)"
+        return ", ".join(_called(layer) for layer in layers)
     if len(once) == len(layers):
         return f"{len(layers)}, each called once: {name_list(once)}"
     # called several times (what the reader needs), then never called (or uncounted)
-    shared = [text for layer, text in zip(layers, named, strict=True) if (layer.get("calls") or 0) > 1]
-    other = [text for layer, text in zip(layers, named, strict=True) if layer.get("calls") in (0, None)]
+    shared = [_called(layer) for layer in layers if (layer.get("calls") or 0) > 1]
+    other = [_called(layer) for layer in layers if layer.get("calls") in (0, None)]
     parts = shared + ([name_list(other)] if other else [])
     if once:
         parts.append(f"{len(once)} more called once: {name_list(once)}")
@@ -56,10 +65,12 @@ def grouped_places(places: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def _joined(whats: list[str]) -> str:
-    """``["bn1 created", "bn2 created"]`` -> ``"bn1, bn2 created"``."""
+    """``["bn1 created (in torchvision, not your files)", "bn2 created (in ...)"]`` ->
+    ``"bn1, bn2 created (in torchvision, not your files)"``: what follows the names is said
+    once. A code line is not wrapped, so past ``SHOWN`` names the rest are counted."""
     if len(whats) == 1:
         return whats[0]
-    suffix = " created"
-    if all(what.endswith(suffix) for what in whats):
-        return name_list([what[: -len(suffix)] for what in whats]) + suffix
-    return name_list(whats)
+    heads, tails = zip(*(what.partition(" ")[::2] for what in whats), strict=True)
+    if len(set(tails)) == 1 and tails[0].startswith("created"):  # layers, not call sites
+        return f"{name_list(heads, SHOWN)} {tails[0]}"
+    return name_list(whats, SHOWN)
