@@ -260,3 +260,26 @@ def test_repair_splits_the_shared_bn_and_reestimates(probe_batch) -> None:
 
     assert accuracy(fixed, False) > accuracy(model, False)
     assert "shared-bn" not in {f.check for f in check(fixed, x, labels=y).findings}
+
+
+def test_tensorflow_logging_is_quieted_before_the_model_file_imports_keras(tmp_path: Path) -> None:
+    """TF_CPP_MIN_LOG_LEVEL is read once, as TensorFlow is imported: by the user's file
+    (``import keras``), so the Keras backend sets it before that file runs."""
+    model_file = tmp_path / "seen.py"
+    model_file.write_text(
+        "import os\n"
+        "LEVEL = os.environ.get('TF_CPP_MIN_LOG_LEVEL')\n"
+        "import keras\n\n\n"
+        "def build():\n"
+        "    print('LEVEL AT IMPORT', LEVEL)\n"
+        "    x = keras.Input((4,))\n"
+        "    return keras.Model(x, keras.layers.Dense(2)(keras.layers.BatchNormalization()(x)))\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    command = [sys.executable, "-m", "bnlab", "doctor", f"{model_file}:build", "--input-shape", "8,4"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert "LEVEL AT IMPORT 2" in result.stdout, result.stdout + result.stderr
+    env["TF_CPP_MIN_LOG_LEVEL"] = "0"  # the user's own setting stands
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert "LEVEL AT IMPORT 0" in result.stdout, result.stdout + result.stderr

@@ -69,6 +69,7 @@ from bnlab.engines.common import (
 from bnlab.errors import MissingExtra, UsageError
 from bnlab.models import build_model
 from bnlab.rundir import RunRecorder
+from bnlab.tflog import quiet_tensorflow_logging
 
 TF_VERSION = "2.21.0"
 MISSING_TENSORFLOW = (
@@ -97,7 +98,7 @@ def import_tensorflow() -> ModuleType:
     if "tensorflow" not in sys.modules:
         # tf.compat.v1.layers comes from tf_keras only when this is set at import time.
         os.environ["TF_USE_LEGACY_KERAS"] = "1"
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no C++ banner on every run
+    quiet_tensorflow_logging()  # no C++ banner on every run
     try:
         import tensorflow as tf
     except ImportError as err:
