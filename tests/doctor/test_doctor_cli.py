@@ -143,7 +143,13 @@ def test_constructor_needing_arguments(tmp_path: Path, capsys) -> None:
 def test_not_a_model(tmp_path: Path, capsys) -> None:
     path = write(tmp_path, "other.py", "def Net():\n    return 42\n")
     err = usage_error([f"{path}:Net", "--input-shape", "4,4"], capsys)
-    assert "not a keras.Model, a torch.nn.Module" in err
+    assert "Net() returned an int, not a keras.Model, a torch.nn.Module" in err
+
+
+def test_a_value_that_is_neither_model_nor_function(tmp_path: Path, capsys) -> None:
+    path = write(tmp_path, "other.py", "Net = 42\nOther = 'x'\n")
+    assert f"{path}:Net is an int, not a model class" in usage_error([f"{path}:Net", "--input-shape", "4,4"], capsys)
+    assert f"{path}:Other is a str, not a model class" in usage_error([f"{path}:Other", "--input-shape", "4,4"], capsys)
 
 
 def test_missing_input_source(answer_file: str, capsys) -> None:

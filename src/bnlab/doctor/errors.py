@@ -17,10 +17,17 @@ __all__ = [
     "RepairError",
     "UnsupportedModel",
     "UsageError",
+    "a_type",
     "forward_failed",
     "quote_error",
     "training_step_failed",
 ]
+
+
+def a_type(value: object) -> str:
+    """``"an int"``, ``"a str"``: the type of ``value`` with its article, for messages."""
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
 class ProbeError(BnlabError, RuntimeError):

@@ -18,7 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from bnlab.doctor.backends import missing_framework, recognised
-from bnlab.doctor.errors import quote_error
+from bnlab.doctor.errors import a_type, quote_error
 from bnlab.doctor.locations import recording
 from bnlab.errors import EXIT_USAGE, BnlabError
 
@@ -120,7 +120,7 @@ def build(module: ModuleType, name: str, path: Path) -> Any:
     if is_model(obj):
         return obj
     if not callable(obj):
-        raise LoadError(f"{path}:{name} is a {type(obj).__name__}, not a model class or function.")
+        raise LoadError(f"{path}:{name} is {a_type(obj)}, not a model class or function.")
     try:
         model = obj()
     except SystemExit as err:  # sys.exit() in the user's constructor: not the doctor's status
@@ -136,7 +136,7 @@ def build(module: ModuleType, name: str, path: Path) -> Any:
         ) from err
     if not is_model(model):
         raise LoadError(
-            f"{path}:{name}() returned a {type(model).__name__}, not a keras.Model, a "
+            f"{path}:{name}() returned {a_type(model)}, not a keras.Model, a "
             "torch.nn.Module, a chainer.Link or a Flax module (a flax.nnx.Module, a "
             "flax.linen.Module, or a (linen module, variables) pair)."
         )

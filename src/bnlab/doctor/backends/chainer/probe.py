@@ -21,7 +21,7 @@ from chainer.backends import cuda
 from bnlab.doctor import source_lines
 from bnlab.doctor.backends.chainer import train as chainer_train
 from bnlab.doctor.backends.chainer.common import as_input, from_torch, output_array
-from bnlab.doctor.errors import forward_failed
+from bnlab.doctor.errors import a_type, forward_failed
 from bnlab.doctor.locations import call_site
 from bnlab.doctor.records import CallRecord, LayerInfo, ProbeResult, TrainLog
 from bnlab.doctor.stats import channel_stats
@@ -347,7 +347,7 @@ def observe(
     if a is not None and b is not None:
         finite = bool(np.all(np.isfinite(a)) and np.all(np.isfinite(b)))
     where = output_array(train_out)[1]
-    note = f"the model returns a {type(train_out).__name__}; the doctor reads output{where}" if where else ""
+    note = f"the model returns {a_type(train_out)}; the doctor reads output{where}" if where else ""
     notes = [note] if note else []
     if any(c.producer_is_dropout for c in recorder.calls):
         notes.append(_GLOBAL_TRAIN_SWITCH)

@@ -27,7 +27,7 @@ from flax.core import unfreeze
 from bnlab.doctor.backend import Change
 from bnlab.doctor.backends import sketch
 from bnlab.doctor.backends.flax import common
-from bnlab.doctor.errors import InputError
+from bnlab.doctor.errors import InputError, a_type
 from bnlab.doctor.state_fit import misfits
 
 SAVE_LINE = "flax.serialization.msgpack_serialize(nnx.state(model).to_pure_dict())"
@@ -70,7 +70,7 @@ def read_state(path: Path) -> dict[str, Any]:
         ) from err
     if not isinstance(state, dict) or not state:
         raise InputError(
-            f"{path} holds a {type(state).__name__}, not a state (nested dicts of arrays); save "
+            f"{path} holds {a_type(state)}, not a state (nested dicts of arrays); save "
             f"{SAVE_LINE} (nnx) or {LINEN_SAVE_LINE} (linen)."
         )
     return state

@@ -16,7 +16,7 @@ import torch
 
 from bnlab.doctor.backend import Change
 from bnlab.doctor.backends import sketch
-from bnlab.doctor.errors import InputError
+from bnlab.doctor.errors import InputError, a_type
 from bnlab.doctor.state_fit import KEYS_NAMED, misfits
 from bnlab.safeload import read_torch_file
 
@@ -38,7 +38,7 @@ def state_dict_of(payload: Any, path: Path) -> dict[str, Any]:
                 break
     if not isinstance(payload, dict) or not payload:
         raise InputError(
-            f"{path} holds a {type(payload).__name__}, not a state dict (a mapping of names to "
+            f"{path} holds {a_type(payload)}, not a state dict (a mapping of names to "
             "tensors); save it with torch.save(model.state_dict(), PATH)."
         )
     bad = [str(key) for key, value in payload.items() if not isinstance(value, torch.Tensor)]
