@@ -12,6 +12,7 @@ from doctor_zoo import SharedBN
 
 from bnlab import doctor
 from bnlab.doctor import Finding, Report
+from bnlab.doctor.records import LayerInfo
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +138,64 @@ def test_code_line_of_a_library_says_so_once_and_counts_past_four_names() -> Non
         )
     ]
     assert Report([finding]).to_text().count("not your files") == 1
+
+
+def _bn(momentum: float, *, trained: bool) -> LayerInfo:
+    """A BatchNorm1d of 4 channels as the probe records it: at its initial values, or trained."""
+    spread = np.arange(4.0) if trained else np.zeros(4)
+    return LayerInfo(
+        path="bn",
+        kind="BatchNorm1d",
+        framework="torch",
+        num_channels=4,
+        tracks_running_stats=True,
+        is_batchnorm=True,
+        eps=1e-5,
+        rate=momentum,
+        rate_name="momentum",
+        running_mean=spread,
+        running_var=1.0 + spread,
+        num_batches_tracked=None,
+        training=True,
+        affine=True,
+        params_frozen=False,
+        weight=1.0 + spread / 10,
+        bias=spread / 10,
+    )
+
+
+def _divergence_after_training(momentum: float, steps: int = 60) -> Finding:
+    """train-eval-divergence on an untrained model that the doctor trained for ``steps``
+    steps, with train and eval mode disagreeing on half the probe and no BN cause."""
+    from bnlab.doctor.checks.train_eval_divergence import check_divergence
+    from bnlab.doctor.records import ProbeResult, TrainLog
+    from bnlab.doctor.registry import Context
+
+    def probe(trained: bool) -> ProbeResult:
+        return ProbeResult(
+            framework="torch",
+            model_name="Net",
+            input_shape=(8, 4),
+            layers={"bn": _bn(momentum, trained=trained)},
+            calls=[],
+            eval_calls={"bn": 1},
+            train_pred=np.array([0, 1, 2, 3, 0, 1, 2, 3]),
+            eval_pred=np.array([0, 1, 2, 3, 1, 2, 3, 0]),
+        )
+
+    copy = probe(True)
+    copy.train_log, copy.given = TrainLog(steps=steps), probe(False)
+    (finding,) = check_divergence(Context(copy, fixes=None))  # type: ignore[arg-type]
+    return finding
+
+
+def test_divergence_after_the_doctors_training_says_what_the_steps_did_without_contradiction() -> None:
+    """60 steps at momentum 0.1 move the statistics 99.8% of the way: not "at most 100% of
+    the way ... they lag" but warmed up, and averaged over changing weights. At momentum 0.01
+    (Keras's 0.99) they are 45% of the way: still warming up."""
+    warmed = " ".join(_divergence_after_training(0.1).evidence)
+    assert "100%" not in warmed and "at most" not in warmed
+    assert "every BN layer's running statistics are 99.8% of the way from their initial values" in warmed
+    assert "they trail the final weights" in warmed
+    warming = " ".join(_divergence_after_training(0.01).evidence)
+    assert "only 45% of the way from their initial values" in warming and "still warming up" in warming

@@ -23,6 +23,10 @@ SITES_ALIKE_VAR_RATIO = 1.25
 
 # Check 3: share of probe samples whose predicted class differs between modes.
 DIVERGENCE_WARN = 0.10
+# Below this share of the way from their initial values, running statistics are still
+# warming up (an exponential average after few updates): stale-stats reports info, and
+# train-eval-divergence names it as the cause.
+WARMED_UP = 0.95
 
 # Check 5: a PyTorch momentum above this is almost surely another framework's decay.
 MOMENTUM_SUSPECT = 0.5

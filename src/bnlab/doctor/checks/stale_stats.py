@@ -14,10 +14,6 @@ from bnlab.doctor.records import CallRecord, LayerInfo
 from bnlab.doctor.registry import Context, register
 from bnlab.doctor.stats import Distance
 
-# Below this share of the way from their initial values, running statistics are still
-# warming up (an exponential average after few updates): reported as info.
-WARMED_UP = 0.95
-
 
 @register("stale-stats", "warning", "running statistics far from the probe batch's statistics (model as handed over)")
 def check_stale(ctx: Context) -> list[Finding]:
@@ -50,7 +46,7 @@ def _finding(fixes: Fixes, layer: LayerInfo, call: CallRecord, dist: Distance, d
     moved = None
     if layer.num_batches_tracked is not None:
         moved = share_moved(layer, layer.num_batches_tracked)
-    warming = moved is not None and moved < WARMED_UP
+    warming = moved is not None and moved < thresholds.WARMED_UP
     if warming:
         evidence.append(
             f"num_batches_tracked is {layer.num_batches_tracked}: at {layer.rate_name}="

@@ -55,6 +55,25 @@ def _untrained_given(given: ProbeResult) -> bool:
     return bool(layers) and all(layer.at_init and not layer.affine_moved for layer in layers)
 
 
+def _short_training_line(steps: int, shares: list[float]) -> str:
+    """What the doctor's few steps did to the running statistics (the share of the way
+    from their initial values, ``facts.share_moved``): still warming up, or warmed up but
+    an average over weights that changed at every step."""
+    low = min(shares)
+    if low < thresholds.WARMED_UP:
+        return (
+            f"after the doctor's {steps} training steps the running statistics are only "
+            f"{low:.0%} of the way from their initial values to the data's (the slowest BN "
+            "layer): they are still warming up"
+        )
+    shown = f"{low:.1%}" if low < 0.9995 else "over 99.9%"
+    return (
+        f"after the doctor's {steps} training steps every BN layer's running statistics are "
+        f"{shown} of the way from their initial values to the data's, but they average batch "
+        "statistics taken while each step changed the weights: they trail the final weights"
+    )
+
+
 def _finding(probe: ProbeResult, judged: ProbeResult, div: dict, line: str) -> Finding:
     evidence = [line]
     fix = (
@@ -71,11 +90,7 @@ def _finding(probe: ProbeResult, judged: ProbeResult, div: dict, line: str) -> F
         moved = [share_moved(layer, steps) for layer in probe.layers.values() if layer.is_batchnorm]
         shares = [m for m in moved if m is not None]
         if shares:
-            evidence.append(
-                f"the doctor's {steps} training steps moved the running statistics at most "
-                f"{max(shares):.0%} of the way from their initial values: they lag the weights "
-                "by construction"
-            )
+            evidence.append(_short_training_line(steps, shares))
         fix = "Give the doctor more training steps (--train-steps), or check your trained model."
     return Finding(
         check="train-eval-divergence",
