@@ -145,6 +145,11 @@ class Backend(Protocol):
         by the caller)."""
         ...
 
+    def has_own_name(self, model: Any) -> bool:
+        """False when the report's name for ``model`` would be only its framework's default
+        (Keras's "functional", "sequential_2"); the command line then says NAME of FILE.py:NAME."""
+        ...
+
     # -- inputs --------------------------------------------------------------------------
 
     def runs_on(self, model: Any, x: np.ndarray) -> bool:

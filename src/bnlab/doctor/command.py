@@ -192,7 +192,9 @@ def _target(args: argparse.Namespace) -> Target:
     backend = _backend(model, args.framework)
     if args.checkpoint:
         model = backend.load_checkpoint(model, Path(args.checkpoint))
-    return Target(model, backend, "", bool(args.checkpoint))
+    # "" keeps the probe's name; a framework's default name says less than the user's NAME
+    name = "" if backend.has_own_name(model) else args.target.rpartition(":")[2]
+    return Target(model, backend, name, bool(args.checkpoint))
 
 
 def _train_steps(args: argparse.Namespace, target: Target, real: bool) -> int:

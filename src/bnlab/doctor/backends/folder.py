@@ -25,6 +25,9 @@ class FolderBackend:
     def _module(self, name: str) -> ModuleType:
         return importlib.import_module(f"{type(self).__module__}.{name}")
 
+    def has_own_name(self, model: Any) -> bool:
+        return True  # the class's name, which its author chose
+
     def probe(self, model: Any, inputs: Any, **options: Any) -> ProbeResult:
         result: ProbeResult = self._module("probe").probe(model, inputs, **options)
         return result

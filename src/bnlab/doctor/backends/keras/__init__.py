@@ -47,6 +47,11 @@ class KerasBackend(FolderBackend):
     def seed(self, seed: int) -> None:
         return None  # Keras draws from its backend's generators (torch's is seeded by that backend)
 
+    def has_own_name(self, model: Any) -> bool:
+        from bnlab.doctor.backends.keras.probe import has_own_name
+
+        return has_own_name(model)
+
     def runs_on(self, model: Any, x: np.ndarray) -> bool:
         from bnlab.doctor.backends.keras.common import runs_on
 

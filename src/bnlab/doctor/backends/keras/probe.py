@@ -12,6 +12,7 @@ train-mode pass is ``model(x, training=True)``, the eval-mode pass ``training=Fa
 from __future__ import annotations
 
 import contextlib
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Self
@@ -301,9 +302,20 @@ def observe(
     )
 
 
+# Models that the report names by their ``name``: built, not subclassed, so the class says nothing.
+_NAMED_BY_INSTANCE = ("Functional", "Sequential", "Model")
+
+
 def model_name(model: Any) -> str:
     kind = type(model).__name__
-    return model.name if kind in ("Functional", "Sequential", "Model") else kind
+    return model.name if kind in _NAMED_BY_INSTANCE else kind
+
+
+def has_own_name(model: Any) -> bool:
+    """False for Keras's automatic name of a built model: its class in snake case, numbered
+    from the second on ("functional", "sequential_2")."""
+    kind = type(model).__name__
+    return kind not in _NAMED_BY_INSTANCE or not re.fullmatch(rf"{kind.lower()}(_\d+)?", model.name)
 
 
 def probe(
