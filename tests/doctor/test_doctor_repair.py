@@ -131,7 +131,6 @@ def test_fix_needs_real_data(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "o").exists()
 
 
-
 def test_fix_without_checkpoint_says_it_repaired_the_factory_weights(tmp_path: Path, capsys) -> None:
     """The checks train a copy; --fix repairs the model NAME built, untrained unless NAME
     loads weights itself: the text and repair.json say so, and point at --checkpoint."""

@@ -524,9 +524,7 @@ def observe(work: nn.Module, args: tuple, labels: Any, modes: dict[str, bool], n
         labels=None if labels is None else np.asarray(_labels_numpy(labels)).reshape(-1),
         output_diff=None if train_pred is not None else _relative_diff(train_out, eval_out),
         output_finite=None if None in finite or not finite else all(finite),
-        output_note=(f"the model returns {a_type(outputs[0])}; the doctor reads output{where}")
-        if where
-        else "",
+        output_note=(f"the model returns {a_type(outputs[0])}; the doctor reads output{where}") if where else "",
     )
 
 
