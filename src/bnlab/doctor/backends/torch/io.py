@@ -88,7 +88,11 @@ def _refusal(model: Any, state: dict[str, Any]) -> list[str]:
     finally:
         handle.remove()
     missing, unexpected = (list(seen[-1].missing_keys), list(seen[-1].unexpected_keys)) if seen else ([], [])
-    shapes = [(key, tuple(value.shape), own[key]) for key, value in state.items() if key in own and own[key] != tuple(value.shape)]
+    shapes = [
+        (key, tuple(value.shape), own[key])
+        for key, value in state.items()
+        if key in own and own[key] != tuple(value.shape)
+    ]
     ours = ("Missing key(s)", "Unexpected key(s)") + (("size mismatch for",) if shapes else ())
     others = [line.strip() for line in refusal if not line.startswith(ours)]
     return in_words(missing, unexpected, shapes) + others
@@ -135,7 +139,9 @@ def load_checkpoint(model: Any, path: Path, notes: list[str]) -> None:
     prefix = wrapper_prefix(state)
     if problems and prefix:
         fit_state(model, without_prefix(state, prefix), path, prefix)
-        notes.append(f"read {path.name} without its `{prefix}` prefix (saved from a model wrapped in {_wrappers(prefix)})")
+        notes.append(
+            f"read {path.name} without its `{prefix}` prefix (saved from a model wrapped in {_wrappers(prefix)})"
+        )
     elif problems:
         raise _misfit(model, path, problems)
 
