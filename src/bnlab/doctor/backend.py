@@ -213,11 +213,13 @@ class Backend(Protocol):
 
     # -- weights on disk ------------------------------------------------------------------
 
-    def load_checkpoint(self, model: Any, path: Path) -> Any:
+    def load_checkpoint(self, model: Any, path: Path, notes: list[str] | None = None) -> Any:
         """Load trained weights from ``path`` into ``model`` (freshly built by the doctor),
         reading no pickles; an InputError naming the file and the fix otherwise. Returns
         the loaded model: ``model`` itself, or a new one where the framework keeps weights
-        outside the model (flax.linen: a ``(module, variables)`` pair)."""
+        outside the model (flax.linen: a ``(module, variables)`` pair). ``notes`` gets a
+        line for the report per liberty taken reading the file (a wrapper's key prefix
+        dropped)."""
         ...
 
     def save_weights(self, model: Any) -> bytes:

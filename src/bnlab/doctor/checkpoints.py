@@ -49,7 +49,7 @@ def load_run_dir(target: str) -> tuple[Any, Any]:
     ``weights_only=True``.
     """
     from bnlab.config import RunConfig
-    from bnlab.doctor.backends.torch.io import check_keys, read_state_file, state_dict_of
+    from bnlab.doctor.backends.torch.io import fit_state, read_state_file, state_dict_of
     from bnlab.models import build_model
     from bnlab.rundir import load_checkpoint
 
@@ -68,6 +68,6 @@ def load_run_dir(target: str) -> tuple[Any, Any]:
             f"{path} was saved from another model than {run_dir / 'config.json'} "
             "describes; the run directory mixes two runs. Train it again."
         )
-    check_keys(build_model(cfg.model), state_dict_of(payload, path), path)
+    fit_state(build_model(cfg.model), state_dict_of(payload, path), path)  # a throwaway: a misfit in our words
     model, _ = load_checkpoint(path)
     return model, cfg

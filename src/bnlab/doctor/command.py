@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +178,7 @@ class Target:
     name: str
     trained: bool  # weights from a checkpoint or a run directory
     dataset: str | None = None  # a run directory's data set
+    notes: list[str] = field(default_factory=list)  # how the checkpoint was read, for the report
 
 
 def _target(args: argparse.Namespace) -> Target:
@@ -190,11 +191,12 @@ def _target(args: argparse.Namespace) -> Target:
         return Target(model, backend, name, True, cfg.dataset)
     model = load_model(args.target)
     backend = _backend(model, args.framework)
+    notes: list[str] = []
     if args.checkpoint:
-        model = backend.load_checkpoint(model, Path(args.checkpoint))
+        model = backend.load_checkpoint(model, Path(args.checkpoint), notes)
     # "" keeps the probe's name; a framework's default name says less than the user's NAME
     name = "" if backend.has_own_name(model) else args.target.rpartition(":")[2]
-    return Target(model, backend, name, bool(args.checkpoint))
+    return Target(model, backend, name, bool(args.checkpoint), notes=notes)
 
 
 def _train_steps(args: argparse.Namespace, target: Target, real: bool) -> int:
@@ -325,7 +327,7 @@ def _check(args: argparse.Namespace) -> tuple[Report, dict[str, Any], str]:
     if not args.fix:  # nothing was re-estimated or evaluated: don't list those batches either
         for use in [use for use in src.uses if use.endswith("(--fix)")]:
             del src.uses[use]
-    report.notes.append(_data_note(src))
+    report.notes += target.notes + [_data_note(src)]
     extra: dict[str, Any] = {"data": src.uses}
     text = ""
     if args.fix:

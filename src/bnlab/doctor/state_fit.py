@@ -19,12 +19,21 @@ def misfits(own: Mapping[str, tuple[int, ...]], saved: Mapping[str, tuple[int, .
     model's): missing keys, unexpected keys, shapes that differ; empty when it fits."""
     missing = [key for key in own if key not in saved]
     unexpected = [key for key in saved if key not in own]
-    shapes = [f"{key} {saved[key]} vs {own[key]}" for key in own if key in saved and saved[key] != own[key]]
+    shapes = [(key, saved[key], own[key]) for key in own if key in saved and saved[key] != own[key]]
+    return in_words(missing, unexpected, shapes)
+
+
+def in_words(
+    missing: list[str], unexpected: list[str], shapes: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
+) -> list[str]:
+    """The misfits of a checkpoint, one phrase per kind: ``shapes`` holds (name, shape in the
+    checkpoint, shape in the model). For a backend whose framework finds them itself."""
     problems = []
     if missing:
         problems.append(f"missing keys: {_named(missing)}")
     if unexpected:
         problems.append(f"unexpected keys: {_named(unexpected)}")
     if shapes:
-        problems.append(f"shapes differ (checkpoint vs model): {_named(shapes)}")
+        named = [f"{key} {saved} vs {own}" for key, saved, own in shapes]
+        problems.append(f"shapes differ (checkpoint vs model): {_named(named)}")
     return problems

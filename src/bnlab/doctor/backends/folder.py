@@ -45,8 +45,8 @@ class FolderBackend:
         numbers: dict[str, Any] = self._module("repair").evaluate(model, batches)
         return numbers
 
-    def load_checkpoint(self, model: Any, path: Path) -> Any:
-        loaded = self._module("io").load_checkpoint(model, path)
+    def load_checkpoint(self, model: Any, path: Path, notes: list[str] | None = None) -> Any:
+        loaded = self._module("io").load_checkpoint(model, path, [] if notes is None else notes)
         return model if loaded is None else loaded  # loaded in place, or a new model
 
     def save_weights(self, model: Any) -> bytes:

@@ -15,8 +15,8 @@ from bnlab.doctor.backends import sketch
 from bnlab.doctor.errors import InputError, quote_error
 
 
-def load_checkpoint(model: Any, path: Path) -> None:
-    """Load a Chainer ``save_npz`` file into ``model`` (numpy, no pickles)."""
+def load_checkpoint(model: Any, path: Path, notes: list[str]) -> None:
+    """Load a Chainer ``save_npz`` file into ``model`` (numpy, no pickles). Nothing for ``notes``."""
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file.")
     try:

@@ -86,9 +86,9 @@ def _check_fits(own: dict[str, Any], given: dict[str, Any], path: Path, model_na
         )
 
 
-def load_checkpoint(model: Any, path: Path) -> Any:
+def load_checkpoint(model: Any, path: Path, notes: list[str]) -> Any:
     """The model with the weights of the msgpack state at ``path``: the nnx ``model``
-    itself (freshly built by the doctor, loaded in place), a new linen model otherwise."""
+    itself (freshly built by the doctor, loaded in place), a new linen model otherwise. Nothing for ``notes``."""
     if not common.is_nnx(model):
         return _linen_checkpoint(common.as_linen(model), read_state(path), path)
     state = nnx.state(model)

@@ -14,9 +14,9 @@ from bnlab.doctor.errors import InputError, quote_error
 KERAS_SUFFIXES = (".weights.h5", ".keras")
 
 
-def load_checkpoint(model: Any, path: Path) -> None:
+def load_checkpoint(model: Any, path: Path, notes: list[str]) -> None:
     """Load the weights of a Keras ``model.save_weights`` (``.weights.h5``) or ``model.save``
-    (``.keras``) file into ``model``; only the weights are read (no layer config, no code)."""
+    (``.keras``) file into ``model``; only the weights are read (no layer config, no code). Nothing for ``notes``."""
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file.")
     if not path.name.endswith(KERAS_SUFFIXES):

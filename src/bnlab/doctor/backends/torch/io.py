@@ -9,19 +9,24 @@ paragraph naming the file and the fix.
 from __future__ import annotations
 
 import io
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+from torch.nn.parameter import is_lazy
 
 from bnlab.doctor.backend import Change
 from bnlab.doctor.backends import sketch
 from bnlab.doctor.errors import InputError, a_type
-from bnlab.doctor.state_fit import KEYS_NAMED, misfits
+from bnlab.doctor.state_fit import KEYS_NAMED, in_words
 from bnlab.safeload import read_torch_file
 
 # Containers other tools wrap a state dict in (bnlab's own checkpoint.pt, Lightning...).
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict")
+# The key prefixes of a state dict saved from a wrapped model, and the wrapper.
+WRAPPER_PREFIXES = {"module.": "DistributedDataParallel or DataParallel", "_orig_mod.": "torch.compile"}
 
 
 def read_state_file(path: Path) -> Any:
@@ -50,22 +55,95 @@ def state_dict_of(payload: Any, path: Path) -> dict[str, Any]:
     return payload
 
 
-def check_keys(model: Any, state: dict[str, Any], path: Path) -> None:
-    """InputError unless ``state`` has exactly the model's keys, with the model's shapes."""
-    own = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    problems = misfits(own, {key: tuple(value.shape) for key, value in state.items()})
+def fit_state(model: Any, state: dict[str, Any], path: Path, prefix: str = "") -> None:
+    """Load ``state`` into ``model`` (freshly built by the doctor, or a throwaway) exactly as
+    ``model.load_state_dict(state, strict=True)`` takes it, or an InputError naming what
+    does not fit (``model`` is then half-loaded). ``prefix``: the wrapper's key prefix
+    ``state`` was read without, named in the error."""
+    problems = _refusal(model, state)
     if problems:
-        raise InputError(
-            f"{path} does not fit {type(model).__name__}: {'; '.join(problems)}. Give the "
-            "checkpoint saved from this model class (with the same constructor arguments)."
-        )
+        raise _misfit(model, path, problems, prefix)
 
 
-def load_checkpoint(model: Any, path: Path) -> None:
-    """Load the state dict in ``path`` into ``model`` (freshly built by the doctor)."""
+def _misfit(model: Any, path: Path, problems: list[str], prefix: str = "") -> InputError:
+    how = f", even read without the `{prefix}` prefix of a model wrapped in {_wrappers(prefix)}" if prefix else ""
+    return InputError(
+        f"{path} does not fit {type(model).__name__}{how}: {'; '.join(problems)}. Give the "
+        "checkpoint saved from this model class (with the same constructor arguments)."
+    )
+
+
+def _refusal(model: Any, state: dict[str, Any]) -> list[str]:
+    """Why PyTorch refuses to load ``state`` into ``model``, in bnlab's words; empty when it
+    took it. PyTorch decides (a BatchNorm fills in a missing ``num_batches_tracked`` of an
+    old state, a module's own load hooks rename keys...); bnlab only words the refusal."""
+    own = {key: tuple(value.shape) for key, value in model.state_dict().items() if not is_lazy(value)}
+    seen: list[Any] = []  # the root's post hook runs last: it sees the final missing/unexpected lists
+    handle = model.register_load_state_dict_post_hook(lambda _module, keys: seen.append(keys))
+    try:
+        model.load_state_dict(state, strict=True)
+        return []
+    except RuntimeError as err:
+        refusal = str(err).split("\n\t")[1:]  # PyTorch's lines after "Error(s) in loading ..."
+    finally:
+        handle.remove()
+    missing, unexpected = (list(seen[-1].missing_keys), list(seen[-1].unexpected_keys)) if seen else ([], [])
+    shapes = [
+        (key, tuple(value.shape), own[key])
+        for key, value in state.items()
+        if key in own and own[key] != tuple(value.shape)
+    ]
+    ours = ("Missing key(s)", "Unexpected key(s)") + (("size mismatch for",) if shapes else ())
+    others = [line.strip() for line in refusal if not line.startswith(ours)]
+    return in_words(missing, unexpected, shapes) + others
+
+
+def wrapper_prefix(state: dict[str, Any]) -> str:
+    """The wrappers' prefixes every key of ``state`` carries, outermost first (e.g.
+    ``_orig_mod.module.``); "" when none."""
+    prefix = ""
+    while state:  # an empty mapping would carry every prefix
+        step = next((p for p in WRAPPER_PREFIXES if all(k.startswith(prefix + p) for k in state)), None)
+        if step is None:
+            return prefix
+        prefix += step
+    return prefix
+
+
+def without_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """A copy of ``state`` (its ``_metadata`` included) with ``prefix`` taken off every key."""
+    copy: Any = OrderedDict(state)
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        copy._metadata = OrderedDict(metadata)
+    for step in _steps(prefix):  # one wrapper at a time: the metadata's keys lack the final dot
+        consume_prefix_in_state_dict_if_present(copy, step)
+    return copy
+
+
+def _steps(prefix: str) -> list[str]:
+    return [part + "." for part in prefix.split(".")[:-1]]
+
+
+def _wrappers(prefix: str) -> str:
+    """The wrappers behind ``prefix``, in the order they were put on."""
+    return ", then ".join(WRAPPER_PREFIXES[step] for step in reversed(_steps(prefix)))
+
+
+def load_checkpoint(model: Any, path: Path, notes: list[str]) -> None:
+    """Load the state dict in ``path`` into ``model`` (freshly built by the doctor). A state
+    saved from a wrapped model (DDP's ``module.``, torch.compile's ``_orig_mod.``) loads
+    without the prefix where the state as saved does not fit; a line in ``notes`` says so."""
     state = state_dict_of(read_state_file(path), path)
-    check_keys(model, state, path)
-    model.load_state_dict(state)
+    problems = _refusal(model, state)  # the state as saved first: a model may own a `module`
+    prefix = wrapper_prefix(state)
+    if problems and prefix:
+        fit_state(model, without_prefix(state, prefix), path, prefix)
+        notes.append(
+            f"read {path.name} without its `{prefix}` prefix (saved from a model wrapped in {_wrappers(prefix)})"
+        )
+    elif problems:
+        raise _misfit(model, path, problems)
 
 
 def save_weights(model: Any) -> bytes:
