@@ -281,3 +281,20 @@ def test_tensorflow_logging_is_quieted_before_the_model_file_imports_keras(tmp_p
         env = {**base, **user_set, "KERAS_BACKEND": "torch", "PYTHONPATH": str(REPO / "src")}
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
         assert f"LEVEL AT IMPORT {seen}" in result.stdout, result.stdout + result.stderr
+
+
+def test_the_library_api_leaves_tensorflow_logging_alone() -> None:
+    """Only the command line quiets TensorFlow: a notebook that calls bnlab.doctor.check
+    (here on a torch model, which loads every backend to detect its framework) keeps its
+    environment as it was."""
+    script = (
+        "import os, torch\n"
+        "from bnlab.doctor import check\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))\n"
+        "check(model, torch.randn(8, 4))\n"
+        "print('LEVEL', os.environ.get('TF_CPP_MIN_LOG_LEVEL'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = str(REPO / "src")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert "LEVEL None" in result.stdout, result.stdout + result.stderr

@@ -22,6 +22,7 @@ from bnlab.doctor.errors import InputError, ProbeError, UsageError
 from bnlab.doctor.findings import FAIL_ON, Report, clean
 from bnlab.doctor.loader import LoadError, load_model
 from bnlab.errors import BnlabError
+from bnlab.tflog import quiet_tensorflow_logging
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as the shell and `bnlab train` report it
@@ -360,6 +361,9 @@ def run(args: argparse.Namespace) -> int:
     # small images makes activations above glibc's mmap threshold, mapped and unmapped every
     # step; keeping them cut system time from 35 s to 1 s on a 16-channel CNN (heap.py).
     heap.reuse_freed_memory()
+    # Also this process only: TensorFlow's C++ INFO lines would fill stderr once the model
+    # file imports keras or tensorflow (read once, at that import; a user's setting stands).
+    quiet_tensorflow_logging()
     if args.train_steps is not None and args.train_steps < 0:
         return _fail("--train-steps must be 0 or more.")
     if args.batch_size is not None and args.batch_size < 1:

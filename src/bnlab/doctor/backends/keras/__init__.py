@@ -17,11 +17,6 @@ from bnlab.doctor.backend import Backend, Watcher
 from bnlab.doctor.backends.folder import FolderBackend
 from bnlab.doctor.backends.keras.fixes import KerasFixes
 from bnlab.doctor.records import OptimizerInfo
-from bnlab.tflog import quiet_tensorflow_logging
-
-# On the command line this package is loaded (by seed_all) before the user's file imports
-# keras, and with it TensorFlow: its C++ INFO lines would otherwise fill stderr.
-quiet_tensorflow_logging()
 
 
 def _from_keras(cls: type) -> bool:
