@@ -23,8 +23,13 @@ class TorchFixes:
                 for alias in layer.aliases
             ]
             return "\n".join(lines)
-        init = [f"self.{name} = {_constructor(layer)}" for name in sketch.site_names(layer, calls)]
-        return sketch.per_site_layers(layer, calls, init)
+        bn = _constructor(layer)
+        return sketch.per_site_layers(
+            layer,
+            calls,
+            one=lambda name: f"self.{name} = {bn}",
+            many=lambda name, items: f"self.{name} = nn.ModuleList({bn} for _ in {items})",
+        )
 
     def recompute_stats(self) -> str:
         return "\n".join(
