@@ -44,7 +44,11 @@ def test_chainer_loop_sketch_is_one_chainlist_and_pasted_in_fixes_the_model() ->
         f"    self.bn_stem = {bn}",
         f"    self.bn_convs = chainer.ChainList(*({bn} for _ in self.convs))",
     ]
-    assert forward == ["... self.bn_stem(self.stem(...)) ...", "for conv, bn in zip(self.convs, self.bn_convs):", "    ... bn(conv(...)) ..."]
+    assert forward == [
+        "... self.bn_stem(self.stem(...)) ...",
+        "for conv, bn in zip(self.convs, self.bn_convs):",
+        "    ... bn(conv(...)) ...",
+    ]
 
     namespace: dict[str, object] = {"F": F}
     tail = "return self.fc(F.mean(x, axis=(2, 3)))"

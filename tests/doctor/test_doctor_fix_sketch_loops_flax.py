@@ -36,7 +36,11 @@ def test_nnx_loop_sketch_is_one_list_and_pasted_in_fixes_the_model() -> None:
     init, forward = sections(finding.fix_code)
     bn = "nnx.BatchNorm(16, momentum=0.99, epsilon=1e-05, rngs=rngs)"
     assert init == [f"self.bn_stem = {bn}", f"self.bn_layers = nnx.List([{bn} for _ in self.layers])"]
-    assert forward == ["... self.bn_stem(self.stem(...)) ...", "for layer, bn in zip(self.layers, self.bn_layers):", "    ... bn(layer(...)) ..."]
+    assert forward == [
+        "... self.bn_stem(self.stem(...)) ...",
+        "for layer, bn in zip(self.layers, self.bn_layers):",
+        "    ... bn(layer(...)) ...",
+    ]
 
     namespace: dict[str, object] = {"nnx": nnx}
     exec(forward_source(finding.fix_code, "__call__", "nnx.relu", "pass", "return self.out(x)"), namespace)  # noqa: S102
