@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import keyword
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,15 +128,17 @@ def _loop_names(layer: LayerInfo, loop: Loop, taken: list[str]) -> tuple[str, st
 def per_site_layers(
     layer: LayerInfo,
     calls: list[CallRecord],
-    one: Callable[[str], str],
-    many: Callable[[str, str], str] | None = None,
+    bn: str,
+    many: str | None = None,
     header: Sequence[str] = (),
+    indent: str = "",
 ) -> str:
-    """One BN per call site of a shared ``layer``, in a model class: ``one(name)`` is the
-    constructor line of the BN named ``name`` (by :func:`site_names`); ``many(name,
-    container)`` the line of a list of BNs, one per item of ``container`` (a Python
-    expression), given to the calls a loop over that container makes (:func:`site_plan`;
-    without ``many`` every call gets its own line, as in an unrolled forward)."""
+    """One BN per call site of a shared ``layer``, in a model class: ``bn`` constructs one
+    (named by :func:`site_names`); ``many``, a template of ``{bn}`` and ``{items}`` (a
+    Python expression for a container), constructs a list of them, one per item, for the
+    calls a loop over that container makes (:func:`site_plan`; without ``many`` every call
+    gets its own BN, as in an unrolled forward). Constructor lines follow ``header``,
+    indented by ``indent``."""
     names = dict(zip((id(c) for c in calls), site_names(layer, calls), strict=True))
     plan: list[CallRecord | Loop] = site_plan(layer, calls) if many is not None else list(calls)
     init = ["# __init__: one BN per call site, each with its own running statistics", *header]
@@ -146,11 +148,11 @@ def per_site_layers(
             name, item = _loop_names(layer, step, list(names.values()))
             items = attribute(step.container)
             where = step.calls[0].location
-            init.append(many(name, items))
+            init.append(f"{indent}self.{name} = {many.format(bn=bn, items=items)}")
             forward.append(f"for {item}, bn in zip({items}, self.{name}):  # the loop around {where}")
             forward.append(f"    ... bn({attribute(step.rest, item)}(...)) ...")
         elif isinstance(step, CallRecord):
-            init.append(one(names[id(step)]))
+            init.append(f"{indent}self.{names[id(step)]} = {bn}")
             forward.append(_site_line(layer, step, names[id(step)]))
     return "\n".join(init + forward)
 

@@ -13,14 +13,8 @@ def _constructor(layer: LayerInfo) -> str:
 
 class ChainerFixes:
     def one_bn_per_site(self, layer: LayerInfo, calls: list[CallRecord]) -> str:
-        bn = _constructor(layer)
-        return sketch.per_site_layers(
-            layer,
-            calls,
-            one=lambda name: f"    self.{name} = {bn}",
-            many=lambda name, items: f"    self.{name} = chainer.ChainList(*({bn} for _ in {items}))",
-            header=["with self.init_scope():"],
-        )
+        many = "chainer.ChainList(*({bn} for _ in {items}))"
+        return sketch.per_site_layers(layer, calls, _constructor(layer), many, ["with self.init_scope():"], "    ")
 
     def recompute_stats(self) -> str:
         return "\n".join(

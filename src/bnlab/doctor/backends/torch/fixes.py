@@ -23,13 +23,7 @@ class TorchFixes:
                 for alias in layer.aliases
             ]
             return "\n".join(lines)
-        bn = _constructor(layer)
-        return sketch.per_site_layers(
-            layer,
-            calls,
-            one=lambda name: f"self.{name} = {bn}",
-            many=lambda name, items: f"self.{name} = nn.ModuleList({bn} for _ in {items})",
-        )
+        return sketch.per_site_layers(layer, calls, _constructor(layer), many="nn.ModuleList({bn} for _ in {items})")
 
     def recompute_stats(self) -> str:
         return "\n".join(
