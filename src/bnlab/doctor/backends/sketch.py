@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import keyword
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from bnlab.doctor.records import CallRecord, LayerInfo
@@ -53,20 +55,114 @@ def site_names(layer: LayerInfo, calls: list[CallRecord]) -> list[str]:
     return names
 
 
-def per_site_layers(layer: LayerInfo, calls: list[CallRecord], init_lines: list[str]) -> str:
-    """One BN per call site of a shared ``layer``, in a model class: ``init_lines`` create
-    them in the constructor (named by :func:`site_names`), then each call site uses its own."""
-    names = site_names(layer, calls)
-    lines = ["# __init__: one BN per call site, each with its own running statistics", *init_lines]
-    lines.append("# forward: each call site uses its own BN")
-    for name, call in zip(names, calls):
-        if call.producer == layer.path:
-            lines.append(f"... self.{name}(...)  # or drop this second normalization")
-        elif call.producer and call.via == "direct":
-            lines.append(f"... self.{name}({attribute(call.producer)}(...)) ...")
-        else:
-            lines.append(f"... self.{name}(...)  # was call {call.index} of {attribute(layer.path)}")
-    return "\n".join(lines)
+@dataclass(frozen=True)
+class Loop:
+    """Calls of a shared layer made by one line of code, each after the next item of one
+    container (``convs.0``, ``convs.1``, ...): a loop over that container. ``rest`` is the
+    path inside each item (``conv`` for ``blocks.0.conv``, empty for ``convs.0``)."""
+
+    container: str
+    rest: str
+    calls: tuple[CallRecord, ...]
+
+
+def _item_index(producer: str, container: str, rest: str) -> int | None:
+    """``i`` when ``producer`` is ``<container>.<i>[.<rest>]``, else None."""
+    head = f"{container}." if container else ""
+    tail = f".{rest}" if rest else ""
+    if not (producer.startswith(head) and producer.endswith(tail)):
+        return None
+    middle = producer[len(head) : len(producer) - len(tail)]
+    return int(middle) if middle.isdigit() else None
+
+
+def _as_loop(layer: LayerInfo, calls: list[CallRecord]) -> Loop | None:
+    """A :class:`Loop` when ``calls`` (made by one line) came after items 0, 1, ... of one
+    container, in that order; None when they did not (one call, other producers)."""
+    producers = [c.producer for c in calls if c.producer and c.via == "direct" and c.producer != layer.path]
+    if len(calls) < 2 or len(producers) != len(calls):
+        return None
+    parts = producers[0].split(".")
+    for pos, part in enumerate(parts):
+        if part != "0":
+            continue
+        container, rest = ".".join(parts[:pos]), ".".join(parts[pos + 1 :])
+        if [_item_index(p, container, rest) for p in producers] == list(range(len(calls))):
+            return Loop(container, rest, tuple(calls))
+    return None
+
+
+def site_plan(layer: LayerInfo, calls: list[CallRecord]) -> list[CallRecord | Loop]:
+    """The call sites in call order, the calls that one line made in a loop over a
+    container joined into one :class:`Loop` (placed at its first call)."""
+    by_line: dict[tuple[str, int], list[CallRecord]] = {}
+    for call in calls:
+        if call.location is not None:
+            by_line.setdefault((call.location.file, call.location.line), []).append(call)
+    loops = {id(group[0]): loop for group in by_line.values() if (loop := _as_loop(layer, group))}
+    looped = {id(call) for loop in loops.values() for call in loop.calls}
+    plan: list[CallRecord | Loop] = []
+    for call in calls:
+        if id(call) in loops:
+            plan.append(loops[id(call)])
+        elif id(call) not in looped:
+            plan.append(call)
+    return plan
+
+
+def _loop_names(layer: LayerInfo, loop: Loop, taken: list[str]) -> tuple[str, str]:
+    """(attribute holding the loop's BNs, loop variable for the container's items):
+    ``bn_convs`` and ``conv`` for ``convs``."""
+    last = layer.path.rsplit(".", 1)[-1]
+    base = last if last.isidentifier() and not keyword.iskeyword(last) else "bn"
+    name = identifier(f"{base}_{loop.container or 'items'}")
+    while name in taken:
+        name += "_list"
+    word = loop.container.rsplit(".", 1)[-1]
+    item = word[:-1] if len(word) > 2 and word.endswith("s") else "layer"
+    if not item.isidentifier() or keyword.iskeyword(item) or item in ("bn", "self"):
+        item = "layer"
+    return name, item
+
+
+def per_site_layers(
+    layer: LayerInfo,
+    calls: list[CallRecord],
+    bn: str,
+    many: str | None = None,
+    header: Sequence[str] = (),
+    indent: str = "",
+) -> str:
+    """One BN per call site of a shared ``layer``, in a model class: ``bn`` constructs one
+    (named by :func:`site_names`); ``many``, a template of ``{bn}`` and ``{items}`` (a
+    Python expression for a container), constructs a list of them, one per item, for the
+    calls a loop over that container makes (:func:`site_plan`; without ``many`` every call
+    gets its own BN, as in an unrolled forward). Constructor lines follow ``header``,
+    indented by ``indent``."""
+    names = dict(zip((id(c) for c in calls), site_names(layer, calls), strict=True))
+    plan: list[CallRecord | Loop] = site_plan(layer, calls) if many is not None else list(calls)
+    init = ["# __init__: one BN per call site, each with its own running statistics", *header]
+    forward = ["# forward: each call site uses its own BN"]
+    for step in plan:
+        if isinstance(step, Loop) and many is not None:
+            name, item = _loop_names(layer, step, list(names.values()))
+            items = attribute(step.container)
+            where = step.calls[0].location
+            init.append(f"{indent}self.{name} = {many.format(bn=bn, items=items)}")
+            forward.append(f"for {item}, bn in zip({items}, self.{name}):  # the loop around {where}")
+            forward.append(f"    ... bn({attribute(step.rest, item)}(...)) ...")
+        elif isinstance(step, CallRecord):
+            init.append(f"{indent}self.{names[id(step)]} = {bn}")
+            forward.append(_site_line(layer, step, names[id(step)]))
+    return "\n".join(init + forward)
+
+
+def _site_line(layer: LayerInfo, call: CallRecord, name: str) -> str:
+    if call.producer == layer.path:
+        return f"... self.{name}(...)  # or drop this second normalization"
+    if call.producer and call.via == "direct":
+        return f"... self.{name}({attribute(call.producer)}(...)) ..."
+    return f"... self.{name}(...)  # was call {call.index} of {attribute(layer.path)}"
 
 
 def no_decay_on_norms() -> str:

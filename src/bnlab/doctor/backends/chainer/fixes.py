@@ -13,9 +13,8 @@ def _constructor(layer: LayerInfo) -> str:
 
 class ChainerFixes:
     def one_bn_per_site(self, layer: LayerInfo, calls: list[CallRecord]) -> str:
-        init = ["with self.init_scope():"]
-        init += [f"    self.{name} = {_constructor(layer)}" for name in sketch.site_names(layer, calls)]
-        return sketch.per_site_layers(layer, calls, init)
+        many = "chainer.ChainList(*({bn} for _ in {items}))"
+        return sketch.per_site_layers(layer, calls, _constructor(layer), many, ["with self.init_scope():"], "    ")
 
     def recompute_stats(self) -> str:
         return "\n".join(

@@ -25,9 +25,10 @@ def _constructor(layer: LayerInfo, momentum: float | None = None) -> str:
 
 class FlaxFixes:
     def one_bn_per_site(self, layer: LayerInfo, calls: list[CallRecord]) -> str:
-        init = ["# (linen: in setup(); each gets its own batch_stats entry)"] if _linen(layer) else []
-        init += [f"self.{name} = {_constructor(layer)}" for name in sketch.site_names(layer, calls)]
-        return sketch.per_site_layers(layer, calls, init)
+        header = ["# (linen: in setup(); each gets its own batch_stats entry)"] if _linen(layer) else []
+        # nnx: a list of layers is an nnx.List; linen names list items convs_0, not convs.0
+        many = None if _linen(layer) else "nnx.List([{bn} for _ in {items}])"
+        return sketch.per_site_layers(layer, calls, _constructor(layer), many, header)
 
     def recompute_stats(self) -> str:
         return "\n".join(

@@ -23,8 +23,7 @@ class TorchFixes:
                 for alias in layer.aliases
             ]
             return "\n".join(lines)
-        init = [f"self.{name} = {_constructor(layer)}" for name in sketch.site_names(layer, calls)]
-        return sketch.per_site_layers(layer, calls, init)
+        return sketch.per_site_layers(layer, calls, _constructor(layer), many="nn.ModuleList({bn} for _ in {items})")
 
     def recompute_stats(self) -> str:
         return "\n".join(
