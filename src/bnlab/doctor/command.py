@@ -231,7 +231,9 @@ def _source(args: argparse.Namespace, target: Target) -> tuple[sources.Source, i
             src = sources.file_source(data, args.batch_size, args.max_batches)
         return src, steps
     if args.input_shape is None:
-        raise InputError("give the probe input: --data mnist, --data FILE.py:NAME or --input-shape N,D,...")
+        raise InputError(
+            "give the probe input: --data mnist, --data FILE.npz, --data FILE.py:NAME or --input-shape N,D,..."
+        )
     shape = sources.parse_shape(args.input_shape)
     if args.batch_size:
         shape = (args.batch_size,) + shape[1:]

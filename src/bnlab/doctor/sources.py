@@ -569,9 +569,9 @@ def _check_arrays(spec: str, x: np.ndarray, y: np.ndarray | None) -> None:
 
 
 def _labels_needed(spec: str, why: str) -> InputError:
+    use = "evaluates the repair's accuracy" if why == "--fix" else "trains a copy of the model with cross-entropy"
     return InputError(
-        f"--data {spec} has no labels, and {why} needs them (the doctor trains a copy of the "
-        "model with cross-entropy, or evaluates the repair's accuracy). Give an .npz with "
+        f"--data {spec} has no labels, and {why} needs them (the doctor {use}). Give an .npz with "
         "inputs and labels (numpy.savez(FILE, x=inputs, y=labels), or FILE.npz:INPUTS,LABELS), "
         "or only probe the model with --train-steps 0 (the default with --checkpoint)."
     )
@@ -608,6 +608,13 @@ def array_source(
         raise InputError(f"--data {spec} holds {n} samples; the doctor needs at least {HELD_OUT_SHARE}.")
     size = min(batch_size, held)
     check_batch_size((size,) + tuple(x.shape[1:]))
+    held_bytes = held * math.prod(x.shape[1:]) * np.dtype(np.float32).itemsize
+    if held_bytes > memory_limit():
+        raise InputError(
+            f"--data {spec}: its held-out sixth ({held} samples) would take {_gib(held_bytes)} as "
+            f"float32, more than the {_gib(memory_limit())} the doctor keeps in memory; give a "
+            "file with fewer samples (a few thousand are enough)."
+        )
     labels = np.asarray(y) if y is not None else np.zeros(n, np.int64)  # zeros: for the checks only
     _validate(spec, x, labels, size)
     shape = tuple(x.shape[1:])
@@ -629,13 +636,6 @@ def array_source(
             for b in range(full):
                 yield batch(epoch[b * size : (b + 1) * size])
 
-    held_bytes = held * math.prod(shape) * 4
-    if held_bytes > memory_limit():
-        raise InputError(
-            f"--data {spec}: its held-out sixth ({held} samples) would take {_gib(held_bytes)} as "
-            f"float32, more than the {_gib(memory_limit())} the doctor keeps in memory; give a "
-            "file with fewer samples (a few thousand are enough)."
-        )
     held_out = [batch(held_idx[i : i + size]) for i in range(0, held, size)]
     probe_x, probe_y = held_out[0]
     cast = "" if x.dtype == np.float32 else f"; {x.dtype} cast to float32, values unchanged"
