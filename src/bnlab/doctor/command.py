@@ -232,7 +232,7 @@ def _source(args: argparse.Namespace, target: Target) -> tuple[sources.Source, i
         return src, steps
     if args.input_shape is None:
         raise InputError(
-            "give the probe input: --data mnist, --data FILE.npz, --data FILE.py:NAME or --input-shape N,D,..."
+            "give the probe input: --data mnist, --data FILE.py:NAME or --input-shape N,D,... (or --data FILE.npz)"
         )
     shape = sources.parse_shape(args.input_shape)
     if args.batch_size:

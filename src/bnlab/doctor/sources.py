@@ -205,6 +205,16 @@ def _in_batches(x: np.ndarray, y: np.ndarray, size: int, shape: tuple[int, ...])
     return [(x[i : i + size].reshape((-1,) + shape), y[i : i + size]) for i in range(0, len(x), size)]
 
 
+def _shuffled_epochs(indices: np.ndarray, size: int, seed: int, take: Callable[[np.ndarray], Batch]) -> Iterator[Batch]:
+    """Batches of ``size`` of ``indices`` in shuffled epochs, full batches only, endlessly."""
+    rng = np.random.default_rng(seed)
+    full = len(indices) // size
+    while True:
+        order = rng.permutation(indices)
+        for b in range(full):
+            yield take(order[b * size : (b + 1) * size])
+
+
 def builtin_source(name: str, model: Any, backend: Backend, data_dir: str | None, batch_size: int, seed: int) -> Source:
     """Training split for steps and re-estimation, test split for the probe and evaluation."""
     from bnlab.data import to_float
@@ -222,12 +232,9 @@ def builtin_source(name: str, model: Any, backend: Backend, data_dir: str | None
     full = len(train_x) // batch_size
 
     def train_epochs() -> Iterator[Batch]:
-        step_rng = np.random.default_rng(seed)
-        while True:  # shuffled epochs, full batches only
-            order = step_rng.permutation(len(train_x))
-            for b in range(full):
-                idx = order[b * batch_size : (b + 1) * batch_size]
-                yield train_x[idx].reshape((batch_size,) + shape), train_y[idx]
+        return _shuffled_epochs(
+            np.arange(len(train_x)), batch_size, seed, lambda idx: (train_x[idx].reshape((-1,) + shape), train_y[idx])
+        )
 
     def one_pass() -> Iterable[Batch]:
         return itertools.islice(train_epochs(), full)
@@ -622,7 +629,7 @@ def array_source(
         shape = fit_shape(model, backend, np.array(x[:2], np.float32).reshape(2, -1))
     order = np.random.default_rng(seed).permutation(n)
     held_idx, train_idx = np.sort(order[:held]), order[held:]
-    full = max(1, len(train_idx) // size)
+    full = len(train_idx) // size  # >= 1: five sixths of the samples, batches of at most one sixth
 
     def batch(idx: np.ndarray) -> Batch:
         # sorted rows: a memory-mapped file is read forward
@@ -630,11 +637,7 @@ def array_source(
         return np.asarray(x[rows], np.float32).reshape((len(rows),) + shape), labels[rows].astype(np.int64)
 
     def train_epochs() -> Iterator[Batch]:
-        step_rng = np.random.default_rng(seed + 1)
-        while True:  # shuffled epochs, full batches only
-            epoch = step_rng.permutation(train_idx)
-            for b in range(full):
-                yield batch(epoch[b * size : (b + 1) * size])
+        return _shuffled_epochs(train_idx, size, seed + 1, batch)
 
     held_out = [batch(held_idx[i : i + size]) for i in range(0, held, size)]
     probe_x, probe_y = held_out[0]
