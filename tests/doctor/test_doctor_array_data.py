@@ -189,3 +189,33 @@ def test_help_states_the_inputs_are_unchanged(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     assert "FILE.npz:X,Y" in text and "unchanged except the cast to float32" in text
     assert "allow_pickle=False" in text
+
+
+def test_large_arrays_are_mapped_compressed_ones_must_fit(mnist, tmp_path: Path, monkeypatch, capsys) -> None:
+    """With room for a batch but not for the file, an uncompressed .npz is mapped and runs;
+    a compressed one, which has to be read whole, is refused in one paragraph."""
+    import bnlab.doctor.sources as sources
+
+    x, y = mnist  # 18.8 MB of float32 inputs; one batch of 1000 is 3.1 MB
+    monkeypatch.setattr(sources, "memory_limit", lambda: 8 << 20)
+    np.savez(tmp_path / "plain.npz", x=x, y=y)
+    np.savez_compressed(tmp_path / "packed.npz", x=x, y=y)
+    code, report = _doctor(capsys, QUESTION, "--data", str(tmp_path / "plain.npz"), "--train-steps", "5")
+    assert code == 1 and ("shared-bn", "error", "bn") in _findings(report)
+    assert main([QUESTION, "--data", str(tmp_path / "packed.npz"), "--train-steps", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "the array 'x' is compressed and would take 0.0175 GiB in memory" in err and err.count("\n") == 1
+
+
+def test_npy_with_a_checkpoint_probes_without_labels(mnist, examples_on_path, tmp_path: Path, capsys) -> None:
+    """A trained model (--checkpoint) is judged as handed over: no training steps, so
+    inputs alone do."""
+    import torch
+    from answer_torch import MyModel
+
+    torch.save(MyModel().state_dict(), tmp_path / "answer.pt")
+    np.save(tmp_path / "x.npy", mnist[0])
+    args = [ANSWER, "--data", str(tmp_path / "x.npy"), "--checkpoint", str(tmp_path / "answer.pt")]
+    code, report = _doctor(capsys, *args)
+    assert code == 0 and report["probe"]["train_steps"] == 0
+    assert report["data"]["read"].endswith("(inputs only)")
