@@ -68,8 +68,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="real data: mnist or fashion-mnist (training split for training "
         "steps and --fix, test split for the probe and the evaluation), or "
         "FILE.py:NAME returning (inputs, labels) batches, e.g. a DataLoader "
-        "(the last sixth of its batches is held out for the probe); default: "
-        "none, or the data set of a run directory TARGET",
+        "(the last sixth of its batches is held out for the probe), or a numpy "
+        "file: FILE.npz with inputs and labels (keys x/y, X/Y, inputs/labels, "
+        "images/labels or data/target; FILE.npz:X,Y names them) or FILE.npy with "
+        "inputs only (enough to probe: --train-steps 0 or --checkpoint); one sixth "
+        "of its samples is held out. The arrays are taken as the model's inputs "
+        "unchanged except the cast to float32: uint8 images stay 0-255 (the "
+        "built-in mnist is scaled to [0, 1]; divide by 255 before saving to match "
+        "it). Read with allow_pickle=False, memory-mapped. Default: none, or the "
+        "data set of a run directory TARGET",
     )
     parser.add_argument(
         "--data-dir",
@@ -216,11 +223,18 @@ def _source(args: argparse.Namespace, target: Target) -> tuple[sources.Source, i
             src = sources.builtin_source(
                 data, target.model, target.backend, args.data_dir, args.batch_size or 1000, args.seed
             )
+        elif sources.is_array_file(data):
+            labels_for = f"--train-steps {steps}" if steps else ("--fix" if args.fix else None)
+            src = sources.array_source(
+                data, target.model, target.backend, args.batch_size or 1000, args.seed, labels_for
+            )
         else:
             src = sources.file_source(data, args.batch_size, args.max_batches)
         return src, steps
     if args.input_shape is None:
-        raise InputError("give the probe input: --data mnist, --data FILE.py:NAME or --input-shape N,D,...")
+        raise InputError(
+            "give the probe input: --data mnist, --data FILE.py:NAME or --input-shape N,D,... (or --data FILE.npz)"
+        )
     shape = sources.parse_shape(args.input_shape)
     if args.batch_size:
         shape = (args.batch_size,) + shape[1:]
@@ -307,7 +321,7 @@ def _check(args: argparse.Namespace) -> tuple[Report, dict[str, Any], str]:
     if args.fix and not src.real:
         raise InputError(
             "--fix re-estimates running statistics on real training data and evaluates the "
-            "repair on held-out data: give --data (mnist, fashion-mnist or FILE.py:NAME) "
+            "repair on held-out data: give --data (mnist, fashion-mnist, FILE.npz or FILE.py:NAME) "
             "instead of --input-shape."
         )
     report = check(
@@ -343,7 +357,9 @@ def _resolve_paths(args: argparse.Namespace) -> None:
     model file that calls os.chdir at import must not move --fix OUT or a relative --data."""
     is_dir = checkpoints.is_run_dir(args.target)
     args.target = shield.absolute(args.target) if is_dir else shield.absolute_spec(args.target)
-    if args.data is not None and args.data not in sources.BUILTIN:
+    if args.data is not None and sources.is_array_file(args.data):
+        args.data = sources.absolute_array_spec(args.data)
+    elif args.data is not None and args.data not in sources.BUILTIN:
         args.data = shield.absolute_spec(args.data)
     args.fix, args.checkpoint, args.data_dir = (shield.absolute(p) for p in (args.fix, args.checkpoint, args.data_dir))
 

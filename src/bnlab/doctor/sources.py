@@ -9,6 +9,11 @@ Three sources, each split so that the doctor never judges a model on a batch it 
 - ``--data FILE.py:NAME``: NAME (a function with no arguments, or an iterable such as a
   DataLoader) gives ``(inputs, labels)`` batches; the last sixth of them (at least one)
   is held out for the probe and the evaluation, the rest is for training and re-estimation.
+- ``--data FILE.npz[:X,Y]`` / ``FILE.npy``: numpy arrays (an .npy holds inputs only, which
+  is enough to probe; training steps and ``--fix`` need labels). Read with
+  ``allow_pickle=False`` and memory-mapped; one sixth of the samples, drawn with the
+  seed, is held out for the probe and the evaluation. The inputs are taken as they are,
+  cast to float32 (uint8 images stay 0-255: the built-in MNIST is scaled to [0, 1]).
 
 Arrays are numpy (float32 inputs, int64 labels); every backend accepts them.
 """
@@ -19,10 +24,12 @@ import inspect
 import itertools
 import math
 import os
+import struct
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -198,6 +205,16 @@ def _in_batches(x: np.ndarray, y: np.ndarray, size: int, shape: tuple[int, ...])
     return [(x[i : i + size].reshape((-1,) + shape), y[i : i + size]) for i in range(0, len(x), size)]
 
 
+def _shuffled_epochs(indices: np.ndarray, size: int, seed: int, take: Callable[[np.ndarray], Batch]) -> Iterator[Batch]:
+    """Batches of ``size`` of ``indices`` in shuffled epochs, full batches only, endlessly."""
+    rng = np.random.default_rng(seed)
+    full = len(indices) // size
+    while True:
+        order = rng.permutation(indices)
+        for b in range(full):
+            yield take(order[b * size : (b + 1) * size])
+
+
 def builtin_source(name: str, model: Any, backend: Backend, data_dir: str | None, batch_size: int, seed: int) -> Source:
     """Training split for steps and re-estimation, test split for the probe and evaluation."""
     from bnlab.data import to_float
@@ -215,12 +232,9 @@ def builtin_source(name: str, model: Any, backend: Backend, data_dir: str | None
     full = len(train_x) // batch_size
 
     def train_epochs() -> Iterator[Batch]:
-        step_rng = np.random.default_rng(seed)
-        while True:  # shuffled epochs, full batches only
-            order = step_rng.permutation(len(train_x))
-            for b in range(full):
-                idx = order[b * batch_size : (b + 1) * batch_size]
-                yield train_x[idx].reshape((batch_size,) + shape), train_y[idx]
+        return _shuffled_epochs(
+            np.arange(len(train_x)), batch_size, seed, lambda idx: (train_x[idx].reshape((-1,) + shape), train_y[idx])
+        )
 
     def one_pass() -> Iterable[Batch]:
         return itertools.islice(train_epochs(), full)
@@ -384,14 +398,276 @@ def file_source(spec: str, batch_size: int | None, max_batches: int) -> Source:
     )
 
 
+# -- --data FILE.npz | FILE.npz:X,Y | FILE.npy -----------------------------------------------
+
+ARRAY_SUFFIXES = (".npz", ".npy")
+# Key pairs (inputs, labels) recognised in an .npz archive without a :X,Y suffix.
+KEY_PAIRS: tuple[tuple[str, str], ...] = (
+    ("x", "y"),
+    ("X", "Y"),
+    ("inputs", "labels"),
+    ("images", "labels"),
+    ("data", "target"),
+)
+NAME_KEYS = "name them after the file: FILE.npz:INPUTS,LABELS (or FILE.npz:INPUTS for inputs only)"
+Header = tuple[tuple[int, ...], bool, np.dtype]
+
+
+def is_array_file(text: str) -> bool:
+    """``--data`` names a numpy file: ``FILE.npy``, ``FILE.npz`` or ``FILE.npz:X,Y``."""
+    head, sep, _ = text.rpartition(":")
+    return (head if sep and head.endswith(".npz") else text).endswith(ARRAY_SUFFIXES)
+
+
+def absolute_array_spec(spec: str) -> str:
+    """``FILE.npz[:X,Y]`` / ``FILE.npy`` with FILE made absolute (the model's import may chdir)."""
+    head, sep, keys = spec.rpartition(":")
+    if sep and head.endswith(".npz"):
+        return f"{os.path.abspath(head)}:{keys}"
+    return os.path.abspath(spec)
+
+
+def _split_array_spec(spec: str) -> tuple[Path, list[str] | None]:
+    """``FILE.npz:x,y`` -> (FILE.npz, ["x", "y"]); ``FILE.npy`` -> (FILE.npy, None)."""
+    head, sep, keys = spec.rpartition(":")
+    if sep and head.endswith(".npz"):
+        names = [k.strip() for k in keys.split(",")]
+        if not 1 <= len(names) <= 2 or not all(names):
+            raise InputError(
+                f"--data {spec}: after FILE.npz: give the key of the inputs and, optionally, of "
+                "the labels, separated by a comma (FILE.npz:x,y or FILE.npz:x)."
+            )
+        return Path(head), names
+    return Path(spec), None
+
+
+def _read_header(stream: IO[bytes]) -> Header:
+    """Shape, Fortran order and dtype from an .npy header (no data is read, nothing unpickled)."""
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(stream)
+    return tuple(shape), bool(fortran), np.dtype(dtype)
+
+
+def _header(path: Path, member: zipfile.ZipInfo) -> Header:
+    with zipfile.ZipFile(path) as archive, archive.open(member) as stream:
+        return _read_header(stream)
+
+
+def _npz_member(path: Path, member: zipfile.ZipInfo, limit: int) -> np.ndarray:
+    """One array of an .npz: memory-mapped where stored uncompressed (numpy.savez), read
+    into memory otherwise (numpy.savez_compressed) if it fits; never unpickled."""
+    with zipfile.ZipFile(path) as archive, archive.open(member) as stream:
+        shape, fortran, dtype = _read_header(stream)
+        header = stream.tell()
+    if dtype.hasobject:
+        raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+    if member.compress_type == zipfile.ZIP_STORED and math.prod(shape) > 0:
+        with path.open("rb") as raw:  # the member's bytes start after its local file header
+            raw.seek(member.header_offset + 26)
+            name_len, extra_len = struct.unpack("<HH", raw.read(4))
+        offset = member.header_offset + 30 + name_len + extra_len + header
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+    size = math.prod(shape) * dtype.itemsize
+    if size > limit:
+        raise InputError(
+            f"--data {path}: the array {member.filename.removesuffix('.npy')!r} is compressed and "
+            f"would take {_gib(size)} in memory, more than the {_gib(limit)} the doctor allows; "
+            "save it uncompressed (numpy.savez or numpy.save), which the doctor maps from disk."
+        )
+    with zipfile.ZipFile(path) as archive, archive.open(member) as stream:
+        return np.lib.format.read_array(stream, allow_pickle=False)
+
+
+def _describe(arrays: dict[str, zipfile.ZipInfo], path: Path) -> str:
+    """``x (6000, 784) float32, y (6000,) int64``: the archive's keys, shapes and dtypes."""
+    parts = []
+    for key, member in arrays.items():
+        shape, _, dtype = _header(path, member)
+        parts.append(f"{key} {shape} {dtype}")
+    return ", ".join(parts) or "no arrays"
+
+
+def _pick_keys(arrays: dict[str, zipfile.ZipInfo], path: Path, named: list[str] | None) -> list[str]:
+    """The keys of the inputs (and of the labels, if any) in an .npz archive."""
+    if named is not None:
+        missing = [k for k in named if k not in arrays]
+        if missing:
+            raise InputError(
+                f"--data {path}: the archive has no array {missing[0]!r}; it holds "
+                f"{_describe(arrays, path)}. Give keys it has: FILE.npz:INPUTS,LABELS "
+                "(or FILE.npz:INPUTS for inputs only)."
+            )
+        return named
+    pairs = [list(pair) for pair in KEY_PAIRS if all(k in arrays for k in pair)]
+    if len(pairs) == 1:
+        return pairs[0]
+    if not pairs and len(arrays) == 1:
+        return list(arrays)
+    if not pairs and len(arrays) == 2:
+        ndims = {k: len(_header(path, m)[0]) for k, m in arrays.items()}
+        first, second = sorted(ndims, key=ndims.__getitem__, reverse=True)
+        if ndims[first] != ndims[second]:
+            return [first, second]
+    known = ", ".join("/".join(pair) for pair in KEY_PAIRS)
+    raise InputError(
+        f"--data {path}: cannot tell which arrays are the inputs and which the labels; the "
+        f"archive holds {_describe(arrays, path)}. The doctor recognises the key pairs {known}, "
+        f"or two arrays of which the inputs have more dimensions; otherwise {NAME_KEYS}, e.g. "
+        f"--data {path}:{next(iter(arrays), 'x')},LABELS."
+    )
+
+
+def _load_arrays(spec: str) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Inputs, labels (None for inputs only) and the keys read, from a numpy file."""
+    path, named = _split_array_spec(spec)
+    limit = memory_limit()
+    if not path.is_file():
+        raise InputError(f"--data {spec}: no such file {path}.")
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, mmap_mode="r", allow_pickle=False), None, "inputs only"
+        with zipfile.ZipFile(path) as archive:
+            members = [m for m in archive.infolist() if m.filename.endswith(".npy")]
+        arrays = {m.filename.removesuffix(".npy"): m for m in members}
+        keys = _pick_keys(arrays, path, named)
+        loaded = [_npz_member(path, arrays[k], limit) for k in keys]
+    except InputError:
+        raise
+    except Exception as err:
+        raise InputError(_unreadable(spec, err)) from err
+    used = f"inputs {keys[0]!r}" + (f", labels {keys[1]!r}" if len(keys) > 1 else ", no labels")
+    return loaded[0], (loaded[1] if len(loaded) > 1 else None), used
+
+
+def _unreadable(spec: str, err: Exception) -> str:
+    # numpy's words for a pickle, or an object array (np.load's mmap_mode, or our own check)
+    if any(words in str(err) for words in ("allow_pickle", "Python objects")):
+        return (
+            f"--data {spec} holds pickled Python objects (an object array), which the doctor "
+            "never loads (unpickling runs code); save plain numeric arrays, e.g. "
+            "numpy.savez(FILE, x=np.asarray(x, np.float32), y=np.asarray(y, np.int64))."
+        )
+    return (
+        f"--data {spec} is not a readable numpy file ({quote_error(err)}); write it with "
+        "numpy.save (.npy: inputs) or numpy.savez (.npz: inputs and labels)."
+    )
+
+
+def _check_arrays(spec: str, x: np.ndarray, y: np.ndarray | None) -> None:
+    """One paragraph on arrays the doctor cannot use: dtypes, dimensions, lengths."""
+    if x.dtype.kind not in "biuf" or x.ndim < 2:
+        raise InputError(
+            f"--data {spec}: the inputs have shape {x.shape} and dtype {x.dtype}; expected "
+            "numbers (float or integer) with a batch dimension first, like (N, 784)."
+        )
+    if y is None:
+        return
+    if y.dtype.kind not in "iu" or y.ndim != 1:
+        raise InputError(
+            f"--data {spec}: the labels have shape {y.shape} and dtype {y.dtype}; expected one "
+            "integer class per sample, shape (N,)."
+        )
+    if len(y) != len(x):
+        raise InputError(
+            f"--data {spec}: {len(x)} inputs but {len(y)} labels; the two arrays must have the "
+            "same length (one label per sample)."
+        )
+
+
+def _labels_needed(spec: str, why: str) -> InputError:
+    use = "evaluates the repair's accuracy" if why == "--fix" else "trains a copy of the model with cross-entropy"
+    return InputError(
+        f"--data {spec} has no labels, and {why} needs them (the doctor {use}). Give an .npz with "
+        "inputs and labels (numpy.savez(FILE, x=inputs, y=labels), or FILE.npz:INPUTS,LABELS), "
+        "or only probe the model with --train-steps 0 (the default with --checkpoint)."
+    )
+
+
+def _validate(spec: str, x: np.ndarray, labels: np.ndarray, size: int) -> None:
+    """Every sample through the batch checks once (NaN, dtypes), a batch at a time: a
+    memory-mapped file is never held whole in memory."""
+    for index, start in enumerate(range(0, len(x), size)):
+        rows = slice(start, start + size)
+        where = f"{spec} (samples {start}-{min(start + size, len(x)) - 1})"
+        _checked_batch((np.asarray(x[rows], np.float32), labels[rows]), index, where, None)
+
+
+def array_source(
+    spec: str,
+    model: Any,
+    backend: Backend,
+    batch_size: int,
+    seed: int,
+    labels_for: str | None,
+) -> Source:
+    """Inputs (and labels) from a numpy file; one sixth of the samples, drawn at random,
+    held out for the probe and the evaluation, the rest for training and re-estimation.
+
+    ``labels_for``: what needs labels in this run (e.g. "--train-steps 60"), or None."""
+    x, y, keys = _load_arrays(spec)
+    _check_arrays(spec, x, y)
+    if y is None and labels_for:
+        raise _labels_needed(spec, labels_for)
+    n = len(x)
+    held = n // HELD_OUT_SHARE
+    if held < 1:
+        raise InputError(f"--data {spec} holds {n} samples; the doctor needs at least {HELD_OUT_SHARE}.")
+    size = min(batch_size, held)
+    check_batch_size((size,) + tuple(x.shape[1:]))
+    held_bytes = held * math.prod(x.shape[1:]) * np.dtype(np.float32).itemsize
+    if held_bytes > memory_limit():
+        raise InputError(
+            f"--data {spec}: its held-out sixth ({held} samples) would take {_gib(held_bytes)} as "
+            f"float32, more than the {_gib(memory_limit())} the doctor keeps in memory; give a "
+            "file with fewer samples (a few thousand are enough)."
+        )
+    labels = np.asarray(y) if y is not None else np.zeros(n, np.int64)  # zeros: for the checks only
+    _validate(spec, x, labels, size)
+    shape = tuple(x.shape[1:])
+    if math.prod(shape) == math.prod(MNIST_SHAPES[0]):  # MNIST-sized samples, flat or as images
+        shape = fit_shape(model, backend, np.array(x[:2], np.float32).reshape(2, -1))
+    order = np.random.default_rng(seed).permutation(n)
+    held_idx, train_idx = np.sort(order[:held]), order[held:]
+    full = len(train_idx) // size  # >= 1: five sixths of the samples, batches of at most one sixth
+
+    def batch(idx: np.ndarray) -> Batch:
+        # sorted rows: a memory-mapped file is read forward
+        rows = np.sort(idx)
+        return np.asarray(x[rows], np.float32).reshape((len(rows),) + shape), labels[rows].astype(np.int64)
+
+    def train_epochs() -> Iterator[Batch]:
+        return _shuffled_epochs(train_idx, size, seed + 1, batch)
+
+    held_out = [batch(held_idx[i : i + size]) for i in range(0, held, size)]
+    probe_x, probe_y = held_out[0]
+    cast = "" if x.dtype == np.float32 else f"; {x.dtype} cast to float32, values unchanged"
+    return Source(
+        probe_x=probe_x,
+        probe_y=probe_y if y is not None else None,
+        train_batches=train_epochs() if y is not None else None,
+        description=f"(held-out samples of {spec})",
+        uses={
+            "read": f"{n} samples from {spec} ({keys}{cast})",
+            "training steps": f"the other {len(train_idx)} samples in shuffled batches of {size}",
+            "probe": f"{size} of {held} held-out samples (one sixth, seed {seed})",
+            "re-estimation (--fix)": f"one pass over the training samples: {full} batches of {size}",
+            "evaluation (--fix)": f"the {held} held-out samples",
+        },
+        fit_batches=lambda: itertools.islice(train_epochs(), full),
+        held_out=held_out,
+    )
+
+
 def parse_data(text: str) -> str:
-    """Validate the ``--data`` value: a built-in data set or ``FILE.py:NAME``."""
-    if text in BUILTIN:
+    """Validate the ``--data`` value: a built-in data set, a numpy file or ``FILE.py:NAME``."""
+    if text in BUILTIN or is_array_file(text):
         return text
     path, sep, name = text.rpartition(":")
     if not sep or not path or not name.isidentifier():
         raise InputError(
-            f"--data must be {' or '.join(BUILTIN)} or FILE.py:NAME (a function "
-            f"returning (inputs, labels) batches); got {text!r}."
+            f"--data must be {' or '.join(BUILTIN)} or FILE.py:NAME (a function returning "
+            "(inputs, labels) batches), or a numpy file: FILE.npz (inputs and labels, "
+            f"FILE.npz:X,Y to name their keys) or FILE.npy (inputs only); got {text!r}."
         )
     return text
