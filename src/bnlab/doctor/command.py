@@ -75,8 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "of its samples is held out. The arrays are taken as the model's inputs "
         "unchanged except the cast to float32: uint8 images stay 0-255 (the "
         "built-in mnist is scaled to [0, 1]; divide by 255 before saving to match "
-        "it). Read with allow_pickle=False, memory-mapped. Default: none, or the "
-        "data set of a run directory TARGET",
+        "it). Read with allow_pickle=False, memory-mapped (default: none, or the "
+        "data set of a run directory TARGET)",
     )
     parser.add_argument(
         "--data-dir",
